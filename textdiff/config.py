@@ -1,0 +1,440 @@
+"""The one typed config tree of textdiff.
+
+A run recipe is one JSON file (see ``ds_configs/``) that DeepSpeed reads too: DeepSpeed's own keys sit at
+the top level, and textdiff's sections sit under the ``"textdiff"`` key::
+
+    {"train_batch_size": 504, ..., "textdiff": {"model": {...}, "diffusion": {...}, "data": {...}}}
+
+Each module reads its own section (``cfg.model``, ``cfg.data`` ...). Loading validates: an unknown key, a
+wrong type or an impossible combination is a :class:`ConfigError` that names the key. Command-line
+overrides have the form ``SECTION.KEY=VALUE`` (VALUE parsed as JSON, else taken as a string).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the U-net and its conditioning (seed flag names kept where clear)."""
+
+    image_size: int = 64
+    in_channels: int = 3
+    num_channels: int = 256
+    num_res_blocks: int = 2
+    channel_mult: tuple[int, ...] = (1, 2, 2, 4, 4)
+    # feature-map sizes in pixels, as in the seed (64px base: attention at 16, 8, 4 px)
+    attention_resolutions: tuple[int, ...] = (4, 8, 16)
+    num_heads: int = 16  # middle block
+    channels_per_head: int = 64  # everywhere else
+    channels_per_head_upsample: int = -1  # -1: same as channels_per_head
+    learn_sigma: bool = True
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = True
+    dropout: float = 0.0
+    monochrome: bool = False
+    monochrome_adapter: bool = False
+    silu_impl: Literal["torch", "fused"] = "torch"
+    # upsampler: size of the low-res image concatenated to the input; 0 for a base model
+    low_res_size: int = 0
+    noise_cond: bool = False
+    noise_cond_max_step: int = 600
+
+    # transcription conditioning
+    txt: bool = False
+    max_seq_len: int = 64
+    txt_dim: int = 256
+    txt_depth: int = 2
+    txt_ff_mult: int = 4
+    txt_ff_glu: bool = False
+    txt_rezero: bool = False
+    txt_t5: bool = True
+    txt_resolutions: tuple[int, ...] = ()
+    cross_attn_channels_per_head: int = -1  # -1: same as channels_per_head
+    cross_attn_q_t_emb: bool = False
+    cross_attn_orth_init: bool = False
+    cross_attn_init_gain: float = 1.0
+    cross_attn_gain_scale: float = 1.0
+    cross_attn_use_layerscale: bool = False
+    cross_attn_rezero: bool = False
+    cross_attn_rezero_keeps_prenorm: bool = False
+    txt_avoid_groupnorm: bool = False
+    txt_attn_before_attn: bool = False
+    txt_output_layers_only: bool = False
+    weave_attn: bool = False
+    weave_ff_mult: int = 4
+    weave_ff_glu: bool = False
+    weave_ff_rezero: bool = True
+    weave_use_ff_gain: bool = False
+    weave_qkv_dim_always_text: bool = False
+
+    # caption conditioning (frozen open_clip text tower)
+    using_capt: bool = False
+    clipname: str = "ViT-L-14-336"
+    clip_pretrained: str = "openai"
+    clip_weights_path: Optional[str] = None  # local weight file; overrides clip_pretrained
+    freeze_capt_encoder: bool = True
+    glide_style_capt_attn: bool = True
+    glide_style_capt_emb: bool = False
+    clip_use_penultimate_layer: bool = True
+
+    # conditioning dropout for classifier-free guidance
+    txt_pdrop: float = 0.0
+    capt_pdrop: float = 0.0
+    all_pdrop: float = 0.0
+
+    def validate(self) -> None:
+        """Raise ConfigError for impossible combinations, naming the key."""
+        _require(self.image_size > 0, "model.image_size", "must be positive")
+        _require(self.num_channels % 32 == 0, "model.num_channels",
+                 f"is {self.num_channels}; GroupNorm(32) needs a multiple of 32")
+        reached = {self.image_size // 2 ** i for i in range(len(self.channel_mult))}
+        for key in ("attention_resolutions", "txt_resolutions"):
+            for res in getattr(self, key):
+                _require(res in reached, f"model.{key}",
+                         f"holds {res} px, which the U-net never reaches; with image_size "
+                         f"{self.image_size} and channel_mult {list(self.channel_mult)} the feature maps are "
+                         f"{sorted(reached, reverse=True)} px")
+        widths = {self.num_channels * m for m in self.channel_mult}
+        for key in ("channels_per_head", "cross_attn_channels_per_head", "channels_per_head_upsample"):
+            heads = getattr(self, key)
+            if heads == -1:
+                continue
+            _require(heads > 0, f"model.{key}", "must be positive or -1")
+            for w in widths:
+                _require(w % heads == 0, f"model.{key}",
+                         f"is {heads}, which does not divide the block width {w}")
+        middle = self.num_channels * self.channel_mult[-1]
+        _require(middle % self.num_heads == 0, "model.num_heads",
+                 f"is {self.num_heads}, which does not divide the middle width {middle}")
+        if not self.txt:
+            for key in ("txt_resolutions", "weave_attn", "txt_pdrop"):
+                _require(not getattr(self, key), f"model.{key}", "is set but model.txt is false; set model.txt=true")
+        else:
+            _require(len(self.txt_resolutions) > 0, "model.txt_resolutions",
+                     "is empty but model.txt is true; give the feature-map sizes for cross-attention")
+        if not self.using_capt:
+            _require(self.capt_pdrop == 0.0, "model.capt_pdrop", "is set but model.using_capt is false")
+        else:
+            _require(self.glide_style_capt_attn or self.glide_style_capt_emb, "model.using_capt",
+                     "is true but neither glide_style_capt_attn nor glide_style_capt_emb is")
+        for key in ("txt_pdrop", "capt_pdrop", "all_pdrop", "dropout"):
+            _require(0.0 <= getattr(self, key) <= 1.0, f"model.{key}", "must lie in [0, 1]")
+        _require(self.low_res_size >= 0 and (self.low_res_size == 0 or self.low_res_size < self.image_size),
+                 "model.low_res_size", "must be 0 (base model) or smaller than model.image_size")
+        _require(not self.noise_cond or self.low_res_size > 0, "model.noise_cond",
+                 "needs an upsampler (model.low_res_size > 0)")
+        _require(0 <= self.noise_cond_max_step < 1000, "model.noise_cond_max_step", "must lie in [0, 999]")
+
+
+@dataclass
+class DiffusionConfig:
+    """Forward process and loss."""
+
+    diffusion_steps: int = 1000
+    noise_schedule: Literal["linear", "cosine"] = "cosine"
+    timestep_respacing: str = ""  # e.g. "250" or "ddim50"; empty: all steps
+    use_kl: bool = False
+    predict_xstart: bool = False
+    rescale_timesteps: bool = True
+    rescale_learned_sigmas: bool = True
+    schedule_sampler: Literal["uniform", "loss-second-moment"] = "uniform"
+
+    def validate(self) -> None:
+        """Raise ConfigError for impossible combinations, naming the key."""
+        _require(self.diffusion_steps > 1, "diffusion.diffusion_steps", "must be at least 2")
+
+
+@dataclass
+class DataConfig:
+    """Which shards to stream and how the loader runs."""
+
+    shards: str = ""  # brace pattern, glob, comma list, or a manifest.json path
+    resampled: bool = True  # infinite stream of resampled shards; False: shuffled epochs
+    shuffle_buffer: int = 1000
+    num_workers: int = 2
+    pin_memory: bool = False
+    prefetch_factor: int = 2
+    seed: int = 0
+    save_first_batch: bool = True
+
+    def validate(self) -> None:
+        """Raise ConfigError for impossible combinations, naming the key."""
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+
+
+@dataclass
+class AugmentConfig:
+    """Text-aware augmentation (crops, flips, resizes) with the seed's knobs."""
+
+    crop_prob: float = 0.0
+    crop_prob_es: float = 0.0
+    crop_min_scale: float = 0.75
+    crop_max_scale: float = 1.0
+    crop_min_scale_es: float = 0.25
+    use_special_crop_for_empty_string: bool = False
+    use_random_safebox_for_empty_string: bool = False
+    flip_lr_prob_es: float = 0.0
+    antialias: bool = True
+    bicubic_down: bool = True
+    blur_prob: float = 0.0
+    blur_sigma_min: float = 0.4
+    blur_sigma_max: float = 0.6
+
+    def validate(self) -> None:
+        """Raise ConfigError for impossible combinations, naming the key."""
+        for key in ("crop_prob", "crop_prob_es", "flip_lr_prob_es", "blur_prob"):
+            _require(0.0 <= getattr(self, key) <= 1.0, f"augment.{key}", "must lie in [0, 1]")
+        _require(0.0 < self.crop_min_scale <= self.crop_max_scale <= 1.0, "augment.crop_min_scale",
+                 "needs 0 < crop_min_scale <= crop_max_scale <= 1")
+        _require(0.0 < self.crop_min_scale_es <= 1.0, "augment.crop_min_scale_es", "must lie in (0, 1]")
+        _require(self.blur_sigma_min <= self.blur_sigma_max, "augment.blur_sigma_min",
+                 "must not exceed augment.blur_sigma_max")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop (DeepSpeed owns batch sizes, optimizer, scheduler, precision)."""
+
+    max_steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int = 500
+    sample_steps: int = 25
+    sample_guidance_scale_txt: float = 1.0
+    sample_guidance_scale_capt: float = 1.0
+    sample_prompts: tuple[str, ...] = ("hello", "textdiff", "")
+
+    def validate(self) -> None:
+        """Raise ConfigError for impossible combinations, naming the key."""
+        _require(self.max_steps > 0, "train.max_steps", "must be positive")
+        _require(self.log_every > 0, "train.log_every", "must be positive")
+
+
+@dataclass
+class EMAConfig:
+    """EMA of the weights that starts as an arithmetic average."""
+
+    rates: tuple[float, ...] = (0.9999,)
+    arithmetic_avg_from_step: int = 0
+    arithmetic_avg_extra_shift: int = 0
+
+    def validate(self) -> None:
+        """Raise ConfigError for impossible combinations, naming the key."""
+        for r in self.rates:
+            _require(0.0 < r < 1.0, "ema.rates", f"holds {r}; every rate must lie in (0, 1)")
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often checkpoints are written and kept."""
+
+    save_every: int = 500
+    keep_last: int = 2
+    keep_every: int = 0  # also keep every Mth step; 0: none
+    remote_url: Optional[str] = None  # fsspec URL each completed checkpoint is copied to
+
+    def validate(self) -> None:
+        """Raise ConfigError for impossible combinations, naming the key."""
+        _require(self.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
+
+
+@dataclass
+class EvalConfig:
+    """Spelling evaluation (OCR) during training."""
+
+    every: int = 0  # 0: off
+    steps: int = 25
+    num_prompts: int = 16
+    normalize: bool = True
+
+
+@dataclass
+class TextdiffConfig:
+    """The whole tree. ``deepspeed`` keeps DeepSpeed's own keys exactly as written in the file."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: dict = field(default_factory=dict)
+
+    def validate(self) -> "TextdiffConfig":
+        """Validate every section; returns self so calls chain."""
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        """The tree as the JSON recipe layout (DeepSpeed keys at top level, textdiff sections below)."""
+        out = dict(self.deepspeed)
+        out["textdiff"] = {f.name: _to_jsonable(dataclasses.asdict(getattr(self, f.name)))
+                           for f in dataclasses.fields(self) if f.name != "deepspeed"}
+        return out
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(TextdiffConfig) if f.name != "deepspeed")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {message}")
+
+
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_jsonable(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a field annotation and convert lists to tuples; raise naming ``key``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} is {value!r}; choose one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):  # the seed wrote lists as "16,8,4"
+            value = [v for v in value.split(",") if v.strip()]
+            value = [json.loads(v) if v.strip().lstrip("-").replace(".", "", 1).isdigit() else v for v in value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} is {value!r}; expected a list")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} is {value!r}; expected a JSON object")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} is {value!r}; expected true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} is {value!r}; expected an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} is {value!r}; expected a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} is {value!r}; expected a string")
+        return value
+    raise TypeError(f"config field {key} has an unsupported annotation {annotation!r}")
+
+
+def _build_section(cls: type, raw: dict, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix} must be a JSON object, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix}.{close[0]}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key {prefix}.{key}{hint}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}")
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict) -> TextdiffConfig:
+    """Build and validate the tree from a recipe dict (DeepSpeed keys + ``textdiff`` sections)."""
+    raw = dict(raw)
+    sections = raw.pop("textdiff", {})
+    if not isinstance(sections, dict):
+        raise ConfigError("textdiff must be a JSON object of sections")
+    hints = typing.get_type_hints(TextdiffConfig)
+    kwargs = {}
+    for name, value in sections.items():
+        if name not in SECTIONS:
+            close = difflib.get_close_matches(name, SECTIONS, n=1)
+            hint = f"; did you mean textdiff.{close[0]}?" if close else f"; sections: {', '.join(SECTIONS)}"
+            raise ConfigError(f"unknown section textdiff.{name}{hint}")
+        kwargs[name] = _build_section(hints[name], value, name)
+    return TextdiffConfig(deepspeed=raw, **kwargs).validate()
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Split ``SECTION.KEY=VALUE`` into (section, key, value); VALUE is JSON if it parses, else a string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r} is not of the form SECTION.KEY=VALUE (e.g. train.max_steps=20)")
+    path, value_text = text.split("=", 1)
+    section, key = path.split(".", 1)
+    try:
+        value = json.loads(value_text)
+    except json.JSONDecodeError:
+        value = value_text
+    return section.strip(), key.strip(), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of the recipe dict with ``SECTION.KEY=VALUE`` overrides applied.
+
+    ``deepspeed.KEY=VALUE`` sets a top-level DeepSpeed key (dots below it address nested keys).
+    """
+    raw = json.loads(json.dumps(raw))
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section == "deepspeed":
+            node = raw
+            *parents, last = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[last] = value
+            continue
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(section, SECTIONS, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; sections: {', '.join(SECTIONS)}, deepspeed"
+            raise ConfigError(f"--set {text!r}: unknown section {section}{hint}")
+        raw.setdefault("textdiff", {}).setdefault(section, {})[key] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TextdiffConfig:
+    """Read a recipe JSON file, apply ``--set`` overrides, and validate; errors name the file and key."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; pass one of ds_configs/*.json") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: line {e.lineno} column {e.colno}: {e.msg}") from None
+    try:
+        return config_from_dict(apply_overrides(raw, list(overrides)))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
