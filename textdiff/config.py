@@ -259,7 +259,24 @@ class EvalConfig:
     every: int = 0  # 0: off
     steps: int = 25
     num_prompts: int = 16
-    normalize: bool = True
+    normalize: bool = True  # compare case-folded text with whitespace runs collapsed
+    prompts_file: Optional[str] = None  # JSONL of {"txt", "capt", "seed", "count"}; None: built-in held-out set
+    seed: int = 0  # seed of the built-in held-out prompts
+    tesseract_cmd: str = "tesseract"  # program name on PATH or full path
+    ocr_lang: str = "eng"
+    psm: int = 7  # Tesseract page segmentation mode; 7: one line of text
+    ocr_scale: int = 4  # upscale factor before OCR (Tesseract wants ~30 px letters)
+    ocr_binarize: bool = False  # Otsu threshold before OCR
+    ocr_timeout_s: float = 5.0  # per image
+
+    def validate(self) -> None:
+        """Raise ConfigError for impossible combinations, naming the key."""
+        _require(self.every >= 0, "eval.every", "must be >= 0 (0 turns evaluation off)")
+        _require(self.steps > 0, "eval.steps", "must be positive")
+        _require(self.num_prompts > 0, "eval.num_prompts", "must be positive")
+        _require(0 <= self.psm <= 13, "eval.psm", f"is {self.psm}; Tesseract's modes are 0..13 (7: one line)")
+        _require(1 <= self.ocr_scale <= 16, "eval.ocr_scale", "must lie in [1, 16]")
+        _require(self.ocr_timeout_s > 0, "eval.ocr_timeout_s", "must be positive")
 
 
 @dataclass

@@ -1,0 +1,158 @@
+"""Read the text in images with Tesseract, called through its command-line program.
+
+Small generated images (64 px) are far below the text height Tesseract was trained on (about 30 px per
+capital letter), so each image is prepared first: grayscale, upscaled, turned dark-text-on-light, contrast
+stretched and given a margin (:func:`preprocess`). Many images go to one Tesseract process as a list file
+(one "page" each), because starting Tesseract and loading its language model costs ~0.2 s while reading a
+small page costs ~0.01 s.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+from textdiff.config import EvalConfig
+
+ImageLike = Union[Image.Image, np.ndarray]
+
+# Tesseract ends every page of its text output with this separator (its `page_separator` default).
+_PAGE_SEPARATOR = "\f"
+# Images per Tesseract process: large enough to amortise its start-up, small enough to spread over workers.
+_CHUNK = 32
+
+
+class TesseractMissingError(RuntimeError):
+    """The Tesseract program named by ``eval.tesseract_cmd`` cannot be found or run."""
+
+
+class TesseractError(RuntimeError):
+    """Tesseract ran but failed, or its output does not match the images given to it."""
+
+
+def find_tesseract(tesseract_cmd: str = "tesseract") -> str:
+    """Return the full path of the Tesseract program, or raise TesseractMissingError saying how to install it."""
+    path = shutil.which(tesseract_cmd)
+    if path is None:
+        raise TesseractMissingError(
+            f"the Tesseract OCR program {tesseract_cmd!r} (eval.tesseract_cmd) was not found on PATH; spelling "
+            "evaluation needs it: install the tesseract-ocr package (Debian/Ubuntu: apt-get install tesseract-ocr, "
+            "or run tools/setup_env.sh as root), or set eval.tesseract_cmd / --tesseract to the program's path")
+    return path
+
+
+def to_pil(image: ImageLike) -> Image.Image:
+    """An RGB PIL image from a PIL image or a uint8 array ``[H, W, 3]``, ``[H, W, 1]`` or ``[H, W]``."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise TypeError(f"images must be uint8 arrays [H, W, 3] in 0..255 or PIL images, got dtype {array.dtype}; "
+                        "convert a [-1, 1] tensor with ((x + 1) * 127.5).round().clamp(0, 255).byte()")
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
+        raise ValueError(f"images must have shape [H, W, 3] or [H, W], got {list(array.shape)}; "
+                         "a channels-first [3, H, W] array needs .transpose(1, 2, 0)")
+    return Image.fromarray(array).convert("RGB")
+
+
+def _otsu_threshold(gray: np.ndarray) -> int:
+    hist = np.bincount(gray.ravel(), minlength=256).astype(np.float64)
+    levels = np.arange(256)
+    weight_lo = np.cumsum(hist)
+    weight_hi = weight_lo[-1] - weight_lo
+    mean_lo = np.cumsum(hist * levels) / np.maximum(weight_lo, 1)
+    mean_hi = ((hist * levels).sum() - np.cumsum(hist * levels)) / np.maximum(weight_hi, 1)
+    between = weight_lo * weight_hi * (mean_lo - mean_hi) ** 2
+    return int(np.argmax(between))
+
+
+def preprocess(image: ImageLike, cfg: EvalConfig) -> Image.Image:
+    """Prepare one image for Tesseract: an ``L`` image ``cfg.ocr_scale`` times larger, dark text on light.
+
+    The background is taken to be the median gray level (text covers the minority of pixels); a dark
+    background is inverted. With ``cfg.ocr_binarize`` the result is thresholded at Otsu's level.
+    """
+    gray = to_pil(image).convert("L")
+    if cfg.ocr_scale != 1:
+        gray = gray.resize((gray.width * cfg.ocr_scale, gray.height * cfg.ocr_scale), Image.LANCZOS)
+    if np.median(np.asarray(gray)) < 128:
+        gray = ImageOps.invert(gray)
+    gray = ImageOps.autocontrast(gray, cutoff=1)
+    if cfg.ocr_binarize:
+        level = _otsu_threshold(np.asarray(gray))
+        gray = gray.point(lambda v: 255 if v > level else 0)
+    margin = max(gray.width, gray.height) // 8
+    return ImageOps.expand(gray, border=margin, fill=255)
+
+
+def _tesseract_command(binary: str, list_file: Path, cfg: EvalConfig) -> list[str]:
+    return [binary, str(list_file), "stdout", "--psm", str(cfg.psm), "-l", cfg.ocr_lang]
+
+
+def _ocr_chunk(binary: str, images: Sequence[ImageLike], cfg: EvalConfig) -> list[str]:
+    with tempfile.TemporaryDirectory(prefix="textdiff-ocr-") as tmp:
+        paths = []
+        for i, image in enumerate(images):
+            path = Path(tmp) / f"{i:05d}.png"
+            preprocess(image, cfg).save(path)
+            paths.append(str(path))
+        list_file = Path(tmp) / "pages.txt"
+        list_file.write_text("\n".join(paths) + "\n", encoding="utf-8")
+        # one thread per process: the workers already run processes side by side
+        env = dict(os.environ, OMP_THREAD_LIMIT="1")
+        try:
+            result = subprocess.run(_tesseract_command(binary, list_file, cfg), capture_output=True, env=env,
+                                    timeout=cfg.ocr_timeout_s * len(images) + 10)
+        except OSError as e:
+            raise TesseractMissingError(f"could not run Tesseract {binary!r} (eval.tesseract_cmd): {e}; install "
+                                        "the tesseract-ocr package or point eval.tesseract_cmd at it") from None
+        except subprocess.TimeoutExpired:
+            raise TesseractError(f"Tesseract took longer than {cfg.ocr_timeout_s} s per image on {len(images)} "
+                                 "images; raise eval.ocr_timeout_s or check the machine's load") from None
+    stderr = result.stderr.decode("utf-8", "replace")
+    if result.returncode != 0:
+        raise TesseractError(f"Tesseract {binary} exited with {result.returncode}: {stderr.strip()[-800:]}; "
+                             f"check eval.ocr_lang={cfg.ocr_lang!r} is installed (tesseract --list-langs)")
+    pages = result.stdout.decode("utf-8", "replace").split(_PAGE_SEPARATOR)
+    if pages and not pages[-1].strip():
+        pages = pages[:-1]
+    if len(pages) != len(images):
+        raise TesseractError(f"Tesseract returned {len(pages)} pages for {len(images)} images; its messages: "
+                             f"{stderr.strip()[-800:]}")
+    return [page.strip() for page in pages]
+
+
+def ocr_images(images: Iterable[ImageLike], cfg: EvalConfig, workers: int = 1, progress: bool = True) -> list[str]:
+    """Read the text of each image (uint8 ``[H, W, 3]`` arrays or PIL images); one string per image.
+
+    Leading and trailing whitespace of each reading is removed; lines inside it are kept, joined by
+    ``"\\n"``. ``workers`` Tesseract processes run side by side, each on chunks of 32 images.
+    """
+    if workers < 1:
+        raise ValueError(f"workers is {workers}; give at least 1 (--workers)")
+    binary = find_tesseract(cfg.tesseract_cmd)
+    images = list(images)
+    chunks = [images[i:i + _CHUNK] for i in range(0, len(images), _CHUNK)]
+    texts: list[str] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=len(images), desc="ocr", unit="img", disable=not progress) as bar:
+        for chunk_texts in pool.map(lambda chunk: _ocr_chunk(binary, chunk, cfg), chunks):
+            texts.extend(chunk_texts)
+            bar.update(len(chunk_texts))
+    return texts
+
+
+def ocr_image(image: ImageLike, cfg: EvalConfig) -> str:
+    """Read the text of one image; see :func:`ocr_images`."""
+    return ocr_images([image], cfg, progress=False)[0]
