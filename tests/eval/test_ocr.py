@@ -1,0 +1,74 @@
+"""Tesseract OCR: preprocessing of small images, batched reading in order, and the missing-program error."""
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from textdiff.config import EvalConfig
+from textdiff.eval.ocr import TesseractMissingError, ocr_image, ocr_images, preprocess, to_pil
+
+
+def render(text: str, size: int = 64, font_px: int = 12, bg=(230, 225, 200), fg=(20, 30, 60)) -> Image.Image:
+    image = Image.new("RGB", (size, size), bg)
+    ImageDraw.Draw(image).text((3, size // 2 - font_px // 2), text, fill=fg, font=ImageFont.load_default(size=font_px))
+    return image
+
+
+def test_preprocess_upscales_by_ocr_scale_and_adds_a_margin():
+    out = preprocess(render("abc"), EvalConfig(ocr_scale=4))
+    # 64 * 4 = 256 px, plus a margin of 256 // 8 = 32 px on each side
+    assert out.mode == "L" and out.size == (320, 320)
+
+
+def test_preprocess_turns_light_text_on_dark_into_dark_on_light():
+    out = np.asarray(preprocess(render("abc", bg=(10, 10, 30), fg=(250, 250, 250)), EvalConfig(ocr_scale=1)))
+    assert np.median(out) == 255
+    assert out.min() < 64
+
+
+def test_preprocess_binarize_leaves_two_levels():
+    out = np.asarray(preprocess(render("abc"), EvalConfig(ocr_scale=2, ocr_binarize=True)))
+    assert set(np.unique(out).tolist()) == {0, 255}
+
+
+def test_to_pil_rejects_float_and_channels_first_arrays():
+    with pytest.raises(TypeError, match="uint8"):
+        to_pil(np.zeros((8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match=r"transpose\(1, 2, 0\)"):
+        to_pil(np.zeros((3, 8, 8), np.uint8))
+
+
+def test_reads_a_word_rendered_at_64px():
+    assert ocr_image(render("lantern"), EvalConfig()) == "lantern"
+
+
+def test_reads_light_text_on_a_dark_background():
+    assert ocr_image(render("copper", bg=(20, 20, 40), fg=(240, 230, 90)), EvalConfig()) == "copper"
+
+
+def test_reads_a_uint8_array_like_a_pil_image():
+    assert ocr_image(np.asarray(render("summit")), EvalConfig()) == "summit"
+
+
+def test_many_images_over_several_workers_keep_their_order():
+    # 40 images make two Tesseract chunks (32 + 8) that run side by side
+    words = ["ember", "falcon", "violet", "ripple"] * 10
+    readings = ocr_images([render(w) for w in words], EvalConfig(), workers=2, progress=False)
+    assert readings == words
+
+
+def test_blank_image_reads_as_no_letters():
+    reading = ocr_image(Image.new("RGB", (64, 64), (128, 140, 160)), EvalConfig())
+    assert not any(ch.isalnum() for ch in reading)
+
+
+def test_missing_tesseract_named_in_config_says_to_install_tesseract_ocr():
+    with pytest.raises(TesseractMissingError, match="install the tesseract-ocr package") as err:
+        ocr_image(render("x"), EvalConfig(tesseract_cmd="no-such-tesseract-binary"))
+    assert "eval.tesseract_cmd" in str(err.value)
+
+
+def test_tesseract_absent_from_path_gives_the_same_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(TesseractMissingError, match="tesseract-ocr"):
+        ocr_image(render("x"), EvalConfig())
