@@ -1,0 +1,106 @@
+"""Evaluation prompts: the built-in held-out set of the synthetic domain, and a user's own JSONL file.
+
+A prompt file holds one JSON object per line: ``{"txt": "hello", "capt": "a sign", "seed": 3, "count": 2}``.
+``txt`` is required (``""`` asks for an image without text); ``capt`` defaults to ``""``, ``seed`` to 0 and
+``count`` (images per prompt) to 1. Other keys are ignored, so the JSONL written by ``tools/sample.py``
+reads as a prompt file too; in it an ``image`` (or ``path``/``file``) key names each sample's image file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+IMAGE_KEYS = ("image", "path", "file")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class PromptFileError(ValueError):
+    """A prompt file or image folder is invalid; the message names the file, line and key."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One evaluation prompt: ``count`` images of transcription ``txt`` ("" = no text) and caption ``capt``."""
+
+    txt: str
+    capt: str = ""
+    seed: int = 0
+    count: int = 1
+    image: Optional[str] = None  # an existing image file to evaluate instead of sampling
+
+
+def _field(obj: dict, key: str, kind: type, default, where: str):
+    value = obj.get(key, default)
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise PromptFileError(f"{where}: key {key!r} is {value!r}; expected an integer")
+    if kind is str and not isinstance(value, str):
+        raise PromptFileError(f"{where}: key {key!r} is {value!r}; expected a string")
+    return value
+
+
+def parse_prompt(obj: object, where: str) -> Prompt:
+    """One prompt from a decoded JSON object; ``where`` (file:line) names it in errors."""
+    if not isinstance(obj, dict):
+        raise PromptFileError(f"{where}: expected a JSON object like {{\"txt\": \"hello\"}}, got {obj!r}")
+    if "txt" not in obj:
+        raise PromptFileError(f"{where}: missing key 'txt' (the transcription; \"\" for an image without text); "
+                              f"keys present: {sorted(obj)}")
+    count = _field(obj, "count", int, 1, where)
+    if count < 1:
+        raise PromptFileError(f"{where}: key 'count' is {count}; give at least 1 image per prompt")
+    image = next((obj[k] for k in IMAGE_KEYS if k in obj), None)
+    if image is not None and not isinstance(image, str):
+        raise PromptFileError(f"{where}: the image path is {image!r}; expected a string")
+    return Prompt(txt=_field(obj, "txt", str, "", where), capt=_field(obj, "capt", str, "", where) or "",
+                  seed=_field(obj, "seed", int, 0, where), count=count, image=image)
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Read a JSONL prompt file (blank lines skipped); errors name the file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise PromptFileError(f"prompt file {path} does not exist (--prompts / eval.prompts_file)") from None
+    prompts = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptFileError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one object "
+                                  "like {\"txt\": \"hello\", \"seed\": 0}") from None
+        prompts.append(parse_prompt(obj, f"{path}:{lineno}"))
+    if not prompts:
+        raise PromptFileError(f"prompt file {path} holds no prompts; write one JSON object per line")
+    return prompts
+
+
+def pair_images(prompts: list[Prompt], image_dir: str | Path) -> list[tuple[Path, Prompt]]:
+    """Match image files to prompts: by each prompt's ``image`` key if every prompt has one, else by order.
+
+    Without ``image`` keys, the images in ``image_dir`` sorted by name stand for the prompts expanded by their
+    ``count`` (prompt 1 ``count`` times, then prompt 2 ...); the numbers must agree. ``image`` paths are
+    taken relative to ``image_dir`` unless absolute.
+    """
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise PromptFileError(f"image folder {image_dir} (--images) does not exist or is not a folder")
+    if all(p.image is not None for p in prompts):
+        pairs = [(image_dir / p.image, p) for p in prompts]
+        missing = [str(path) for path, _ in pairs if not path.is_file()]
+        if missing:
+            raise PromptFileError(f"{len(missing)} image files named in the prompt file are missing, e.g. "
+                                  f"{missing[0]}; pass the folder they are relative to as --images")
+        return pairs
+    files = sorted(f for f in image_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    expanded = [p for p in prompts for _ in range(p.count)]
+    if len(files) != len(expanded):
+        raise PromptFileError(f"image folder {image_dir} holds {len(files)} images but the prompts ask for "
+                              f"{len(expanded)} (counts included); give one image per prompt and count, named "
+                              "so that sorting by name puts them in prompt order, or add an 'image' key per line")
+    return list(zip(files, expanded))
