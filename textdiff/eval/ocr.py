@@ -124,8 +124,9 @@ def _ocr_chunk(binary: str, images: Sequence[ImageLike], cfg: EvalConfig) -> lis
     if result.returncode != 0:
         raise TesseractError(f"Tesseract {binary} exited with {result.returncode}: {stderr.strip()[-800:]}; "
                              f"check eval.ocr_lang={cfg.ocr_lang!r} is installed (tesseract --list-langs)")
+    # every page, an empty one too, ends with the separator, so splitting leaves one empty tail
     pages = result.stdout.decode("utf-8", "replace").split(_PAGE_SEPARATOR)
-    if pages and not pages[-1].strip():
+    if len(pages) == len(images) + 1 and not pages[-1].strip():
         pages = pages[:-1]
     if len(pages) != len(images):
         raise TesseractError(f"Tesseract returned {len(pages)} pages for {len(images)} images; its messages: "

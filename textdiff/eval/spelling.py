@@ -1,0 +1,116 @@
+"""Spelling evaluation: OCR images made for prompts and score the readings, per prompt and in aggregate.
+
+:func:`evaluate_images` scores images that already exist; :func:`evaluate_spelling` is the training-time
+hook that first asks the trainer's ``sample_fn`` for the images.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from textdiff.config import EvalConfig
+from textdiff.eval.metrics import Score, aggregate, score
+from textdiff.eval.ocr import ImageLike, ocr_images
+from textdiff.eval.prompts import Prompt
+
+# sample_fn(txts, capts, seed) -> uint8 [N, H, W, 3] (array or CPU tensor) or a list of N PIL images
+SampleFn = Callable[[list[str], list[str], int], object]
+
+
+@dataclass(frozen=True)
+class SpellingReport:
+    """Aggregate metrics (see :func:`textdiff.eval.metrics.aggregate`), one row per distinct prompt, and
+    whether case and whitespace were normalised before comparing."""
+
+    metrics: dict[str, float]
+    per_prompt: list[dict]
+    normalize: bool
+
+    def to_dict(self) -> dict:
+        """JSON-able form: the metrics at the top level, then ``normalize`` and ``prompts``."""
+        return {**{k: _jsonable(v) for k, v in self.metrics.items()}, "normalize": self.normalize,
+                "prompts": self.per_prompt}
+
+
+def _jsonable(value: float) -> float | None:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def expand(prompts: Sequence[Prompt]) -> list[Prompt]:
+    """Each prompt repeated ``count`` times, in order: one entry per image to make."""
+    return [p for p in prompts for _ in range(p.count)]
+
+
+def _per_prompt(prompts: Sequence[Prompt], readings: Sequence[str], scores: Sequence[Score]) -> list[dict]:
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault((p.txt, p.capt), []).append(i)
+    rows = []
+    for (txt, capt), idx in groups.items():
+        metrics = aggregate([scores[i] for i in idx])
+        keep = ("cer", "exact_match", "word_accuracy") if txt.strip() else ("false_text_rate",)
+        rows.append({"txt": txt, "capt": capt, "n": len(idx),
+                     **{k: _jsonable(metrics[k]) for k in keep},
+                     "readings": [readings[i] for i in idx]})
+    return rows
+
+
+def evaluate_images(images: Sequence[ImageLike], prompts: Sequence[Prompt], cfg: EvalConfig,
+                    workers: int = 1, progress: bool = True) -> SpellingReport:
+    """OCR ``images`` (uint8 ``[H, W, 3]`` arrays or PIL) and score image i against ``prompts[i].txt``.
+
+    Images of the same (txt, capt) are pooled into one per-prompt row; ``cfg.normalize`` chooses whether
+    case and whitespace are normalised.
+    """
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; give one prompt per image "
+                         "(expand(prompts) repeats each by its count)")
+    readings = ocr_images(images, cfg, workers=workers, progress=progress)
+    scores = [score(r, p.txt, cfg.normalize) for r, p in zip(readings, prompts)]
+    return SpellingReport(aggregate(scores), _per_prompt(prompts, readings, scores), cfg.normalize)
+
+
+def _as_image_list(batch: object, expected: int) -> list[ImageLike]:
+    if hasattr(batch, "cpu"):  # a torch tensor, moved off the accelerator
+        batch = batch.cpu().numpy()
+    images = list(batch) if isinstance(batch, (list, tuple, np.ndarray)) else None
+    if images is None or len(images) != expected:
+        got = len(images) if images is not None else type(batch).__name__
+        raise ValueError(f"sample_fn returned {got} images for {expected} prompts; it must return uint8 "
+                         "[N, H, W, 3] or a list of N PIL images")
+    return images
+
+
+def sample_prompts(sample_fn: SampleFn, prompts: Sequence[Prompt], batch_size: int = 0) -> list[ImageLike]:
+    """Call ``sample_fn(txts, capts, seed)`` once per seed (per ``batch_size`` chunk of it when > 0);
+    returns the images in the order of ``expand(prompts)``."""
+    wanted = expand(prompts)
+    by_seed: dict[int, list[int]] = {}
+    for i, p in enumerate(wanted):
+        by_seed.setdefault(p.seed, []).append(i)
+    images: list[ImageLike | None] = [None] * len(wanted)
+    for seed, idx in by_seed.items():
+        step = batch_size if batch_size > 0 else len(idx)
+        for start in range(0, len(idx), step):
+            chunk = idx[start:start + step]
+            out = sample_fn([wanted[i].txt for i in chunk], [wanted[i].capt for i in chunk], seed)
+            for i, image in zip(chunk, _as_image_list(out, len(chunk))):
+                images[i] = image
+    return images
+
+
+def evaluate_spelling(sample_fn: SampleFn, prompts: Sequence[Prompt], cfg: EvalConfig, batch_size: int = 0,
+                      workers: int = 1) -> dict[str, float]:
+    """Training-time hook: sample the prompts, OCR them and return the metrics to log.
+
+    ``sample_fn(txts, capts, seed)`` must return uint8 ``[N, H, W, 3]`` (array or CPU tensor) or a list of
+    N PIL images. Returns ``cer``, ``exact_match``, ``word_accuracy``, ``false_text_rate`` (rates that had
+    no image to measure, e.g. no text-free prompt, are left out) and ``n``, ``n_text``, ``n_empty``.
+    """
+    images = sample_prompts(sample_fn, prompts, batch_size)
+    report = evaluate_images(images, expand(prompts), cfg, workers=workers, progress=False)
+    return {k: v for k, v in report.metrics.items() if not (isinstance(v, float) and math.isnan(v))}
