@@ -1,0 +1,209 @@
+"""Specification of textdiff/data/augment.py: crops keep text and px scale, flips spare text, resizes."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from PIL import Image
+
+from textdiff.config import AugmentConfig
+from textdiff.data.augment import (
+    augment_sample, choose_crop, clamp_box, downsample, draw_crop_box, largest_square, min_crop_side,
+    pad_to_hold, random_safebox, sample_rng,
+)
+
+EPS = 1e-6
+
+
+@st.composite
+def image_with_safebox(draw):
+    width = draw(st.integers(16, 1200))
+    height = draw(st.integers(16, 1200))
+    short = min(width, height)
+    box_w = draw(st.floats(0.0, short))
+    box_h = draw(st.floats(0.0, short))
+    left = draw(st.floats(0.0, width - box_w))
+    top = draw(st.floats(0.0, height - box_h))
+    return width, height, (left, top, left + box_w, top + box_h)
+
+
+def contains(outer, inner):
+    return (outer[0] <= inner[0] + EPS and outer[1] <= inner[1] + EPS
+            and outer[2] >= inner[2] - EPS and outer[3] >= inner[3] - EPS)
+
+
+# 500 geometries x 10 draws = 5000 random crops
+@settings(max_examples=500, deadline=None)
+@given(image_with_safebox(), st.integers(8, 256), st.floats(0.25, 6.0), st.floats(0.25, 6.0),
+       st.floats(0.05, 1.0), st.floats(0.05, 1.0), st.integers(0, 2 ** 32 - 1))
+def test_crop_is_a_square_inside_the_image_that_keeps_the_safebox_and_px_scale(
+        geometry, image_size, sx, sy, scale_a, scale_b, seed):
+    width, height, safebox = geometry
+    min_scale, max_scale = sorted((scale_a, scale_b))
+    rng = np.random.default_rng(seed)
+    for _ in range(10):
+        box = draw_crop_box(width, height, safebox, (sx, sy), image_size, min_scale, max_scale, rng)
+        side = box[2] - box[0]
+        assert abs((box[3] - box[1]) - side) < 1e-6
+        assert contains((0, 0, width, height), box)
+        assert contains(box, safebox)
+        # never below image_size stored px nor image_size * max(px_scale), unless the image is smaller
+        assert side >= min(min(width, height), image_size * max(1.0, sx, sy)) - EPS
+
+
+# 200 image sizes x 10 draws = 2000 random crops
+@settings(max_examples=200, deadline=None)
+@given(st.integers(16, 1200), st.integers(16, 1200), st.integers(0, 2 ** 32 - 1))
+def test_text_free_crop_area_lies_between_min_and_max_scale_of_the_largest_square(width, height, seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(10):
+        box = draw_crop_box(width, height, None, (1.0, 1.0), 8, 0.3, 0.6, rng)
+        frac = ((box[2] - box[0]) / min(width, height)) ** 2
+        assert 0.3 - EPS <= frac <= 0.6 + EPS
+        assert contains((0, 0, width, height), box)
+
+
+def test_min_crop_side_is_image_size_times_the_largest_px_scale_capped_by_the_short_side():
+    assert min_crop_side(500, 400, 64, (1.0, 1.0)) == 64
+    assert min_crop_side(500, 400, 64, (2.0, 3.0)) == 192
+    assert min_crop_side(500, 400, 64, (0.5, 0.5)) == 64  # shrunk originals still need 64 stored px
+    assert min_crop_side(500, 100, 64, (3.0, 3.0)) == 100  # no square larger than the image exists
+
+
+def test_largest_square_is_centred_without_safebox_and_shifts_to_hold_it():
+    assert largest_square(300, 100) == (100.0, 0.0, 200.0, 100.0)
+    assert largest_square(300, 100, (250.0, 10.0, 290.0, 20.0)) == (190.0, 0.0, 290.0, 100.0)  # least shift
+    assert largest_square(300, 100, (5.0, 10.0, 50.0, 20.0)) == (5.0, 0.0, 105.0, 100.0)
+
+
+def test_safebox_wider_than_the_image_is_tall_is_padded_not_cut():
+    image = Image.new("RGB", (200, 50), (10, 20, 30))
+    padded, box = pad_to_hold(image, (10.0, 5.0, 190.0, 45.0))
+    assert padded.size == (200, 180)
+    assert box == (10.0, 70.0, 190.0, 110.0)
+    assert padded.getpixel((0, 0)) == (10, 20, 30)  # border-median fill
+    square = largest_square(*padded.size, box)
+    assert contains(square, box)
+
+
+def test_clamp_box_rejects_an_inverted_safebox_naming_the_fix():
+    with pytest.raises(ValueError, match="make_shards.py --safeboxes"):
+        clamp_box((50, 10, 20, 30), 100, 100)
+    assert clamp_box((-5, -5, 120, 40), 100, 100) == (0.0, 0.0, 100.0, 40.0)
+
+
+def test_random_safebox_lies_inside_the_image():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        box = random_safebox(120, 80, rng)
+        assert contains((0, 0, 120, 80), box)
+        assert 8 - EPS <= box[2] - box[0] <= 72 + EPS
+
+
+def test_crop_prob_zero_gives_the_centred_largest_square_and_one_always_crops():
+    cfg = AugmentConfig(crop_prob=0.0)
+    rng = np.random.default_rng(1)
+    assert choose_crop(300, 200, True, None, (1, 1), 32, cfg, rng) == (50.0, 0.0, 250.0, 200.0)
+    cfg = AugmentConfig(crop_prob=1.0, crop_min_scale=0.25, crop_max_scale=0.5)
+    boxes = [choose_crop(300, 200, True, None, (1, 1), 32, cfg, rng) for _ in range(200)]
+    assert max(b[2] - b[0] for b in boxes) <= 200 * 0.5 ** 0.5 + EPS  # 141.4 px
+    assert min(b[2] - b[0] for b in boxes) >= 200 * 0.25 ** 0.5 - EPS  # 100 px
+
+
+def test_special_crop_for_empty_string_uses_its_own_probability_and_min_scale():
+    cfg = AugmentConfig(crop_prob=0.0, crop_prob_es=1.0, crop_min_scale_es=0.04, crop_max_scale=0.04,
+                        crop_min_scale=0.75, use_special_crop_for_empty_string=True)
+    rng = np.random.default_rng(2)
+    es = choose_crop(400, 400, False, None, (1, 1), 16, cfg, rng)
+    txt = choose_crop(400, 400, True, (0, 0, 10, 10), (1, 1), 16, cfg, rng)
+    assert es[2] - es[0] == pytest.approx(80.0)  # sqrt(0.04) * 400
+    assert txt == (0.0, 0.0, 400.0, 400.0)  # crop_prob 0 for images with text
+
+
+def asymmetric_image(width=96, height=64):
+    arr = np.zeros((height, width, 3), np.uint8)
+    arr[:, : width // 3] = (255, 0, 0)
+    arr[:, width // 3:] = np.linspace(0, 255, width - width // 3, dtype=np.uint8)[None, :, None]
+    return Image.fromarray(arr)
+
+
+def test_flips_never_happen_to_images_with_text():
+    cfg_flip = AugmentConfig(flip_lr_prob_es=1.0, crop_prob=0.5)
+    cfg_none = AugmentConfig(flip_lr_prob_es=0.0, crop_prob=0.5)
+    image = asymmetric_image()
+    for seed in range(200):
+        flipped = augment_sample(image, "abc", None, (1, 1), cfg_flip, 16, 0, sample_rng(0, seed))
+        plain = augment_sample(image, "abc", None, (1, 1), cfg_none, 16, 0, sample_rng(0, seed))
+        assert torch.equal(flipped["image"], plain["image"])
+
+
+def test_text_free_images_flip_with_flip_lr_prob_es():
+    image = asymmetric_image()
+    plain = augment_sample(image, "", None, (1, 1), AugmentConfig(), 16, 0, sample_rng(0, 7))["image"]
+    always = augment_sample(image, "", None, (1, 1), AugmentConfig(flip_lr_prob_es=1.0), 16, 0,
+                            sample_rng(0, 7))["image"]
+    assert torch.equal(always, plain.flip(-1))
+    flips = sum(
+        not torch.equal(augment_sample(image, "", None, (1, 1), AugmentConfig(flip_lr_prob_es=0.3), 16, 0,
+                                       sample_rng(0, s))["image"], plain) for s in range(400))
+    assert 80 <= flips <= 160  # 0.3 * 400 = 120
+
+
+def test_output_is_channels_first_in_minus_one_one_with_exact_extremes():
+    arr = np.zeros((40, 40, 3), np.uint8)
+    arr[:, 20:] = 255
+    out = augment_sample(Image.fromarray(arr), "", None, (1, 1), AugmentConfig(), 40, 20, sample_rng(0, 0))
+    assert out["image"].shape == (3, 40, 40) and out["low_res"].shape == (3, 20, 20)
+    assert out["image"].dtype == torch.float32
+    assert out["image"].min().item() == -1.0 and out["image"].max().item() == 1.0
+    assert out["low_res"].min().item() >= -1.0 and out["low_res"].max().item() <= 1.0
+
+
+def test_low_res_is_the_antialiased_bicubic_downsample_of_the_same_crop():
+    rng_image = np.random.default_rng(3)
+    image = Image.fromarray(rng_image.integers(0, 256, (80, 120, 3), dtype=np.uint8))
+    cfg = AugmentConfig(crop_prob=1.0, antialias=True, bicubic_down=True)
+    out = augment_sample(image, "x", (30, 20, 60, 40), (1, 1), cfg, 32, 8, sample_rng(5, 1))
+    expected = F.interpolate(out["image"][None], size=(8, 8), mode="bicubic", antialias=True)[0].clamp(-1, 1)
+    assert torch.allclose(out["low_res"], expected, atol=1e-6)
+
+
+def test_antialiased_downsample_removes_a_pixel_checkerboard_that_plain_sampling_aliases():
+    checker = (torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2 * 2.0 - 1.0
+    image = checker.expand(3, 64, 64).float()
+    smooth = downsample(image, 16, antialias=True, bicubic_down=True)
+    aliased = F.interpolate(image[None], size=(16, 16), mode="nearest")[0]
+    assert smooth.abs().max().item() < 0.05  # averages to grey
+    assert aliased.abs().min().item() == 1.0  # keeps full-contrast pixels
+
+
+def test_blur_prob_one_smooths_the_low_res_image():
+    rng_image = np.random.default_rng(4)
+    image = Image.fromarray(rng_image.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    sharp = augment_sample(image, "", None, (1, 1), AugmentConfig(), 64, 32, sample_rng(0, 0))["low_res"]
+    blurred = augment_sample(image, "", None, (1, 1), AugmentConfig(blur_prob=1.0, blur_sigma_min=1.0,
+                                                                   blur_sigma_max=1.0), 64, 32,
+                             sample_rng(0, 0))["low_res"]
+    tv = lambda x: (x[:, 1:] - x[:, :-1]).abs().mean().item()
+    assert tv(blurred) < 0.6 * tv(sharp)
+
+
+def test_sample_rng_depends_only_on_seed_and_ids():
+    a = sample_rng(3, 1, "shard-000000/abc").random(4)
+    b = sample_rng(3, 1, "shard-000000/abc").random(4)
+    c = sample_rng(3, 2, "shard-000000/abc").random(4)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_text_crop_with_safebox_never_cuts_the_drawn_text():
+    # a black bar marks the text; after any crop the bar's full width must still be in the output
+    arr = np.full((100, 300, 3), 255, np.uint8)
+    arr[40:60, 200:280] = 0
+    cfg = AugmentConfig(crop_prob=1.0, crop_min_scale=0.05, crop_max_scale=0.2)
+    for seed in range(50):
+        out = augment_sample(Image.fromarray(arr), "hi", (200, 40, 280, 60), (1, 1), cfg, 16, 0,
+                             sample_rng(0, seed))["image"]
+        dark = (out.mean(0) < 0).float()
+        assert dark.sum().item() >= 16 * 16 * (80 * 20) / 100 ** 2 * 0.5

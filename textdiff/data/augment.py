@@ -1,0 +1,225 @@
+"""Text-aware augmentation: square crops that keep the text, flips of text-free images, resizes.
+
+Every step is a small function of its inputs and an explicit ``numpy.random.Generator``; the stream derives
+one generator per sample with :func:`sample_rng` from (seed, epoch, reader, position), so a resumed run
+draws exactly the augmentations the uninterrupted run would have drawn.
+
+Boxes are ``(left, top, right, bottom)`` floats in pixels of the stored image. A *safebox* encloses all text
+in an image; a crop of an image with text always contains its whole safebox. An image's *px scale*
+``(sx, sy)`` says how much the stored image was enlarged from its original, so a crop side below
+``image_size * max(px_scale)`` would show the original's pixels larger than 1:1; crops never go there.
+
+The seed's knobs (``cfg.augment``): ``crop_prob``, ``crop_min_scale``, ``crop_max_scale`` for images with
+text; ``use_special_crop_for_empty_string`` switches text-free images to ``crop_prob_es`` and
+``crop_min_scale_es``; ``use_random_safebox_for_empty_string`` crops text-free images as if a random box
+held text; ``flip_lr_prob_es`` flips text-free images only; ``antialias``, ``bicubic_down``, ``blur_prob``,
+``blur_sigma_min``, ``blur_sigma_max`` shape the low-resolution conditioning image of upsamplers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from textdiff.config import AugmentConfig
+
+Box = tuple[float, float, float, float]
+
+# Gaussian-blur kernel width of the seed's upsampler conditioning augmentation (its blur_width).
+BLUR_KERNEL_SIZE = 5
+
+
+def sample_rng(seed: int, *ids: int | str) -> np.random.Generator:
+    """A generator determined by ``seed`` and ``ids`` (ints or strings such as a sample key) alone."""
+    words = [seed]
+    for i in ids:
+        if isinstance(i, str):
+            i = int.from_bytes(hashlib.blake2b(i.encode("utf-8"), digest_size=8).digest(), "little")
+        words.append(int(i))
+    return np.random.default_rng(words)
+
+
+def clamp_box(box: Sequence[float], width: int, height: int) -> Box:
+    """``box`` clipped to the image ``width`` x ``height``; raises if it is inverted or lies outside."""
+    left, top, right, bottom = (float(v) for v in box)
+    left, top = max(0.0, left), max(0.0, top)
+    right, bottom = min(float(width), right), min(float(height), bottom)
+    if not (left <= right and top <= bottom):
+        raise ValueError(f"safebox {list(box)} is inverted or outside the {width}x{height} image; "
+                         "fix the safebox in the shard's .json (tools/make_shards.py --safeboxes)")
+    return left, top, right, bottom
+
+
+def min_crop_side(width: int, height: int, image_size: int, px_scale: Sequence[float]) -> float:
+    """Smallest square side a crop may have: ``image_size`` stored px, and ``image_size * max(px_scale)``
+    so the original is never zoomed past 1:1; capped at the shorter image side (the largest square)."""
+    return min(float(min(width, height)), float(image_size) * max(1.0, *(float(s) for s in px_scale)))
+
+
+def _centred_start(length: float, side: float, low: float, high: float) -> float:
+    """Start of a span of ``side`` inside ``[0, length]``, centred, shifted to cover ``[low, high]``."""
+    start = (length - side) / 2
+    start = min(start, low)  # cover the protected span's start
+    start = max(start, high - side)  # and its end
+    return min(max(start, 0.0), length - side)
+
+
+def largest_square(width: int, height: int, safebox: Optional[Box] = None) -> Box:
+    """The biggest square inside the image: centred, shifted to hold ``safebox`` when one is given."""
+    side = float(min(width, height))
+    if safebox is None:
+        safebox = (width / 2, height / 2, width / 2, height / 2)
+    left = _centred_start(float(width), side, safebox[0], safebox[2])
+    top = _centred_start(float(height), side, safebox[1], safebox[3])
+    return left, top, left + side, top + side
+
+
+def draw_crop_box(width: int, height: int, safebox: Optional[Box], px_scale: Sequence[float], image_size: int,
+                  min_scale: float, max_scale: float, rng: np.random.Generator) -> Box:
+    """A random square crop whose area is a fraction in ``[min_scale, max_scale]`` of the largest square.
+
+    The fraction is raised where needed so the side is at least :func:`min_crop_side` and at least the
+    safebox's longer edge; the position is uniform among the placements that contain the whole safebox.
+    ``safebox`` must fit the largest square (see :func:`pad_to_hold`).
+    """
+    short = float(min(width, height))
+    protected = min_crop_side(width, height, image_size, px_scale)
+    if safebox is not None:
+        protected = max(protected, safebox[2] - safebox[0], safebox[3] - safebox[1])
+    frac_low = max(min_scale, (protected / short) ** 2)
+    frac_high = max(max_scale, frac_low)
+    side = math.sqrt(rng.uniform(frac_low, frac_high)) * short
+    side = min(max(side, protected), short)
+    if safebox is None:
+        x_range, y_range = (0.0, width - side), (0.0, height - side)
+    else:
+        x_range = (max(0.0, safebox[2] - side), min(safebox[0], width - side))
+        y_range = (max(0.0, safebox[3] - side), min(safebox[1], height - side))
+    left = rng.uniform(x_range[0], max(x_range))
+    top = rng.uniform(y_range[0], max(y_range))
+    return left, top, left + side, top + side
+
+
+def random_safebox(width: int, height: int, rng: np.random.Generator) -> Box:
+    """A random box for a text-free image to be cropped around as if it held text: each edge 10-90% of
+    the shorter image side, placed uniformly (``use_random_safebox_for_empty_string``)."""
+    short = min(width, height)
+    box_w, box_h = rng.uniform(0.1, 0.9, size=2) * short
+    left = rng.uniform(0.0, width - box_w)
+    top = rng.uniform(0.0, height - box_h)
+    return left, top, left + box_w, top + box_h
+
+
+def pad_to_hold(image: Image.Image, safebox: Box) -> tuple[Image.Image, Box]:
+    """Pad the shorter dimension (border-median colour, centred) until a square can hold ``safebox``.
+
+    A safebox wider than the image is tall cannot fit any square crop; padding keeps all its text instead
+    of cutting it. Returns the image and the safebox in the padded image's pixels (unchanged if it fits).
+    """
+    width, height = image.size
+    need = max(safebox[2] - safebox[0], safebox[3] - safebox[1])
+    if need <= min(width, height):
+        return image, safebox
+    side = math.ceil(need)
+    new_w, new_h = (width, max(height, side)) if width >= height else (max(width, side), height)
+    arr = np.asarray(image)
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    fill = tuple(int(c) for c in np.median(border, axis=0))
+    canvas = Image.new("RGB", (new_w, new_h), fill)
+    dx, dy = (new_w - width) // 2, (new_h - height) // 2
+    canvas.paste(image, (dx, dy))
+    return canvas, (safebox[0] + dx, safebox[1] + dy, safebox[2] + dx, safebox[3] + dy)
+
+
+def crop_resize(image: Image.Image, box: Box, size: int) -> np.ndarray:
+    """Crop ``box`` and resize it to ``size`` x ``size`` (bicubic, antialiased): uint8 ``[size, size, 3]``."""
+    return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC, box=box))
+
+
+def to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` -> float ``[3, H, W]`` in [-1, 1]."""
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def downsample(image: torch.Tensor, size: int, antialias: bool = True, bicubic_down: bool = True) -> torch.Tensor:
+    """``[3, S, S]`` in [-1, 1] -> ``[3, size, size]``: bicubic (``bicubic_down``) or bilinear, with
+    ``antialias``; plain area averaging when neither is set (the seed's power-of-two default)."""
+    mode = "bicubic" if bicubic_down else ("bilinear" if antialias else "area")
+    kwargs = {"antialias": antialias} if mode != "area" else {}
+    return F.interpolate(image[None], size=(size, size), mode=mode, **kwargs)[0].clamp(-1.0, 1.0)
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``[C, H, W]`` blurred by a ``BLUR_KERNEL_SIZE``-wide Gaussian of ``sigma`` px (reflect padding)."""
+    half = BLUR_KERNEL_SIZE // 2
+    x = torch.arange(-half, half + 1, dtype=image.dtype)
+    kernel = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    c = image.shape[0]
+    out = F.pad(image[None], (half, half, half, half), mode="reflect")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    out = F.conv2d(out, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return out[0]
+
+
+def low_res_condition(image: torch.Tensor, size: int, cfg: AugmentConfig, rng: np.random.Generator) -> torch.Tensor:
+    """The upsampler's conditioning image: ``image [3, S, S]`` downsampled to ``[3, size, size]``, then with
+    probability ``blur_prob`` blurred with sigma uniform in [``blur_sigma_min``, ``blur_sigma_max``]."""
+    low = downsample(image, size, cfg.antialias, cfg.bicubic_down)
+    blur_roll, sigma = rng.random(), rng.uniform(cfg.blur_sigma_min, cfg.blur_sigma_max)
+    if blur_roll < cfg.blur_prob:
+        low = gaussian_blur(low, sigma)
+    return low
+
+
+def choose_crop(width: int, height: int, has_text: bool, safebox: Optional[Box], px_scale: Sequence[float],
+                image_size: int, cfg: AugmentConfig, rng: np.random.Generator) -> Box:
+    """The crop box of one image under the seed's knobs; see the module docstring.
+
+    ``safebox`` must fit the largest square (images with text go through :func:`pad_to_hold` first).
+    Text-free images use ``crop_prob_es``/``crop_min_scale_es`` when ``use_special_crop_for_empty_string``
+    and a random safebox when ``use_random_safebox_for_empty_string``.
+    """
+    crop_prob, min_scale = cfg.crop_prob, cfg.crop_min_scale
+    if not has_text:
+        if cfg.use_special_crop_for_empty_string:
+            crop_prob, min_scale = cfg.crop_prob_es, cfg.crop_min_scale_es
+        safebox = random_safebox(width, height, rng) if cfg.use_random_safebox_for_empty_string else None
+    if rng.random() < crop_prob:
+        return draw_crop_box(width, height, safebox, px_scale, image_size, min_scale, cfg.crop_max_scale, rng)
+    return largest_square(width, height, safebox)
+
+
+def augment_sample(image: Image.Image, txt: str, safebox: Optional[Sequence[float]], px_scale: Sequence[float],
+                   cfg: AugmentConfig, image_size: int, low_res_size: int,
+                   rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """Crop, flip, resize one decoded sample.
+
+    image: RGB, any size; txt: its transcription ("" = no text); safebox: box around the text or None
+    (for an image with text, None protects the whole image); px_scale: ``[sx, sy]``.
+    Returns ``image [3, image_size, image_size]`` in [-1, 1], and ``low_res [3, s, s]`` in [-1, 1] when
+    ``low_res_size`` (s) > 0.
+    """
+    image = image.convert("RGB")
+    width, height = image.size
+    has_text = txt != ""
+    box = None
+    if has_text:
+        box = clamp_box(safebox if safebox is not None else (0, 0, width, height), width, height)
+        image, box = pad_to_hold(image, box)
+        width, height = image.size
+    crop = choose_crop(width, height, has_text, box, px_scale, image_size, cfg, rng)
+    arr = crop_resize(image, crop, image_size)
+    flip_roll = rng.random()  # drawn for every image so text and text-free samples consume the rng alike
+    if not has_text and flip_roll < cfg.flip_lr_prob_es:
+        arr = arr[:, ::-1]
+    out = {"image": to_tensor(arr)}
+    if low_res_size > 0:
+        out["low_res"] = low_res_condition(out["image"], low_res_size, cfg, rng)
+    return out
