@@ -94,6 +94,10 @@ class ModelConfig:
     txt_pdrop: float = 0.0
     capt_pdrop: float = 0.0
     all_pdrop: float = 0.0
+    # null transcription: "learned" = the null token through the encoder; "empty" = cross-attention adds nothing
+    txt_null: Literal["learned", "empty"] = "learned"
+    # null caption: "placeholder" = the fixed placeholder caption through CLIP; "empty" = caption adds nothing
+    capt_null: Literal["placeholder", "empty"] = "placeholder"
 
     def validate(self) -> None:
         """Raise ConfigError for impossible combinations, naming the key."""
@@ -137,6 +141,16 @@ class ModelConfig:
         _require(not self.noise_cond or self.low_res_size > 0, "model.noise_cond",
                  "needs an upsampler (model.low_res_size > 0)")
         _require(0 <= self.noise_cond_max_step < 1000, "model.noise_cond_max_step", "must lie in [0, 999]")
+        _require(not self.monochrome_adapter or self.monochrome, "model.monochrome_adapter",
+                 "adapts a monochrome U-net to RGB; set model.monochrome=true too")
+        _require(self.max_seq_len >= 2, "model.max_seq_len", "must be at least 2 (start token + one character)")
+        _require(self.txt_dim % min(64, self.txt_dim) == 0, "model.txt_dim",
+                 f"is {self.txt_dim}; the encoder uses 64-channel heads, so give a multiple of 64 (or less than 64)")
+        if self.txt and self.weave_attn and self.weave_qkv_dim_always_text:
+            cross = self.channels_per_head if self.cross_attn_channels_per_head == -1 else self.cross_attn_channels_per_head
+            _require(self.txt_dim % cross == 0, "model.weave_qkv_dim_always_text",
+                     f"makes the attention width txt_dim={self.txt_dim}, which cross_attn_channels_per_head={cross} "
+                     "does not divide; change one of them")
 
 
 @dataclass

@@ -1,0 +1,139 @@
+"""Caption conditioning: a frozen open_clip text tower and its tokenizer.
+
+Which tower: ``model.clipname`` is an open_clip model name (``ViT-L-14-336``, the seed's ViT-L/14@336px) or
+the path of a local JSON model config in open_clip's format (``{"embed_dim": .., "text_cfg": {..}}``); the
+tests use a tiny one with random weights. Which weights: ``model.clip_weights_path`` (a local file: an
+open_clip checkpoint, a safetensors file or OpenAI's TorchScript ``.pt``) wins; else ``model.clip_pretrained``
+(an open_clip tag such as ``openai``, fetched through open_clip's cache); an empty tag means random
+weights, which only makes sense for tests and parameter counts.
+
+Only the text tower is built (never the image tower). The U-net uses its per-token activations (the
+penultimate layer with ``clip_use_penultimate_layer``, after the final LayerNorm) for Imagen-style attention
+and its pooled, projected embedding for GLIDE-style addition to the timestep embedding. With
+``freeze_capt_encoder`` its parameters have ``requires_grad=False`` and it runs in eval mode under
+``torch.no_grad``; ``TextdiffUNet.trainable_parameters()`` lists what the optimizer should see.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Sequence
+
+import open_clip
+import torch
+from open_clip.model import _build_text_tower
+from torch import nn
+
+from textdiff.config import ConfigError, ModelConfig
+
+PLACEHOLDER_CAPTION = "an image"
+
+
+def clip_model_config(clipname: str) -> dict:
+    """open_clip model config for ``model.clipname`` (a registered name or a local JSON file)."""
+    if clipname.endswith(".json"):
+        path = Path(clipname)
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"model.clipname {clipname} does not exist; give an open_clip model name "
+                              "(e.g. ViT-L-14-336) or the path of a local JSON text-tower config") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"model.clipname {clipname} is not valid JSON: line {e.lineno}: {e.msg}") from None
+    else:
+        cfg = open_clip.get_model_config(clipname)
+        if cfg is None:
+            close = difflib.get_close_matches(clipname, open_clip.list_models(), n=3)
+            raise ConfigError(f"model.clipname {clipname!r} is not an open_clip model"
+                              + (f"; did you mean {', '.join(close)}?" if close else
+                                 "; see open_clip.list_models() (the seed's ViT-L/14@336px is ViT-L-14-336)"))
+    if "text_cfg" not in cfg or "embed_dim" not in cfg:
+        raise ConfigError(f"model.clipname {clipname}: the config needs 'embed_dim' and 'text_cfg' keys")
+    if cfg["text_cfg"].get("hf_model_name"):
+        raise ConfigError(f"model.clipname {clipname} uses a Hugging Face text tower; choose a CLIP whose text "
+                          "tower is open_clip's own transformer (e.g. ViT-L-14-336)")
+    return cfg
+
+
+def read_text_tower_weights(path: str) -> dict[str, torch.Tensor]:
+    """The text-tower entries of a CLIP checkpoint at ``path``, keyed as in open_clip's TextTransformer."""
+    if not Path(path).is_file():
+        raise ConfigError(f"model.clip_weights_path {path} does not exist; point it at a local CLIP weight file "
+                          "(open_clip_pytorch_model.bin, *.safetensors, or OpenAI's ViT-L-14-336px.pt)")
+    try:
+        state = open_clip.factory.load_state_dict(path)
+    except Exception:  # OpenAI's checkpoints are TorchScript archives, which torch.load(weights_only) refuses
+        state = torch.jit.load(path, map_location="cpu").state_dict()
+    if any(k.startswith("text.") for k in state):
+        return {k[len("text."):]: v for k, v in state.items() if k.startswith("text.")}
+    roots = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+    return {k: v for k, v in state.items() if k.startswith(roots)}
+
+
+def _pretrained_weights_file(cfg: ModelConfig) -> str:
+    pretrained = open_clip.get_pretrained_cfg(cfg.clipname, cfg.clip_pretrained)
+    if not pretrained:
+        tags = open_clip.list_pretrained_tags_by_model(cfg.clipname)
+        raise ConfigError(f"model.clip_pretrained {cfg.clip_pretrained!r} is not a tag of {cfg.clipname}; "
+                          f"known tags: {', '.join(tags) or 'none'}; or set model.clip_weights_path")
+    try:
+        return open_clip.download_pretrained(pretrained)
+    except Exception as e:
+        raise ConfigError(
+            f"model.clip_pretrained: could not fetch the {cfg.clipname} '{cfg.clip_pretrained}' weights "
+            f"({type(e).__name__}); this machine may be offline. Download the weight file once elsewhere and "
+            f"set model.clip_weights_path=/path/to/file (e.g. --set model.clip_weights_path=...)") from None
+
+
+class CaptionEncoder(nn.Module):
+    """Frozen (or trainable) CLIP text tower.
+
+    forward(ids [N, Lc] long) -> (tokens [N, Lc, width], pooled [N, embed_dim]).
+    ``tokenize(captions)`` -> ids [N, Lc]; ``None`` and ``""`` become :data:`PLACEHOLDER_CAPTION`.
+    """
+
+    def __init__(self, cfg: ModelConfig, load_weights: bool = True):
+        super().__init__()
+        model_cfg = clip_model_config(cfg.clipname)
+        if cfg.clipname.endswith(".json") and cfg.clip_pretrained and not cfg.clip_weights_path:
+            raise ConfigError(f"model.clip_pretrained is {cfg.clip_pretrained!r}, but a local config "
+                              f"({cfg.clipname}) has no pretrained tags; set model.clip_weights_path, or "
+                              "model.clip_pretrained=\"\" for random weights")
+        quick_gelu = model_cfg.get("quick_gelu", False)
+        if cfg.clip_pretrained and not cfg.clipname.endswith(".json"):
+            quick_gelu = quick_gelu or open_clip.get_pretrained_cfg(cfg.clipname, cfg.clip_pretrained).get(
+                "quick_gelu", False)
+        self.tower = _build_text_tower(model_cfg["embed_dim"], model_cfg["text_cfg"], quick_gelu=quick_gelu)
+        self.width = self.tower.width
+        self.embed_dim = model_cfg["embed_dim"]
+        self.layer = len(self.tower.transformer.resblocks) - (2 if cfg.clip_use_penultimate_layer else 1)
+        self.tokenizer = open_clip.SimpleTokenizer(context_length=self.tower.context_length)
+        weights = cfg.clip_weights_path or (_pretrained_weights_file(cfg) if load_weights and cfg.clip_pretrained
+                                            else None)
+        if weights:
+            missing, unexpected = self.tower.load_state_dict(read_text_tower_weights(weights), strict=False)
+            if missing:
+                raise ConfigError(f"model.clip_weights_path {weights} lacks text-tower weights for {cfg.clipname} "
+                                  f"(missing {', '.join(missing[:3])}...); is it a checkpoint of that model?")
+        self.frozen = cfg.freeze_capt_encoder
+        if self.frozen:
+            self.tower.requires_grad_(False)
+            self.tower.eval()
+
+    def train(self, mode: bool = True) -> "CaptionEncoder":
+        super().train(mode)
+        if self.frozen:
+            self.tower.eval()
+        return self
+
+    def tokenize(self, captions: Sequence[str | None]) -> torch.Tensor:
+        """Captions -> open_clip token ids [N, context_length]; missing ones use the placeholder caption."""
+        return self.tokenizer([c if c else PLACEHOLDER_CAPTION for c in captions])
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            out = self.tower.forward_intermediates(ids, indices=[self.layer], normalize_intermediates=True,
+                                                   output_fmt="NLC")
+        return out["text_intermediates"][0], out["text_features"]

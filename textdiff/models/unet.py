@@ -1,0 +1,238 @@
+"""The ADM U-net of textdiff and ``build_model``.
+
+Path of one forward call: timestep (+ noise-conditioning step, + pooled caption) -> embedding stream;
+transcription -> character encoder -> per-token features; caption -> frozen CLIP -> per-token activations;
+image (+ upsampled low-res image) -> encoder levels -> middle -> decoder levels with skips -> eps (and the
+variance interpolation with ``learn_sigma``).
+
+Each U-net position is a :class:`Step`: a residual block (or a resampler), then optionally a text block
+(:class:`TextCrossAttnBlock`) and a self-attention block that also attends to caption tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from textdiff.config import ModelConfig
+from textdiff.models.blocks import AttentionBlock, Downsample, ResBlock, TimestepMLP, Upsample, zero_module
+from textdiff.models.caption import CaptionEncoder
+from textdiff.models.cross_attn import AxialPositionTable, TextCrossAttnBlock
+from textdiff.models.fused import GroupNormSiLU
+from textdiff.models.text_encoder import PAD_ID, CharTokenizer, TextEncoder
+
+# ITU-R BT.601 luma weights: the monochrome adapter starts as an RGB -> grey conversion
+LUMA = (0.299, 0.587, 0.114)
+
+
+@dataclass
+class Context:
+    """What every step may read besides the feature map (all batch-first)."""
+
+    emb: torch.Tensor  # [N, E]
+    txt: Optional[torch.Tensor] = None  # [N, L, txt_dim]
+    txt_mask: Optional[torch.Tensor] = None  # [N, L] bool
+    capt: Optional[torch.Tensor] = None  # [N, Lc, clip width]
+    capt_mask: Optional[torch.Tensor] = None  # [N, Lc] bool
+    pos: Optional[nn.ModuleDict] = None  # str(res) -> AxialPositionTable
+
+
+class Step(nn.Module):
+    """One U-net position: layers applied in order, each reading what it needs from the Context."""
+
+    def __init__(self, *layers: nn.Module, res: int = 0):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.res = res
+
+    def forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
+        for layer in self.layers:
+            if isinstance(layer, ResBlock):
+                h = layer(h, ctx.emb)
+            elif isinstance(layer, AttentionBlock):
+                h = layer(h, ctx.capt, ctx.capt_mask)
+            elif isinstance(layer, TextCrossAttnBlock):
+                h = layer(h, ctx.emb, ctx.txt, ctx.txt_mask, ctx.pos[str(self.res)]())
+            else:
+                h = layer(h)
+        return h
+
+
+def _heads(channels: int, per_head: int) -> int:
+    return max(1, channels // per_head)
+
+
+class TextdiffUNet(nn.Module):
+    """U-net denoiser with transcription, caption, low-res and noise-level conditioning.
+
+    ``prepare_cond`` turns strings into the tensors that ``forward`` takes as keyword arguments.
+    """
+
+    def __init__(self, cfg: ModelConfig, load_capt_weights: bool = True):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        nc, emb_dim = cfg.num_channels, 4 * cfg.num_channels
+        self.image_channels = 1 if cfg.monochrome else cfg.in_channels
+        out_mult = 2 if cfg.learn_sigma else 1
+        self.time_embed = TimestepMLP(nc, emb_dim)
+        self.noise_cond_embed = TimestepMLP(nc, emb_dim) if cfg.noise_cond else None
+
+        self.tokenizer = self.text_encoder = self.pos_tables = None
+        if cfg.txt:
+            self.tokenizer = CharTokenizer(cfg.max_seq_len)
+            self.text_encoder = TextEncoder(self.tokenizer.vocab_size, cfg.max_seq_len, cfg.txt_dim, cfg.txt_depth,
+                                            cfg.txt_ff_mult, cfg.txt_ff_glu, cfg.txt_rezero, cfg.txt_t5)
+            widths = {cfg.image_size // 2 ** i: nc * m for i, m in enumerate(cfg.channel_mult)}
+            self.pos_tables = nn.ModuleDict({str(r): AxialPositionTable(r, widths[r]) for r in cfg.txt_resolutions})
+        self.capt_encoder = self.capt_emb_proj = None
+        capt_dim = 0
+        if cfg.using_capt:
+            self.capt_encoder = CaptionEncoder(cfg, load_weights=load_capt_weights)
+            capt_dim = self.capt_encoder.width if cfg.glide_style_capt_attn else 0
+            if cfg.glide_style_capt_emb:
+                self.capt_emb_proj = nn.Linear(self.capt_encoder.embed_dim, emb_dim)
+
+        self.rgb_in = self.rgb_out = None
+        if cfg.monochrome_adapter:
+            self.rgb_in = nn.Conv2d(cfg.in_channels, 1, 1, bias=False)
+            self.rgb_in.weight.data[:] = torch.tensor(LUMA[: cfg.in_channels])[None, :, None, None]
+            self.rgb_out = nn.Conv2d(out_mult, out_mult * cfg.in_channels, 1, bias=False)
+            self.rgb_out.weight.data[:] = torch.eye(out_mult).repeat_interleave(cfg.in_channels, 0)[:, :, None, None]
+        in_ch = self.image_channels * (2 if cfg.low_res_size else 1)
+
+        def text_block(ch: int, res: int, decoder: bool) -> list[nn.Module]:
+            wanted = cfg.txt and res in cfg.txt_resolutions and (decoder or not cfg.txt_output_layers_only)
+            return [TextCrossAttnBlock(ch, emb_dim, cfg)] if wanted else []
+
+        def attn_block(ch: int, res: int, per_head: int) -> list[nn.Module]:
+            return [AttentionBlock(ch, _heads(ch, per_head), capt_dim)] if res in cfg.attention_resolutions else []
+
+        def extras(ch: int, res: int, per_head: int, decoder: bool) -> list[nn.Module]:
+            txt, attn = text_block(ch, res, decoder), attn_block(ch, res, per_head)
+            return txt + attn if cfg.txt_attn_before_attn else attn + txt
+
+        def res_block(ch: int, out: int, **kw) -> ResBlock:
+            return ResBlock(ch, emb_dim, out, cfg.dropout, cfg.use_scale_shift_norm, silu_impl=cfg.silu_impl, **kw)
+
+        ch, res = nc * cfg.channel_mult[0], cfg.image_size
+        self.input_steps = nn.ModuleList([Step(nn.Conv2d(in_ch, ch, 3, padding=1), res=res)])
+        skips = [ch]
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                out = nc * mult
+                self.input_steps.append(Step(res_block(ch, out), *extras(out, res, cfg.channels_per_head, False),
+                                             res=res))
+                ch = out
+                skips.append(ch)
+            if level < len(cfg.channel_mult) - 1:
+                down = res_block(ch, ch, down=True) if cfg.resblock_updown else Downsample(ch, True)
+                res //= 2
+                self.input_steps.append(Step(down, res=res))
+                skips.append(ch)
+        self.middle = Step(res_block(ch, ch), AttentionBlock(ch, cfg.num_heads, capt_dim), res_block(ch, ch), res=res)
+        up_per_head = cfg.channels_per_head if cfg.channels_per_head_upsample == -1 else cfg.channels_per_head_upsample
+        self.output_steps = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                out = nc * mult
+                layers = [res_block(ch + skips.pop(), out), *extras(out, res, up_per_head, True)]
+                ch = out
+                if level and i == cfg.num_res_blocks:
+                    layers.append(res_block(ch, ch, up=True) if cfg.resblock_updown else Upsample(ch, True))
+                self.output_steps.append(Step(*layers, res=res))
+                if level and i == cfg.num_res_blocks:
+                    res *= 2
+        self.out_norm = GroupNormSiLU(ch, cfg.silu_impl)
+        self.out_conv = zero_module(nn.Conv2d(ch, self.image_channels * out_mult, 3, padding=1))
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters the optimizer should update (excludes a frozen caption encoder)."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def prepare_cond(self, txt: Optional[Sequence[Optional[str]]], capt: Optional[Sequence[Optional[str]]],
+                     low_res: Optional[torch.Tensor] = None,
+                     noise_cond_t: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Strings (and upsampler inputs) -> the keyword tensors of ``forward``, batch first.
+
+        txt: N transcriptions, ``None`` = null (dropped) transcription, ``""`` = no text. capt: N captions,
+        ``None``/``""`` = null caption. For null conditions (guidance) pass ``[None] * N`` for both.
+        low_res: [N, C, s, s] in [-1, 1] (upsamplers); noise_cond_t: [N] int steps (with ``noise_cond``).
+        Returns txt_ids/txt_mask [N, max_seq_len], capt_ids [N, Lc] and capt_keep [N], low_res,
+        noise_cond_t; only the keys this model uses.
+        """
+        cfg, device, cond = self.cfg, self._device(), {}
+        if cfg.txt:
+            if txt is None:
+                raise ValueError("model.txt is true: prepare_cond needs txt (a list; None entries = null)")
+            ids, mask = self.tokenizer.encode(list(txt))
+            if cfg.txt_null == "empty":
+                mask &= torch.tensor([t is not None for t in txt])[:, None]
+            cond["txt_ids"], cond["txt_mask"] = ids.to(device), mask.to(device)
+        if cfg.using_capt:
+            if capt is None:
+                raise ValueError("model.using_capt is true: prepare_cond needs capt (a list; None entries = null)")
+            cond["capt_ids"] = self.capt_encoder.tokenize(list(capt)).to(device)
+            cond["capt_keep"] = torch.tensor([bool(c) or cfg.capt_null == "placeholder" for c in capt],
+                                             device=device)
+        if cfg.low_res_size:
+            if low_res is None:
+                raise ValueError(f"model.low_res_size is {cfg.low_res_size}: prepare_cond needs low_res "
+                                 f"[N, C, {cfg.low_res_size}, {cfg.low_res_size}]")
+            cond["low_res"] = low_res.to(device)
+        if cfg.noise_cond:
+            if noise_cond_t is None:
+                raise ValueError("model.noise_cond is true: prepare_cond needs noise_cond_t [N] (0 = clean low-res)")
+            cond["noise_cond_t"] = torch.as_tensor(noise_cond_t, device=device).long().reshape(-1)
+        return cond
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, txt_ids: Optional[torch.Tensor] = None,
+                txt_mask: Optional[torch.Tensor] = None, capt_ids: Optional[torch.Tensor] = None,
+                capt_keep: Optional[torch.Tensor] = None, low_res: Optional[torch.Tensor] = None,
+                noise_cond_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: [N, C, H, W], t: [N] -> [N, C, H, W] (eps) or [N, 2C, H, W] with ``learn_sigma``.
+
+        Keywords are those of ``prepare_cond``; ones this model does not use are ignored.
+        """
+        cfg = self.cfg
+        emb = self.time_embed(t)
+        if self.noise_cond_embed is not None:
+            emb = emb + self.noise_cond_embed(noise_cond_t)
+        ctx = Context(emb=emb, pos=self.pos_tables)
+        if cfg.txt:
+            ctx.txt = self.text_encoder(txt_ids, txt_ids != PAD_ID)
+            ctx.txt_mask = txt_mask
+        if cfg.using_capt:
+            tokens, pooled = self.capt_encoder(capt_ids)
+            keep = capt_keep.bool()
+            if cfg.glide_style_capt_attn:
+                ctx.capt, ctx.capt_mask = tokens, (capt_ids != 0) & keep[:, None]
+            if self.capt_emb_proj is not None:
+                ctx.emb = ctx.emb + self.capt_emb_proj(pooled.to(emb.dtype)) * keep[:, None].to(emb.dtype)
+        h = x if self.rgb_in is None else self.rgb_in(x)
+        if cfg.low_res_size:
+            lr = low_res if self.rgb_in is None else self.rgb_in(low_res)
+            h = torch.cat([h, F.interpolate(lr.to(h.dtype), size=h.shape[-2:], mode="bilinear",
+                                            align_corners=False)], dim=1)
+        skips = []
+        for step in self.input_steps:
+            h = step(h, ctx)
+            skips.append(h)
+        h = self.middle(h, ctx)
+        for step in self.output_steps:
+            h = step(torch.cat([h, skips.pop()], dim=1), ctx)
+        out = self.out_conv(self.out_norm(h))
+        return out if self.rgb_out is None else self.rgb_out(out)
+
+
+def build_model(cfg: ModelConfig, load_capt_weights: bool = True) -> TextdiffUNet:
+    """The U-net for ``cfg`` (the ``model`` section). ``load_capt_weights=False`` keeps a caption encoder's
+    random initialisation (parameter counts, tests); a ``clip_weights_path`` is still read."""
+    return TextdiffUNet(cfg, load_capt_weights)
