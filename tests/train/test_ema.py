@@ -1,0 +1,74 @@
+"""EMA: an exact arithmetic mean for the first 1/(1-rate) updates, then the exponential average."""
+
+import pytest
+import torch
+
+from textdiff.config import EMAConfig
+from textdiff.train.ema import EMA, ema_decay
+
+
+def _snapshots(k: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(3, 2, generator=g) for _ in range(k)]
+
+
+def test_decay_is_zero_then_one_half_then_capped_at_the_rate():
+    assert [ema_decay(0.9, n, 0, 0) for n in (0, 1, 3)] == [0.0, 0.5, 0.75]
+    assert ema_decay(0.9, 9, 0, 0) == pytest.approx(0.9)
+    assert ema_decay(0.9, 500, 0, 0) == 0.9
+
+
+def test_decay_before_from_step_is_the_rate_and_shift_delays_the_start():
+    assert ema_decay(0.99, 4, 5, 0) == 0.99
+    assert ema_decay(0.99, 5, 5, 0) == 0.0
+    assert ema_decay(0.99, 5, 5, 3) == pytest.approx(0.75)
+
+
+def test_first_ten_updates_of_rate_0_9_give_the_exact_mean():
+    snaps = _snapshots(10)
+    ema = EMA(["w"], [torch.full((3, 2), 100.0)], EMAConfig(rates=(0.9,)))
+    for s in snaps:
+        ema.update([s])
+    torch.testing.assert_close(ema.named_averages(0.9)["w"], torch.stack(snaps).mean(0), atol=1e-6, rtol=0)
+
+
+def test_after_the_handover_the_average_is_exponential():
+    snaps = _snapshots(14)
+    ema = EMA(["w"], [torch.zeros(3, 2)], EMAConfig(rates=(0.9,)))
+    for s in snaps:
+        ema.update([s])
+    expected = torch.stack(snaps[:10]).mean(0)
+    for s in snaps[10:]:
+        expected = 0.9 * expected + 0.1 * s
+    torch.testing.assert_close(ema.named_averages(0.9)["w"], expected, atol=1e-6, rtol=0)
+
+
+def test_two_rates_are_kept_apart_and_in_fp32():
+    ema = EMA(["w"], [torch.zeros(2, dtype=torch.bfloat16)], EMAConfig(rates=(0.5, 0.9)))
+    for v in (1.0, 2.0, 3.0):
+        ema.update([torch.full((2,), v, dtype=torch.bfloat16)])
+    assert ema.named_averages(0.9)["w"].dtype == torch.float32
+    assert ema.named_averages(0.9)["w"].tolist() == [2.0, 2.0]  # mean of 1, 2, 3
+    assert ema.named_averages(0.5)["w"].tolist() == [2.25, 2.25]  # 1, then 1.5, then 0.5*1.5+0.5*3
+
+
+def test_state_round_trip_continues_the_count_without_a_manual_shift():
+    snaps = _snapshots(6)
+    straight = EMA(["w"], [torch.zeros(3, 2)], EMAConfig(rates=(0.9,)))
+    for s in snaps:
+        straight.update([s])
+    first = EMA(["w"], [torch.zeros(3, 2)], EMAConfig(rates=(0.9,)))
+    for s in snaps[:3]:
+        first.update([s])
+    resumed = EMA(["w"], [torch.zeros(3, 2)], EMAConfig(rates=(0.9,)))
+    resumed.load_state_dict(first.state_dict())
+    for s in snaps[3:]:
+        resumed.update([s])
+    assert resumed.num_updates == 6
+    assert torch.equal(resumed.named_averages(0.9)["w"], straight.named_averages(0.9)["w"])
+
+
+def test_loading_other_rates_names_the_config_key():
+    saved = EMA(["w"], [torch.zeros(1)], EMAConfig(rates=(0.9,))).state_dict()
+    with pytest.raises(ValueError, match="ema.rates"):
+        EMA(["w"], [torch.zeros(1)], EMAConfig(rates=(0.99,))).load_state_dict(saved)

@@ -1,0 +1,86 @@
+"""EMA of the weights that starts as an arithmetic average and hands over to the exponential one.
+
+The plain EMA of rate r needs about 1/(1-r) steps (10 000 for 0.9999) to forget its initial value. Starting
+as an arithmetic mean removes that warm-up: update n (counted from ``ema.arithmetic_avg_from_step``) uses
+decay ``min(rate, 1 - 1/(n + 1 + arithmetic_avg_extra_shift))``, so the first 1/(1-rate) updates give the
+exact mean of the weights seen so far, after which the decay is the rate itself.
+
+The update count lives in the EMA's state and so in every checkpoint: a resumed run continues the average
+where it stopped (the seed needed ``arithmetic_avg_extra_shift`` raised by hand after each restart).
+Averages are kept in fp32 on the rank that holds them (rank 0 in training).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from textdiff.config import EMAConfig
+
+
+def ema_decay(rate: float, update: int, from_step: int, extra_shift: int) -> float:
+    """Decay for the 0-based ``update``: ``rate`` before ``from_step``, then ``min(rate, 1 - 1/(n + 1 + shift))``
+    with n = update - from_step (n = 0 gives decay 0: the average restarts at the current weights)."""
+    if update < from_step:
+        return rate
+    n = update - from_step
+    return min(rate, 1.0 - 1.0 / (n + 1 + extra_shift))
+
+
+def rate_key(rate: float) -> str:
+    """The name of one average in state dicts, exports and TensorBoard (``0.9999`` -> ``"0.9999"``)."""
+    return repr(float(rate))
+
+
+class EMA:
+    """fp32 averages, one list of tensors per rate, of a fixed list of named parameters.
+
+    names: the parameter names (``model.named_parameters()`` order); init: their initial values, any dtype.
+    """
+
+    def __init__(self, names: Sequence[str], init: Sequence[torch.Tensor], cfg: EMAConfig):
+        if len(names) != len(init):
+            raise ValueError(f"EMA got {len(names)} names but {len(init)} tensors; pass one name per parameter")
+        self.names = list(names)
+        self.cfg = cfg
+        self.num_updates = 0
+        self.averages = {rate_key(r): [t.detach().float().clone() for t in init] for r in cfg.rates}
+
+    @torch.no_grad()
+    def update(self, params: Sequence[torch.Tensor]) -> None:
+        """Fold in the current weights (one tensor per name, full shape, any dtype); counts one update."""
+        if len(params) != len(self.names):
+            raise ValueError(f"EMA.update got {len(params)} tensors for {len(self.names)} parameters")
+        for rate in self.cfg.rates:
+            decay = ema_decay(rate, self.num_updates, self.cfg.arithmetic_avg_from_step,
+                              self.cfg.arithmetic_avg_extra_shift)
+            for avg, p in zip(self.averages[rate_key(rate)], params):
+                avg.mul_(decay).add_(p.detach().to(avg.device, torch.float32), alpha=1.0 - decay)
+        self.num_updates += 1
+
+    def named_averages(self, rate: float | str) -> dict[str, torch.Tensor]:
+        """{parameter name: fp32 average} for one rate (a float or its :func:`rate_key`)."""
+        key = rate if isinstance(rate, str) else rate_key(rate)
+        if key not in self.averages:
+            raise KeyError(f"no EMA of rate {key}; this run keeps {', '.join(self.averages)} (ema.rates)")
+        return dict(zip(self.names, self.averages[key]))
+
+    def state_dict(self) -> dict:
+        """Update count, names and averages (tensors on CPU)."""
+        return {"num_updates": self.num_updates, "names": list(self.names),
+                "averages": {k: [t.cpu() for t in v] for k, v in self.averages.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`; names and rates must match this run's model and ``ema.rates``."""
+        if list(state["names"]) != self.names:
+            missing = sorted(set(self.names) - set(state["names"]))[:3]
+            raise ValueError(f"the checkpoint's EMA holds other parameters than this model (e.g. missing "
+                             f"{missing}); resume with the model config the run was started with")
+        saved = set(state["averages"])
+        if saved != set(self.averages):
+            raise ValueError(f"the checkpoint's EMA keeps rates {sorted(saved)} but ema.rates is "
+                             f"{sorted(self.averages)}; set ema.rates to the saved ones to resume")
+        device = {k: v[0].device if v else torch.device("cpu") for k, v in self.averages.items()}
+        self.averages = {k: [t.float().to(device[k]) for t in v] for k, v in state["averages"].items()}
+        self.num_updates = int(state["num_updates"])
