@@ -1,0 +1,242 @@
+"""Checkpoints: DeepSpeed engine state plus textdiff state, written atomically, pruned, optionally mirrored.
+
+Layout under ``RUN_DIR/checkpoints/``::
+
+    step_00001000/               one complete checkpoint (the directory name carries the step)
+        <DeepSpeed's files>      engine.save_checkpoint(tag=...): module, optimizer, scheduler, loss scale
+        rank_00000.pt ...        per rank: data stream position, RNG states, timestep-sampler state
+        textdiff.pt              rank 0: EMA averages and update count, step, wall time
+        config.json              the whole config tree the run used
+        COMPLETE                 written last; only directories with it are ever resumed from
+    .partial-step_00002000/      a save in progress (or one killed mid-way); never picked, removed later
+
+A save writes into ``.partial-step_N`` and is renamed to ``step_N`` by rank 0 once every rank has finished,
+so a half-written checkpoint is never taken for the latest one. Afterwards only the last
+``checkpoint.keep_last`` and every ``checkpoint.keep_every``-th step are kept, and with
+``checkpoint.remote_url`` the finished directory is copied there through fsspec (its ``COMPLETE`` last).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from textdiff.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+PARTIAL_PREFIX = ".partial-"
+TEXTDIFF_STATE = "textdiff.pt"
+CONFIG_FILE = "config.json"
+_NAME = re.compile(r"^step_(\d{8,})$")
+
+# model keys that change no weight shape or meaning: changing them on resume is allowed without a warning
+_MODEL_KEYS_FREE = {"txt_pdrop", "capt_pdrop", "all_pdrop", "dropout", "silu_impl", "clip_weights_path"}
+# diffusion keys that change what the network's output means: changing them on resume is an error
+_DIFFUSION_KEYS_FIXED = {"diffusion_steps", "noise_schedule", "predict_xstart", "rescale_timesteps"}
+
+
+def checkpoint_name(step: int) -> str:
+    """Directory name of the checkpoint after ``step`` optimizer steps (``step_00001000``)."""
+    return f"step_{step:08d}"
+
+
+def rank_file(rank: int) -> str:
+    """File name of one rank's textdiff state inside a checkpoint."""
+    return f"rank_{rank:05d}.pt"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary name and a rename (readers never see half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a temporary name and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every complete checkpoint under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _NAME.match(d.name)
+        if m and d.is_dir() and (d / COMPLETE).is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> Optional[Path]:
+    """The complete checkpoint with the highest step under ``root``, or None."""
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def steps_to_delete(steps: Iterable[int], keep_last: int, keep_every: int) -> list[int]:
+    """Which of ``steps`` retention removes: all but the last ``keep_last`` and multiples of ``keep_every``
+    (0: none kept for that reason)."""
+    ordered = sorted(steps)
+    keep = set(ordered[-keep_last:]) if keep_last > 0 else set()
+    if keep_every > 0:
+        keep |= {s for s in ordered if s % keep_every == 0}
+    return [s for s in ordered if s not in keep]
+
+
+def resolve_resume(resume: Optional[str], root: str | Path) -> Optional[Path]:
+    """The checkpoint directory that ``--resume`` names: None (fresh start), ``auto`` (the latest complete one
+    under ``root``, or None when there is none yet) or a path of a complete checkpoint directory."""
+    if not resume:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(root)
+    path = Path(resume)
+    if (path / COMPLETE).is_file():
+        return path
+    if path.is_dir() and latest_checkpoint(path) is not None:  # a checkpoints/ folder or a run dir
+        return latest_checkpoint(path)
+    if path.is_dir() and latest_checkpoint(path / "checkpoints") is not None:
+        return latest_checkpoint(path / "checkpoints")
+    raise ConfigError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE} file in it) and no complete "
+                      "checkpoint below it; pass a step_NNNNNNNN directory, a run directory, or --resume auto")
+
+
+def _diff(saved: dict, current: dict) -> list[str]:
+    return sorted(k for k in set(saved) | set(current) if saved.get(k, "<absent>") != current.get(k, "<absent>"))
+
+
+def check_resume_compatible(saved: dict, current: dict, where: str) -> list[str]:
+    """Compare two recipe dicts (``TextdiffConfig.to_dict()`` layout) before resuming.
+
+    Raises ConfigError naming the keys when the model architecture or the meaning of its output differs;
+    returns warnings for allowed changes (DeepSpeed keys such as lr or batch size, data, train, EMA...).
+    """
+    s_td, c_td = saved.get("textdiff", {}), current.get("textdiff", {})
+    fixed = [f"model.{k}" for k in _diff(s_td.get("model", {}), c_td.get("model", {})) if k not in _MODEL_KEYS_FREE]
+    fixed += [f"diffusion.{k}" for k in _diff(s_td.get("diffusion", {}), c_td.get("diffusion", {}))
+              if k in _DIFFUSION_KEYS_FIXED]
+    if fixed:
+        detail = ", ".join(f"{k} (saved {_lookup(s_td, k)!r}, now {_lookup(c_td, k)!r})" for k in fixed)
+        raise ConfigError(f"cannot resume from {where}: the model differs in {detail}; use the config saved "
+                          f"in {where}/{CONFIG_FILE}, or start a new run directory")
+    warnings = []
+    s_ds = {k: v for k, v in saved.items() if k != "textdiff"}
+    c_ds = {k: v for k, v in current.items() if k != "textdiff"}
+    for k in _diff(s_ds, c_ds):
+        warnings.append(f"DeepSpeed key {k} changed since {where}: {s_ds.get(k, '<absent>')!r} -> "
+                        f"{c_ds.get(k, '<absent>')!r}")
+    for section in sorted(set(s_td) | set(c_td)):
+        for k in _diff(s_td.get(section, {}), c_td.get(section, {})):
+            if f"{section}.{k}" not in fixed:
+                warnings.append(f"{section}.{k} changed since {where}: {_lookup(s_td, f'{section}.{k}')!r} -> "
+                                f"{_lookup(c_td, f'{section}.{k}')!r}")
+    return warnings
+
+
+def _lookup(tree: dict, dotted: str) -> Any:
+    section, key = dotted.split(".", 1)
+    return tree.get(section, {}).get(key, "<absent>")
+
+
+def copy_to_remote(local_dir: Path, remote_url: str) -> str:
+    """Copy a complete checkpoint directory to ``remote_url/<its name>`` through fsspec, ``COMPLETE`` last.
+
+    Returns the remote directory's URL. Any fsspec protocol works (``s3://``, ``gs://``, ``file://``,
+    ``memory://``) if its package is installed.
+    """
+    import fsspec
+
+    fs, base = fsspec.core.url_to_fs(remote_url)
+    target = f"{base.rstrip('/')}/{local_dir.name}"
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    for p in sorted(files, key=lambda p: p.name == COMPLETE):
+        dest = f"{target}/{p.relative_to(local_dir).as_posix()}"
+        fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(p), dest)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return f"{protocol}://{target}" if protocol not in ("file", "local") else target
+
+
+class CheckpointManager:
+    """Saves and finds checkpoints under ``root`` for one rank of a run.
+
+    barrier: called where all ranks must meet (``torch.distributed.barrier`` in training; a no-op alone).
+    """
+
+    def __init__(self, root: str | Path, cfg, rank: int, world_size: int, barrier: Callable[[], None]):
+        self.root = Path(root)
+        self.cfg = cfg
+        self.rank, self.world_size, self.barrier = rank, world_size, barrier
+
+    def save(self, engine, step: int, rank_state: dict, textdiff_state: Optional[dict], config: dict) -> Path:
+        """Write the checkpoint after ``step`` steps on every rank; returns its final directory.
+
+        rank_state: this rank's state (stream position, RNG); textdiff_state: rank 0's (EMA...), None elsewhere;
+        config: the recipe dict. Every rank must call this at the same step.
+        """
+        final = self.root / checkpoint_name(step)
+        partial_tag = PARTIAL_PREFIX + final.name
+        partial = self.root / partial_tag
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if partial.exists():
+                shutil.rmtree(partial)
+        self.barrier()
+        engine.save_checkpoint(str(self.root), tag=partial_tag, save_latest=False)
+        partial.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(rank_state, partial / rank_file(self.rank))
+        self.barrier()
+        if self.rank == 0:
+            atomic_torch_save(textdiff_state, partial / TEXTDIFF_STATE)
+            atomic_write_bytes(partial / CONFIG_FILE, json.dumps(config, indent=2).encode())
+            atomic_write_bytes(partial / COMPLETE, f"{step}\n".encode())
+            if final.exists():  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            self._prune()
+            if self.cfg.remote_url:
+                log.info("copied checkpoint to %s", copy_to_remote(final, self.cfg.remote_url))
+        self.barrier()
+        return final
+
+    def _prune(self) -> None:
+        found = dict(complete_checkpoints(self.root))
+        for step in steps_to_delete(found, self.cfg.keep_last, self.cfg.keep_every):
+            shutil.rmtree(found[step], ignore_errors=True)
+        for stale in self.root.glob(PARTIAL_PREFIX + "*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def load(self, engine, path: Path) -> tuple[dict, dict, dict]:
+        """Restore the engine from checkpoint ``path``; returns (this rank's state, the textdiff state (rank 0's
+        EMA...; None on other ranks), the saved config dict). Raises ConfigError when the checkpoint lacks this
+        rank's state."""
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if load_path is None:
+            raise ConfigError(f"DeepSpeed could not load the checkpoint {path}; is it from this run's ZeRO stage?")
+        mine = path / rank_file(self.rank)
+        if not mine.is_file():
+            raise ConfigError(f"checkpoint {path} has no {mine.name}: it was written by fewer ranks than this "
+                              f"run's {self.world_size}; resume with the same number of ranks")
+        rank_state = torch.load(mine, map_location="cpu", weights_only=False)
+        textdiff_state = (torch.load(path / TEXTDIFF_STATE, map_location="cpu", weights_only=False)
+                          if self.rank == 0 else None)
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        return rank_state, textdiff_state, config
