@@ -1,0 +1,423 @@
+"""Reading a source folder for the sharder: image keys, side files (captions, safeboxes, px scales), checks.
+
+A source folder holds images (nested sub-folders allowed), each with its transcription in a ``.txt`` file
+of the same name beside it. Side files map *image keys* to values; a key names one image:
+
+- canonical: the path relative to the source folder, ``/`` separators, no extension: ``signs/street/0001``;
+- legacy (the research code's): the same with ``/`` replaced by ``_``: ``signs_street_0001``;
+- with extension: ``signs/street/0001.jpg``.
+
+A key that matches no image, or several images (``a/b`` and ``a_b`` both exist, or ``x.jpg`` and ``x.png``),
+is reported; so is an image that two keys of the same file both name.
+
+Side files are one JSON object ``{key: value}``, or JSON Lines of ``{"key": ..., "value": ...}``.
+Nothing here is fatal by itself: problems come back as :class:`Problem` records, and the caller decides
+(``--strict`` makes them fatal; otherwise they are skipped, counted and listed in the manifest).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Optional
+
+from PIL import Image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+
+# Problem kinds that are bad input (fatal under --strict); the others are the user's filters.
+BAD_INPUT_KINDS = frozenset({"bad_image", "bad_txt", "bad_safebox", "bad_value", "bad_json_line",
+                             "unknown_key", "ambiguous_key", "listed_twice", "too_many_pixels"})
+
+
+class SourceError(ValueError):
+    """A source folder or side file cannot be used at all; the message names it and what to do."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One skipped input: ``where`` is a file (or ``file:line``), ``kind`` a short category."""
+
+    where: str
+    kind: str
+    reason: str
+    key: Optional[str] = None
+
+    def to_json(self) -> dict:
+        """The manifest's record of this problem."""
+        return {"source": self.where, "key": self.key, "kind": self.kind, "reason": self.reason}
+
+
+def canonical_key(rel_path: str) -> str:
+    """``sub/dir/name.ext`` -> ``sub/dir/name``."""
+    path = PurePosixPath(rel_path)
+    return str(path.with_suffix("")) if path.suffix else str(path)
+
+
+def legacy_key(rel_path: str) -> str:
+    """``sub/dir/name.ext`` -> ``sub_dir_name`` (the research code's key)."""
+    return canonical_key(rel_path).replace("/", "_")
+
+
+def scan_images(src_dir: Path) -> list[str]:
+    """Every image below ``src_dir`` as a sorted list of ``/``-separated relative paths."""
+    if not src_dir.is_dir():
+        raise SourceError(f"source folder {src_dir} does not exist or is not a folder; pass a folder of images "
+                          "with a .txt transcription beside each (or use --synthetic N)")
+    found = [p.relative_to(src_dir).as_posix() for p in src_dir.rglob("*")
+             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    return sorted(found)
+
+
+class KeyIndex:
+    """Resolves image keys in any of the three syntaxes to relative image paths."""
+
+    def __init__(self, rel_paths: list[str]):
+        self._by_key: dict[str, set[str]] = defaultdict(set)
+        for rel in rel_paths:
+            for key in (rel, canonical_key(rel), legacy_key(rel)):
+                self._by_key[key].add(rel)
+
+    def resolve(self, key: str) -> list[str]:
+        """The images ``key`` names (sorted): one for a good key, none for unknown, several if ambiguous."""
+        return sorted(self._by_key.get(key, ()))
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    seen: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _DuplicateKey(k)
+        seen[k] = v
+    return seen
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def read_key_values(path: Path) -> tuple[list[tuple[str, Any, str]], list[Problem]]:
+    """Entries ``(key, value, where)`` of a side file (JSON object or JSON Lines) and its malformed lines.
+
+    ``where`` is ``file`` for a JSON object and ``file:LINE`` for JSON Lines. A key written twice in a JSON
+    object is kept as two entries, so it is reported like any image listed twice.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SourceError(f"side file {path} does not exist; check the path given to "
+                          "--captions/--safeboxes/--px-scales") from None
+    except UnicodeDecodeError as e:
+        raise SourceError(f"side file {path} is not UTF-8 (byte {e.start}); re-save it as UTF-8") from None
+    if _looks_like_lines(text):
+        return _read_lines(path, text)
+    try:
+        whole = json.loads(text, object_pairs_hook=_Pairs)
+    except json.JSONDecodeError as e:
+        raise SourceError(f"side file {path} is not valid JSON: line {e.lineno} column {e.colno}: {e.msg}; fix "
+                          "it, or write JSON Lines of {\"key\": ..., \"value\": ...}") from None
+    if not isinstance(whole, _Pairs):
+        raise SourceError(f"side file {path} holds a JSON {type(whole).__name__}; expected an object "
+                          '{"key": value} or JSON Lines of {"key": ..., "value": ...}')
+    return [(k, _plain(v), str(path)) for k, v in whole], []
+
+
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs, so keys written twice survive parsing."""
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _Pairs):
+        return {k: _plain(v) for k, v in value}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _looks_like_lines(text: str) -> bool:
+    """JSON Lines if any line alone is an object with a "key" field (so a malformed first line still counts)."""
+    for line in text.splitlines():
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and "key" in obj:
+            return True
+    return False
+
+
+def _read_lines(path: Path, text: str) -> tuple[list[tuple[str, Any, str]], list[Problem]]:
+    entries, problems = [], []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line, object_pairs_hook=_reject_duplicates)
+        except json.JSONDecodeError as e:
+            problems.append(Problem(where, "bad_json_line", f"line {lineno} is not valid JSON ({e.msg} at column "
+                                    f"{e.colno}); write {{\"key\": ..., \"value\": ...}}"))
+            continue
+        except _DuplicateKey as e:
+            problems.append(Problem(where, "bad_json_line", f"line {lineno} repeats the field {e.args[0]!r}"))
+            continue
+        if not isinstance(obj, dict) or set(obj) != {"key", "value"} or not isinstance(obj["key"], str):
+            problems.append(Problem(where, "bad_json_line", f"line {lineno} is {line.strip()[:80]!r}; expected "
+                                    "exactly {\"key\": \"image/key\", \"value\": ...}"))
+            continue
+        entries.append((obj["key"], obj["value"], where))
+    return entries, problems
+
+
+def parse_captions(value: Any) -> list[str]:
+    """A caption string or list of strings -> list of strings; raises ValueError naming the problem."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(c, str) for c in value):
+        return list(value)
+    raise ValueError(f"caption value {value!r} is not a string or a list of strings")
+
+
+def _numbers(value: Any, count: int, what: str) -> list[float]:
+    ok = (isinstance(value, list) and len(value) == count
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+    if not ok:
+        raise ValueError(f"{what} {value!r} is not a list of {count} finite numbers")
+    return list(value)
+
+
+def parse_safebox(value: Any) -> Optional[list[float]]:
+    """``[left, top, right, bottom]`` or None; raises ValueError when malformed or inverted."""
+    if value is None:
+        return None
+    box = _numbers(value, 4, "safebox")
+    if not (box[0] < box[2] and box[1] < box[3]):
+        raise ValueError(f"safebox {box} is inverted or empty (needs left < right and top < bottom)")
+    return box
+
+
+def parse_px_scale(value: Any) -> list[float]:
+    """``[sx, sy]`` with both positive; raises ValueError otherwise."""
+    scale = _numbers(value, 2, "px_scale")
+    if not all(s > 0 for s in scale):
+        raise ValueError(f"px_scale {scale} must be positive (stored size / original size)")
+    return scale
+
+
+def resolve_side_file(path: Path, index: KeyIndex, parse: Callable[[Any], Any], bad_kind: str = "bad_value"
+                      ) -> tuple[dict[str, Any], list[Problem], set[str]]:
+    """Map a side file onto images: ``({rel_path: parsed value}, problems, rel_paths to skip)``.
+
+    Unknown and ambiguous keys and malformed lines are problems of the file; an image two keys name, or
+    whose value does not parse, is a problem of the image too (it is skipped, since its value is unknown).
+    """
+    entries, problems = read_key_values(path)
+    values: dict[str, Any] = {}
+    keys_of: dict[str, list[str]] = defaultdict(list)
+    skip: set[str] = set()
+    for key, raw, where in entries:
+        matches = index.resolve(key)
+        if not matches:
+            problems.append(Problem(where, "unknown_key", f"key {key!r} matches no image in the source folder "
+                                    "(keys are paths relative to it, '/' separators, extension optional)", key))
+            continue
+        if len(matches) > 1:
+            problems.append(Problem(where, "ambiguous_key", f"key {key!r} matches {len(matches)} images "
+                                    f"({', '.join(matches)}); write the path with its extension", key))
+            continue
+        rel = matches[0]
+        keys_of[rel].append(key)
+        if len(keys_of[rel]) > 1:
+            if rel not in skip:
+                problems.append(Problem(where, "listed_twice", f"image {rel} is listed twice (keys "
+                                        f"{', '.join(map(repr, keys_of[rel]))}); keep one entry", key))
+            skip.add(rel)
+            continue
+        try:
+            values[rel] = parse(raw)
+        except ValueError as e:
+            problems.append(Problem(where, bad_kind, f"{e} (key {key!r})", key))
+            skip.add(rel)
+    for rel in skip:
+        values.pop(rel, None)
+    return values, problems, skip
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """The per-image choices of the sharder (command-line flags of tools/make_shards.py)."""
+
+    missing_txt: str = "skip"  # "skip" or "keep" images without a .txt beside them
+    min_side: int = 0  # skip images whose shorter side / px scale is below this
+    require_captions: bool = False
+    max_side: int = 0  # 0: keep original bytes; else shrink longer sides to this
+    max_pixels: int = 64_000_000  # decompression-bomb cap on width * height
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One source image and its side-file values, as a worker receives it."""
+
+    src_dir: str
+    rel_path: str
+    key: str  # the sample key in the shard
+    captions: tuple[str, ...] = ()
+    safebox: Optional[tuple[float, ...]] = None
+    px_scale: tuple[float, float] = (1.0, 1.0)
+
+
+@dataclass
+class ShardSample:
+    """One sample ready for a shard: ``txt`` None means unknown (no .txt written)."""
+
+    key: str
+    image_ext: str
+    image_bytes: bytes
+    txt: Optional[str]
+    meta: dict
+
+    def to_webdataset(self) -> dict:
+        """The dict webdataset's TarWriter stores: ``KEY.ext``, ``KEY.txt``, ``KEY.json``."""
+        sample = {"__key__": self.key, self.image_ext: self.image_bytes,
+                  "json": json.dumps(self.meta, ensure_ascii=False).encode("utf-8")}
+        if self.txt is not None:
+            sample["txt"] = self.txt.encode("utf-8")
+        return sample
+
+
+def read_transcription(image_path: Path) -> Optional[str]:
+    """The ``.txt`` beside an image ("" = no text in it), or None when there is none (unknown).
+
+    Raises ValueError when the file is not UTF-8. A trailing newline and a UTF-8 byte-order mark are
+    dropped; a file of only whitespace counts as empty.
+    """
+    txt_path = image_path.with_suffix(".txt")
+    try:
+        raw = txt_path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{txt_path.name} is not UTF-8 (invalid byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                         "re-save it as UTF-8") from None
+    text = text.rstrip("\r\n")
+    return "" if not text.strip() else text
+
+
+_KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+def _decode(data: bytes, where: str, max_pixels: int) -> tuple[Image.Image, str]:
+    """Fully decoded image and its format; raises _Skip for bombs and unreadable or truncated files."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise _Skip(Problem(where, "too_many_pixels", f"refused as a decompression bomb: {e}")) from None
+        except Exception as e:  # Pillow raises many types for garbage input
+            raise _Skip(Problem(where, "bad_image", f"unreadable image ({type(e).__name__}: {e})")) from None
+        width, height = image.size
+        if width * height > max_pixels:
+            raise _Skip(Problem(where, "too_many_pixels", f"{width}x{height} = {width * height} pixels exceeds "
+                                f"--max-pixels {max_pixels} (decompression-bomb cap); raise it if the image is real"))
+        try:
+            image.load()
+        except Exception as e:
+            raise _Skip(Problem(where, "bad_image", f"unreadable or truncated image ({type(e).__name__}: {e})")) from None
+    return image, image.format or ""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of an image of any mode, alpha flattened on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _encode(image: Image.Image, ext: str) -> bytes:
+    out = io.BytesIO()
+    if ext == "jpg":
+        image.save(out, "JPEG", quality=95)
+    elif ext == "webp":
+        image.save(out, "WEBP", quality=95)
+    else:
+        image.save(out, "PNG")
+    return out.getvalue()
+
+
+def shrink(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(width, height) with the longer side brought down to ``max_side`` (unchanged if already within)."""
+    width, height = size
+    if max(width, height) <= max_side:
+        return width, height
+    factor = max_side / max(width, height)
+    return max(1, round(width * factor)), max(1, round(height * factor))
+
+
+def rescale_safebox(box: list[float], fx: float, fy: float, width: int, height: int) -> list[int]:
+    """A safebox under a resize by (fx, fy), rounded outward so it still encloses the text."""
+    return [max(0, math.floor(box[0] * fx)), max(0, math.floor(box[1] * fy)),
+            min(width, math.ceil(box[2] * fx)), min(height, math.ceil(box[3] * fy))]
+
+
+class _Skip(Exception):
+    def __init__(self, problem: Problem):
+        super().__init__(problem.reason)
+        self.problem = problem
+
+
+def prepare_sample(job: ImageJob, opts: SourceOptions) -> ShardSample | Problem:
+    """Read, check and (with ``max_side``) resize one source image; a Problem says why it is skipped."""
+    try:
+        return _prepare(job, opts)
+    except _Skip as skip:
+        return skip.problem
+
+
+def _prepare(job: ImageJob, opts: SourceOptions) -> ShardSample:
+    path = Path(job.src_dir) / job.rel_path
+    where = job.rel_path
+    try:
+        txt = read_transcription(path)
+    except ValueError as e:
+        raise _Skip(Problem(where, "bad_txt", str(e), job.key)) from None
+    if txt is None and opts.missing_txt == "skip":
+        raise _Skip(Problem(where, "missing_txt", "no .txt beside it (transcription unknown); pass "
+                            "--missing-txt keep to keep such images", job.key))
+    if opts.require_captions and not job.captions:
+        raise _Skip(Problem(where, "no_captions", "no caption (--require-captions)", job.key))
+    data = path.read_bytes()
+    image, fmt = _decode(data, where, opts.max_pixels)
+    width, height = image.size
+    box = list(job.safebox) if job.safebox is not None else None
+    if box is not None and not (0 <= box[0] and 0 <= box[1] and box[2] <= width and box[3] <= height):
+        raise _Skip(Problem(where, "bad_safebox", f"safebox {box} lies outside the {width}x{height} image; "
+                            "fix it in the --safeboxes file", job.key))
+    sx, sy = job.px_scale
+    if opts.min_side and min(width / sx, height / sy) < opts.min_side:
+        raise _Skip(Problem(where, "too_small", f"shorter side {min(width / sx, height / sy):.0f} px (stored size "
+                            f"/ px scale) is below --min-side {opts.min_side}", job.key))
+    ext = _KEEP_FORMATS.get(fmt, "png")
+    new_size = shrink((width, height), opts.max_side) if opts.max_side else (width, height)
+    if new_size != (width, height):
+        fx, fy = new_size[0] / width, new_size[1] / height
+        image = to_rgb(image).resize(new_size, Image.LANCZOS)
+        box = rescale_safebox(box, fx, fy, *new_size) if box is not None else None
+        sx, sy = sx * fx, sy * fy
+        data = _encode(image, ext)
+    elif image.mode != "RGB" or fmt not in _KEEP_FORMATS:
+        data = _encode(to_rgb(image), ext)
+    meta = {"captions": list(job.captions), "safebox": box, "px_scale": [sx, sy], "width": new_size[0],
+            "height": new_size[1], "source": job.rel_path}
+    return ShardSample(job.key, ext, data, txt, meta)
