@@ -199,3 +199,191 @@ def make_synthetic_shards(n: int, out_dir: str | Path, seed: int = 0, size: int 
     manifest = build_manifest(out_dir, shards, written, [], n, command)
     write_json_atomic(out_dir / MANIFEST_NAME, manifest)
     return manifest
+
+
+def sample_keys(rel_paths: Sequence[str]) -> list[str]:
+    """Shard sample keys for source images: the canonical key with every character outside
+    ``[A-Za-z0-9_-/]`` (dots above all, which WebDataset reads as the start of the extension) made ``_``;
+    a clash gets ``_2``, ``_3`` ... in sorted order."""
+    keys, used = [], set()
+    for rel in rel_paths:
+        base = re.sub(r"[^A-Za-z0-9_/-]", "_", sources.canonical_key(rel))
+        key, n = base, 1
+        while key in used:
+            n += 1
+            key = f"{base}_{n}"
+        used.add(key)
+        keys.append(key)
+    return keys
+
+
+def plan_source_jobs(src_dir: Path, captions: Optional[Path] = None, safeboxes: Optional[Path] = None,
+                     px_scales: Optional[Path] = None) -> tuple[list[ImageJob], list[Problem], int]:
+    """Scan ``src_dir`` and map the side files onto its images: (jobs, problems, images found)."""
+    rel_paths = sources.scan_images(src_dir)
+    if not rel_paths:
+        raise SourceError(f"source folder {src_dir} holds no images ({', '.join(sources.IMAGE_SUFFIXES)})")
+    index = KeyIndex(rel_paths)
+    problems: list[Problem] = []
+    skip: set[str] = set()
+    values = {}
+    for name, path, parse, bad_kind in (("captions", captions, sources.parse_captions, "bad_value"),
+                                        ("safebox", safeboxes, sources.parse_safebox, "bad_safebox"),
+                                        ("px_scale", px_scales, sources.parse_px_scale, "bad_value")):
+        if path is None:
+            values[name] = {}
+            continue
+        values[name], found, skipped = sources.resolve_side_file(Path(path), index, parse, bad_kind)
+        problems += found
+        skip |= skipped
+    jobs = [ImageJob(str(src_dir), rel, key, tuple(values["captions"].get(rel, ())),
+                     _tuple_or_none(values["safebox"].get(rel)), tuple(values["px_scale"].get(rel, (1.0, 1.0))))
+            for rel, key in zip(rel_paths, sample_keys(rel_paths)) if rel not in skip]
+    return jobs, problems, len(rel_paths)
+
+
+def _tuple_or_none(value: Optional[list]) -> Optional[tuple]:
+    return tuple(value) if value is not None else None
+
+
+def _fatal_if_strict(problems: Iterable[Problem], strict: bool) -> None:
+    if not strict:
+        return
+    for p in problems:
+        if p.kind in BAD_INPUT_KINDS:
+            raise ShardingError(f"{p.where}: {p.reason} [--strict: stopped; no manifest written, remove the "
+                                "output folder's shards or rerun with --overwrite]")
+
+
+class _Prepare:
+    """Picklable ``prepare_sample`` with fixed options, for the worker pool."""
+
+    def __init__(self, options: SourceOptions):
+        self.options = options
+
+    def __call__(self, job: ImageJob) -> ShardSample | Problem:
+        return sources.prepare_sample(job, self.options)
+
+
+def make_source_shards(src_dir: str | Path, out_dir: str | Path, captions: Optional[str | Path] = None,
+                       safeboxes: Optional[str | Path] = None, px_scales: Optional[str | Path] = None,
+                       options: SourceOptions = SourceOptions(), strict: bool = False, maxcount: int = 10000,
+                       maxsize: float = 1e9, workers: int = 0, overwrite: bool = False, progress: bool = True,
+                       command: str = "") -> dict:
+    """Write the images of ``src_dir`` (with their .txt and side files) as shards; returns the manifest.
+
+    Bad input is skipped and listed in the manifest, or raises ShardingError with ``strict``.
+    """
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    if out_dir.resolve() == src_dir.resolve() or src_dir.resolve() in out_dir.resolve().parents:
+        raise ShardingError(f"output folder {out_dir} lies inside the source folder {src_dir}; choose another")
+    jobs, problems, inputs = plan_source_jobs(src_dir, *(Path(p) if p else None for p in (captions, safeboxes, px_scales)))
+    _fatal_if_strict(problems, strict)
+    prepare_out_dir(out_dir, overwrite)
+    written: Counter = Counter()
+
+    def accepted(results: Iterable[ShardSample | Problem]) -> Iterator[ShardSample]:
+        for result in results:
+            if isinstance(result, Problem):
+                _fatal_if_strict([result], strict)
+                problems.append(result)
+                continue
+            written[_count_kind(result)] += 1
+            yield result
+
+    shards = write_shards(accepted(_pool_map(_Prepare(options), jobs, workers, "shards", progress)),
+                          out_dir, maxcount, maxsize)
+    manifest = build_manifest(out_dir, shards, written, problems, inputs, command)
+    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of tools/make_shards.py (textdiff-make-shards)."""
+    p = argparse.ArgumentParser(
+        prog="make_shards.py", description="Write WebDataset tar shards (+ manifest.json) from a folder of "
+        "images with .txt transcriptions, or the built-in synthetic demo set. See docs/data.md.",
+        usage="%(prog)s SRC_DIR OUT_DIR [options]\n       %(prog)s --synthetic N OUT_DIR [--seed S] [options]")
+    p.add_argument("paths", nargs="+", metavar="SRC_DIR OUT_DIR", help="source folder and output folder "
+                   "(only OUT_DIR with --synthetic)")
+    p.add_argument("--synthetic", type=int, metavar="N", help="write N synthetic demo images instead of a folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic set (default 0)")
+    p.add_argument("--size", type=int, default=64, help="side of the synthetic images in px (default 64)")
+    p.add_argument("--captions", help="JSON object {key: caption or [captions]} or JSON Lines {key, value}")
+    p.add_argument("--safeboxes", help="JSON {key: [left, top, right, bottom]} in stored-image pixels")
+    p.add_argument("--px-scales", help="JSON {key: [sx, sy]}: stored size / original size")
+    p.add_argument("--missing-txt", choices=("skip", "keep"), default="skip",
+                   help="images without a .txt (unknown text): skip them (default) or keep them without KEY.txt")
+    p.add_argument("--min-side", type=int, default=0, help="skip images whose shorter side / px scale is below this")
+    p.add_argument("--require-captions", action="store_true", help="skip images without a caption")
+    p.add_argument("--max-side", type=int, default=0,
+                   help="shrink images whose longer side exceeds this (rescales safebox and px scale); 0: keep bytes")
+    p.add_argument("--max-pixels", type=int, default=SourceOptions.max_pixels,
+                   help=f"refuse images above this many pixels (decompression bombs; default {SourceOptions.max_pixels})")
+    p.add_argument("--maxcount", type=int, default=10000, help="samples per shard at most (default 10000)")
+    p.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard, about (default 1e9)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="decoding processes (0: in the main process; default min(8, CPUs))")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
+    p.add_argument("--overwrite", action="store_true", help="replace the shards and manifest of a non-empty OUT_DIR")
+    return p
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.synthetic is not None:
+        if len(args.paths) != 1:
+            p.error(f"--synthetic N takes only OUT_DIR; got {len(args.paths)} paths: {' '.join(args.paths)}")
+        given = [f for f in ("captions", "safeboxes", "px_scales") if getattr(args, f)]
+        if given:
+            p.error(f"--{given[0].replace('_', '-')} applies to a source folder, not to --synthetic")
+    elif len(args.paths) != 2:
+        p.error(f"expected SRC_DIR OUT_DIR (or --synthetic N OUT_DIR); got {len(args.paths)} paths")
+    for flag in ("maxcount", "maxsize", "max_pixels", "size"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be positive")
+    for flag in ("workers", "min_side", "max_side"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0")
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict:
+    """Parse the command line and write the shards; returns the manifest (raises on errors)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    command = shlex.join(["make_shards.py", *argv])
+    common = dict(maxcount=args.maxcount, maxsize=args.maxsize, workers=args.workers, overwrite=args.overwrite,
+                  command=command)
+    if args.synthetic is not None:
+        return make_synthetic_shards(args.synthetic, args.paths[0], seed=args.seed, size=args.size, **common)
+    options = SourceOptions(missing_txt=args.missing_txt, min_side=args.min_side,
+                            require_captions=args.require_captions, max_side=args.max_side,
+                            max_pixels=args.max_pixels)
+    return make_source_shards(args.paths[0], args.paths[1], args.captions, args.safeboxes, args.px_scales,
+                              options=options, strict=args.strict, **common)
+
+
+def summary(manifest: dict) -> str:
+    """A few lines for the terminal: what was written, what was skipped, what to pass to training."""
+    lines = [f"wrote {len(manifest['shards'])} shards, {manifest['samples']} samples "
+             f"({manifest['text_free_share']:.1%} text-free, {manifest['unknown_text']} unknown text), "
+             f"{manifest['bytes'] / 1e6:.1f} MB"]
+    if manifest["skipped_count"]:
+        kinds = ", ".join(f"{k}: {v}" for k, v in manifest["skipped_by_kind"].items())
+        lines.append(f"skipped {manifest['skipped_count']} inputs ({kinds}); reasons in manifest.json 'skipped'")
+        lines += [f"  {s['source']}: {s['reason']}" for s in manifest["skipped"][:5]]
+    if manifest["pattern"]:
+        lines.append(f"train with: --set data.shards={manifest['pattern']}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point: run, print the summary, exit 1 with the message on an error."""
+    try:
+        manifest = run(argv)
+    except (ShardingError, SourceError) as e:
+        print(f"make_shards: error: {e}", file=sys.stderr)
+        return 1
+    print(summary(manifest))
+    return 0

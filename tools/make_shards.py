@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Write WebDataset shards from a folder of images with .txt transcriptions, or the synthetic demo set.
+
+    python tools/make_shards.py SRC_DIR OUT_DIR [--captions C.json] [--safeboxes S.json] [--px-scales P.json]
+    python tools/make_shards.py --synthetic 1000 OUT_DIR --seed 0
+
+All options: --help; formats and key syntax: docs/data.md. Installed as ``textdiff-make-shards`` too.
+"""
+
+import sys
+
+from textdiff.data.shards import main
+
+if __name__ == "__main__":
+    sys.exit(main())
