@@ -137,9 +137,13 @@ def pad_to_hold(image: Image.Image, safebox: Box) -> tuple[Image.Image, Box]:
     return canvas, (safebox[0] + dx, safebox[1] + dy, safebox[2] + dx, safebox[3] + dy)
 
 
+def _rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
+
+
 def crop_resize(image: Image.Image, box: Box, size: int) -> np.ndarray:
     """Crop ``box`` and resize it to ``size`` x ``size`` (bicubic, antialiased): uint8 ``[size, size, 3]``."""
-    return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC, box=box))
+    return np.asarray(_rgb(image).resize((size, size), Image.Resampling.BICUBIC, box=box))
 
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -206,7 +210,7 @@ def augment_sample(image: Image.Image, txt: str, safebox: Optional[Sequence[floa
     Returns ``image [3, image_size, image_size]`` in [-1, 1], and ``low_res [3, s, s]`` in [-1, 1] when
     ``low_res_size`` (s) > 0.
     """
-    image = image.convert("RGB")
+    image = _rgb(image)
     width, height = image.size
     has_text = txt != ""
     box = None

@@ -230,7 +230,8 @@ def decode_sample(raw: dict) -> dict:
     try:
         image = Image.open(io.BytesIO(raw[ext]))
         image.load()
-        image = image.convert("RGB")
+        if image.mode != "RGB":  # palette, grey, alpha: the shards should hold RGB, but accept the rest
+            image = image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise CorruptSample(f".{ext} does not decode: {e}") from None
     return {"image": image, "txt": txt, "captions": captions, "safebox": safebox, "px_scale": px_scale,
