@@ -44,3 +44,10 @@ def test_record_pixel_range_is_reported_per_sample():
     batch["image"][0] = 1.0
     assert batch_record(batch)["samples"][0]["image_min"] == 1.0
     assert "low_res_shape" not in batch_record({k: v for k, v in batch.items() if k != "low_res"})
+
+
+def test_unknown_transcription_is_written_as_null(tmp_path):
+    batch = make_batch()
+    batch["txt"][0] = None
+    _, js = save_batch_preview(batch, tmp_path)
+    assert json.loads(js.read_text())["samples"][0]["txt"] is None

@@ -208,3 +208,17 @@ def test_same_seed_same_stream_other_seed_other_order(shard_dir):
                                                          0, 1), 3)]
     assert first == again
     assert first != other
+
+
+def test_a_sample_without_txt_is_unknown_text_none_not_a_corrupt_sample(tmp_path):
+    rng = np.random.default_rng(2)
+    path = tmp_path / "shard-000000.tar"
+    with wds.TarWriter(str(path)) as writer:
+        write_sample(writer, "known", rng, txt="")
+        meta = {"captions": [], "safebox": None, "px_scale": [2.0, 2.0]}
+        writer.write({"__key__": "unknown", "png": png_bytes(rng), "json": json.dumps(meta).encode()})
+    cfg = DataConfig(shards=str(path), num_workers=0, shuffle_buffer=0, resampled=False)
+    stream = build_train_stream(cfg, AugmentConfig(), 16, 0, 2, 0, 1)
+    batch = next(iter(stream))
+    assert dict(zip(batch["key"], batch["txt"])) == {"known": "", "unknown": None}
+    assert stream.counters()["skipped_corrupt"] == 0

@@ -200,13 +200,14 @@ def choose_crop(width: int, height: int, has_text: bool, safebox: Optional[Box],
     return largest_square(width, height, safebox)
 
 
-def augment_sample(image: Image.Image, txt: str, safebox: Optional[Sequence[float]], px_scale: Sequence[float],
+def augment_sample(image: Image.Image, txt: Optional[str], safebox: Optional[Sequence[float]], px_scale: Sequence[float],
                    cfg: AugmentConfig, image_size: int, low_res_size: int,
                    rng: np.random.Generator) -> dict[str, torch.Tensor]:
     """Crop, flip, resize one decoded sample.
 
-    image: RGB, any size; txt: its transcription ("" = no text); safebox: box around the text or None
-    (for an image with text, None protects the whole image); px_scale: ``[sx, sy]``.
+    image: RGB, any size; txt: its transcription ("" = no text, None = unknown, treated as text);
+    safebox: box around the text or None (for an image that may hold text, None protects the whole
+    image); px_scale: ``[sx, sy]``.
     Returns ``image [3, image_size, image_size]`` in [-1, 1], and ``low_res [3, s, s]`` in [-1, 1] when
     ``low_res_size`` (s) > 0.
     """

@@ -2,7 +2,8 @@
 
 Each tile shows the training image (enlarged with nearest-neighbour so pixels stay visible), the low-res
 conditioning image below it when the batch has one, and three label lines: key, transcription, caption.
-``"txt": ""`` is a text-free image; it is labelled ``(no text)`` in the grid and kept as ``""`` in the JSON.
+``"txt": ""`` is a text-free image, labelled ``(no text)`` in the grid and kept as ``""`` in the JSON; ``None``
+(transcription unknown) is labelled ``(unknown)`` and written as ``null``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def batch_grid(batch: dict, columns: int = 8) -> Image.Image:
             grid.paste(Image.fromarray(low_res[i]).resize((tile, tile), Image.Resampling.NEAREST), (x, y))
         y += tile + 2
         txt = batch["txt"][i]
-        lines = (batch["key"][i], "txt: " + (txt if txt else "(no text)"),
+        shown = "(unknown)" if txt is None else txt if txt else "(no text)"
+        lines = (batch["key"][i], "txt: " + shown,
                  "capt: " + (batch["capt"][i] if batch["capt"][i] else "(none)"))
         for j, line in enumerate(lines):
             draw.text((x, y + j * LINE_HEIGHT), _label(line, font, tile), fill=(0, 0, 0), font=font)

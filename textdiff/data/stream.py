@@ -205,14 +205,17 @@ def epoch_samples(shards: ShardList, order: Sequence[int], seed: int, epoch: int
 def decode_sample(raw: dict) -> dict:
     """A raw WebDataset sample -> ``{"image": PIL RGB, "txt", "captions", "safebox", "px_scale", "key"}``.
 
-    Raises :class:`CorruptSample` naming the part that is missing or broken.
+    ``txt`` is "" for a text-free image and None when the shard has no ``.txt`` (transcription unknown,
+    ``make_shards.py --missing-txt keep``): None is the model's null condition, so such images teach the
+    unconditional case and never the "no text here" one. Raises :class:`CorruptSample` naming the part
+    that is missing or broken.
     """
     ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
-    for part, present in (("image (.jpg/.png/.webp)", ext), (".txt", "txt" in raw), (".json", "json" in raw)):
+    for part, present in (("image (.jpg/.png/.webp)", ext), (".json", "json" in raw)):
         if not present:
             raise CorruptSample(f"missing {part}")
     try:
-        txt = raw["txt"].decode("utf-8")
+        txt = raw["txt"].decode("utf-8") if "txt" in raw else None
     except UnicodeDecodeError as e:
         raise CorruptSample(f".txt is not UTF-8 ({e.reason} at byte {e.start})") from None
     try:
