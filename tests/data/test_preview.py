@@ -51,3 +51,21 @@ def test_unknown_transcription_is_written_as_null(tmp_path):
     batch["txt"][0] = None
     _, js = save_batch_preview(batch, tmp_path)
     assert json.loads(js.read_text())["samples"][0]["txt"] is None
+
+
+def test_preview_loader_tool_writes_grids_of_the_recipe_stream(synthetic_shards, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+    tool = Path(__file__).parents[2] / "tools" / "preview_loader.py"
+    spec = importlib.util.spec_from_file_location("preview_loader", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "textdiff": {"model": {"image_size": 32}}}))
+    code = module.main(["--config", str(recipe), "--set", f"data.shards={synthetic_shards / 'manifest.json'}",
+                        "--set", "data.num_workers=0", "--out", str(tmp_path / "out"), "--batches", "2"])
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "batch_000.json", "batch_000.png", "batch_001.json", "batch_001.png"]
+    assert json.loads((tmp_path / "out" / "batch_001.json").read_text())["image_shape"] == [4, 3, 32, 32]
+    assert '"batches": 2' in capsys.readouterr().out

@@ -222,3 +222,12 @@ def test_a_sample_without_txt_is_unknown_text_none_not_a_corrupt_sample(tmp_path
     batch = next(iter(stream))
     assert dict(zip(batch["key"], batch["txt"])) == {"known": "", "unknown": None}
     assert stream.counters()["skipped_corrupt"] == 0
+
+
+def test_streams_the_shared_synthetic_shards_with_counts_from_their_manifest(synthetic_shards):
+    listed = resolve_shards(str(synthetic_shards / "manifest.json"))
+    assert listed.counts == (16, 16, 16)
+    cfg = DataConfig(shards=str(synthetic_shards / "manifest.json"), num_workers=0, resampled=False)
+    batch = next(iter(build_train_stream(cfg, AugmentConfig(crop_prob=1.0), 32, 16, 8, 0, 1)))
+    assert batch["image"].shape == (8, 3, 32, 32) and batch["low_res"].shape == (8, 3, 16, 16)
+    assert all(isinstance(t, str) for t in batch["txt"]) and len(set(batch["key"])) == 8
