@@ -366,7 +366,7 @@ def shrink(size: tuple[int, int], max_side: int) -> tuple[int, int]:
 
 
 def rescale_safebox(box: list[float], fx: float, fy: float, width: int, height: int) -> list[int]:
-    """A safebox under a resize by (fx, fy), rounded outward so it still encloses the text."""
+    """A safebox under a resize by (fx, fy), rounded outward to whole pixels so it still encloses the text."""
     return [max(0, math.floor(box[0] * fx)), max(0, math.floor(box[1] * fy)),
             min(width, math.ceil(box[2] * fx)), min(height, math.ceil(box[3] * fy))]
 
@@ -416,8 +416,10 @@ def _prepare(job: ImageJob, opts: SourceOptions) -> ShardSample:
         box = rescale_safebox(box, fx, fy, *new_size) if box is not None else None
         sx, sy = sx * fx, sy * fy
         data = _encode(image, ext)
-    elif image.mode != "RGB" or fmt not in _KEEP_FORMATS:
-        data = _encode(to_rgb(image), ext)
-    meta = {"captions": list(job.captions), "safebox": box, "px_scale": [sx, sy], "width": new_size[0],
+    else:
+        box = rescale_safebox(box, 1.0, 1.0, width, height) if box is not None else None
+        if image.mode != "RGB" or fmt not in _KEEP_FORMATS:
+            data = _encode(to_rgb(image), ext)
+    meta = {"captions": list(job.captions), "safebox": box, "px_scale": [float(sx), float(sy)], "width": new_size[0],
             "height": new_size[1], "source": job.rel_path}
     return ShardSample(job.key, ext, data, txt, meta)
