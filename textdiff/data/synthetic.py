@@ -56,7 +56,8 @@ cliff comet coral cotton crane crown daisy delta denim eagle ember fable falcon 
 garden ghost ginger globe honey igloo ivory jelly jewel juice kettle koala ladder lemon lilac llama lotus
 magnet mango maple marble meadow medal melon mirror novel onion opal otter panda paper pepper pilot
 planet pocket prism pumpkin quartz radar raven ribbon river robin rocket saddle salmon silver spoon
-sugar summit tiger timber tomato tulip velvet violet walnut willow zebra
+sugar summit tiger timber tomato tulip velvet violet walnut willow zebra bison cactus dragon
+feather forest glacier hammer island jungle lagoon lantern meteor orchid parrot pebble pirate puzzle
 """.split())
 
 # Fraction of text-free ("es") images in the demo set.
