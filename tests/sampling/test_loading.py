@@ -1,0 +1,64 @@
+"""Loading models for sampling: which checkpoint a source means, EMA or raw weights, and clear errors."""
+
+import pytest
+import torch
+
+from textdiff.sampling.loading import LoadError, load_for_sampling, read_source_config, resolve_checkpoint
+from textdiff.train.checkpoint import COMPLETE
+
+EMA_SCALE = 0.5
+
+
+def _param(model, name="out_conv.weight"):
+    return dict(model.named_parameters())[name].detach()
+
+
+def test_a_run_directory_means_its_latest_complete_checkpoint(runs, tmp_path):
+    assert resolve_checkpoint(runs.base).name == "step_00000003"
+    assert resolve_checkpoint(runs.base / "checkpoints").name == "step_00000003"
+    half = runs.base / "checkpoints" / "step_00000009"
+    half.mkdir()
+    try:
+        assert resolve_checkpoint(runs.base).name == "step_00000003"  # no COMPLETE file: never picked
+    finally:
+        half.rmdir()
+
+
+def test_raw_weights_equal_the_saved_module_and_ema_weights_the_average(runs):
+    raw = load_for_sampling(runs.base, "raw")
+    ema = load_for_sampling(runs.base, "ema")
+    expected = _param(runs.base_model)
+    assert torch.equal(_param(raw.model), expected)
+    assert torch.equal(_param(ema.model), expected * EMA_SCALE)
+    assert raw.weights == "raw" and ema.weights == "ema:0.9999"
+    assert not raw.model.training
+    assert raw.diffusion.num_timesteps == 100
+
+
+def test_the_loaded_model_computes_what_the_saved_one_did(runs):
+    loaded = load_for_sampling(runs.base, "raw")
+    x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([5.0, 80.0])
+    cond = loaded.model.prepare_cond(["ab", ""], None)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x, t, **cond), runs.base_model(x, t, **cond))
+
+
+def test_config_is_read_without_weights(runs):
+    cfg = read_source_config(runs.up)
+    assert (cfg.model.image_size, cfg.model.low_res_size) == (32, 16)
+
+
+def test_a_missing_source_names_the_path_and_the_choices(tmp_path):
+    with pytest.raises(LoadError, match=r"nothing_here does not exist; pass a run directory"):
+        load_for_sampling(tmp_path / "nothing_here")
+
+
+def test_a_run_without_a_complete_checkpoint_is_an_error(tmp_path):
+    (tmp_path / "checkpoints" / "step_00000001").mkdir(parents=True)
+    with pytest.raises(LoadError, match=f"no complete checkpoint .*{COMPLETE}"):
+        load_for_sampling(tmp_path)
+
+
+def test_an_unknown_ema_rate_names_the_kept_ones(runs):
+    with pytest.raises(LoadError, match=r"--ema-rate 0.5: .* keeps EMA rates 0.9999 only"):
+        load_for_sampling(runs.base, "ema", ema_rate=0.5)
