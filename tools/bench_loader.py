@@ -85,16 +85,18 @@ class FolderDataset(Dataset):
         return {**out, "txt": txt, "capt": capt, "key": key}
 
 
-def samples_per_second(batches, warmup: int, timed: int, batch_size: int) -> float:
-    """Throughput over ``timed`` batches after ``warmup`` batches (worker start-up excluded)."""
+def samples_per_second(batches, warmup: int, timed: int, batch_size: int) -> tuple[float, float]:
+    """Samples per wall second and per CPU second of this process over ``timed`` batches, after ``warmup``
+    batches (worker start-up excluded). With 0 workers the CPU rate is the loader's own cost, which
+    other processes on a shared machine do not disturb."""
     it = iter(batches)
     for _ in islice(it, warmup):
         pass
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     n = sum(1 for _ in islice(it, timed))
     if n < timed:
         raise SystemExit(f"error: only {n} timed batches; use fewer --batches or more images")
-    return n * batch_size / (time.perf_counter() - start)
+    return n * batch_size / (time.perf_counter() - start), n * batch_size / (time.process_time() - cpu_start)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shards", required=True, help="brace pattern, glob or manifest.json of the shards")
     p.add_argument("--config", type=Path, help="recipe JSON whose augment section and model sizes to use")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
+    p.add_argument("--image-size", type=int, help="output side in px (default: model.image_size, or 64)")
+    p.add_argument("--low-res-size", type=int, help="low-res side in px, 0 for none (default: model.low_res_size)")
     p.add_argument("--workers", default="0,1,2", help="comma list of DataLoader worker counts (default 0,1,2)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--batches", type=int, default=20, help="timed batches per measurement (default 20)")
@@ -118,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.set) if args.config else None
     augment = cfg.augment if cfg else AugmentConfig(crop_prob=0.5, crop_prob_es=0.5, flip_lr_prob_es=0.5)
-    image_size = cfg.model.image_size if cfg else 64
-    low_res_size = cfg.model.low_res_size if cfg else 0
+    image_size = args.image_size or (cfg.model.image_size if cfg else 64)
+    low_res_size = args.low_res_size if args.low_res_size is not None else cfg.model.low_res_size if cfg else 0
     with tempfile.TemporaryDirectory() as tmp:
         root = args.folder or Path(tmp) / "folder"
         n = write_folder_tree(args.shards, root)
@@ -138,10 +142,13 @@ def main(argv: list[str] | None = None) -> int:
                                   shuffle_buffer=args.shuffle_buffer)
                 stream = build_train_stream(data, augment, image_size, low_res_size, args.batch_size, 0, 1)
                 shard_rates.append(samples_per_second(stream, args.warmup, args.batches, args.batch_size))
-            folder_rate, shard_rate = statistics.median(folder_rates), statistics.median(shard_rates)
+            folder_rate, folder_cpu = (statistics.median(r) for r in zip(*folder_rates))
+            shard_rate, shard_cpu = (statistics.median(r) for r in zip(*shard_rates))
             rows.append((workers, folder_rate, shard_rate))
+            cpu = (f" | per CPU-second: folder {folder_cpu:7.1f}, shards {shard_cpu:7.1f}, shards/folder "
+                   f"{shard_cpu / folder_cpu:5.2f}") if workers == 0 else ""
             print(f"workers {workers}: folder {folder_rate:8.1f} samples/s | shards {shard_rate:8.1f} samples/s"
-                  f" | shards/folder {shard_rate / folder_rate:5.2f}", flush=True)
+                  f" | shards/folder {shard_rate / folder_rate:5.2f}{cpu}", flush=True)
         base = {name: rows[0][i] for i, name in ((1, "folder"), (2, "shards"))}
         for workers, folder_rate, shard_rate in rows[1:]:
             print(f"scaling {rows[0][0]} -> {workers} workers: folder x{folder_rate / base['folder']:.2f}, "
