@@ -1,0 +1,157 @@
+"""The DeepSpeed engine: process group, ZeRO stage 0-3, fp16 (dynamic loss scale) or bf16 or fp32.
+
+DeepSpeed reads its own keys of the recipe (``cfg.deepspeed``: batch sizes, optimizer, scheduler,
+``zero_optimization``, ``fp16``/``bf16``, ``gradient_clipping``). Frozen submodules (the CLIP caption
+encoder with ``model.freeze_capt_encoder``) are taken out of the module DeepSpeed wraps before it sees it:
+they stay out of the optimizer, out of ZeRO-3 partitioning and out of checkpoints, and run as plain
+modules on every rank, in the engine's compute dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Optional
+
+import torch
+from torch import nn
+
+from textdiff.config import ConfigError, TextdiffConfig
+
+
+def free_port() -> int:
+    """A TCP port that is free right now on this machine (for a single-process run's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join (or, when started without a launcher, create) the process group; returns (rank, world, local_rank).
+
+    Under ``deepspeed``/``torchrun`` the launcher's RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are used;
+    a plain ``bash launch.sh`` run becomes a world of one on a free local port.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if get_accelerator().device_name() == "cuda":
+        get_accelerator().set_device(local_rank)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
+
+
+def device() -> torch.device:
+    """This rank's compute device (``cuda:LOCAL_RANK``, or ``cpu``)."""
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    if name == "cpu":
+        return torch.device("cpu")
+    return torch.device(name, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def compute_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype DeepSpeed casts the module to: float16 with ``fp16.enabled``, bfloat16 with ``bf16.enabled``."""
+    if ds_config.get("fp16", {}).get("enabled", False):
+        return torch.float16
+    if ds_config.get("bf16", {}).get("enabled", False):
+        return torch.bfloat16
+    return torch.float32
+
+
+def zero_stage(ds_config: dict) -> int:
+    """``zero_optimization.stage`` of a DeepSpeed config (0 when absent)."""
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def detach_frozen_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Unregister every largest submodule whose parameters are all frozen; returns {dotted name: module}.
+
+    The module stays reachable as a plain attribute, so ``model.forward`` still calls it, but
+    ``model.parameters()``, ``state_dict()`` and DeepSpeed no longer see it.
+    """
+    detached = {}
+    for name, child in list(model.named_children()):
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            del model._modules[name]
+            object.__setattr__(model, name, child)
+            detached[name] = child
+        else:
+            detached.update({f"{name}.{k}": v for k, v in detach_frozen_modules(child).items()})
+    return detached
+
+
+def promote_scalar_parameters(model: nn.Module) -> list[str]:
+    """Reshape every 0-dim parameter to shape [1] in place; returns their names.
+
+    DeepSpeed 0.19 broadcasts parameters as ``p.data.view(torch.uint8)``, which fails for 0-dim tensors. A
+    [1]-shaped gain broadcasts the same way in the forward pass; :func:`textdiff.train.export` reshapes such
+    entries back to the model's shapes.
+    """
+    names = []
+    for name, p in model.named_parameters():
+        if p.dim() == 0:
+            p.data = p.data.reshape(1)
+            names.append(name)
+    return names
+
+
+def check_batch_keys(ds_config: dict, world_size: int) -> None:
+    """Raise ConfigError unless the batch keys agree: train_batch_size = micro x accumulation x world size."""
+    micro = ds_config.get("train_micro_batch_size_per_gpu")
+    accum = ds_config.get("gradient_accumulation_steps")
+    total = ds_config.get("train_batch_size")
+    if micro is None:
+        raise ConfigError("the recipe needs train_micro_batch_size_per_gpu (the per-rank batch of one forward "
+                          "pass); see docs/training.md")
+    if total is not None and accum is not None and total != micro * accum * world_size:
+        raise ConfigError(f"train_batch_size {total} != train_micro_batch_size_per_gpu {micro} x "
+                          f"gradient_accumulation_steps {accum} x {world_size} ranks; drop train_batch_size "
+                          "(DeepSpeed then derives it) or fix one of them")
+    if total is not None and accum is None and total % (micro * world_size):
+        raise ConfigError(f"train_batch_size {total} is not a multiple of train_micro_batch_size_per_gpu {micro} "
+                          f"x {world_size} ranks; set gradient_accumulation_steps or another train_batch_size")
+
+
+def build_engine(model: nn.Module, cfg: TextdiffConfig, world_size: int):
+    """Wrap ``model`` in a DeepSpeed engine; returns (engine, {name: frozen module kept outside it}).
+
+    Only parameters with ``requires_grad`` reach the optimizer. The frozen modules are moved to this rank's
+    device and compute dtype by hand, since DeepSpeed no longer owns them.
+    """
+    import deepspeed
+
+    check_batch_keys(cfg.deepspeed, world_size)
+    frozen = detach_frozen_modules(model)
+    promote_scalar_parameters(model)
+    dev, dtype = device(), compute_dtype(cfg.deepspeed)
+    for module in frozen.values():
+        module.to(device=dev, dtype=dtype)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=dict(cfg.deepspeed))
+    return engine, frozen
+
+
+def trainable_named_parameters(engine) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of what the optimizer updates, in a fixed order."""
+    return [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+
+
+def full_fp32_parameters(engine, params: list[nn.Parameter]) -> list[Optional[torch.Tensor]]:
+    """Full-shape fp32 values of ``params``: the optimizer's fp32 master copy when the module runs in 16 bits
+    or under ZeRO-3 (gathered from every rank; all ranks must call this), else the parameters themselves."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if zero_stage(engine.config) < 3 and compute_dtype(engine.config) == torch.float32:
+        return [p.detach() for p in params]
+    out = []
+    for p in params:
+        full = safe_get_full_fp32_param(p)
+        out.append(full if full is not None else p.detach().float())
+    return out

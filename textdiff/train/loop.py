@@ -1,0 +1,329 @@
+"""The training loop: batches -> conditioning dropout -> diffusion loss -> DeepSpeed step -> EMA -> logs.
+
+``train(cfg, run_dir, resume)`` is what ``launch.sh`` runs on every rank. :class:`Trainer` holds the parts
+(engine, EMA, stream, checkpoints, logger) and :meth:`Trainer.run` is the loop itself, written out plainly.
+
+Failure behaviour: a NaN or inf loss on any rank is seen by all ranks (one all-reduce per micro-batch). With
+fp16 the step goes through and DeepSpeed's loss scaler skips it (counted in ``train/skipped_steps``); with
+bf16 or fp32 there is no scaler to skip it, so every rank stops with :class:`TrainingDiverged` naming the
+step, before the bad gradients touch the weights and without saving anything. SIGTERM or SIGINT make every
+rank finish the current step, save a checkpoint, and return normally.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from textdiff.config import ConfigError, TextdiffConfig
+from textdiff.train import engine as eng
+from textdiff.train.checkpoint import CheckpointManager, check_resume_compatible, resolve_resume
+from textdiff.train.ema import EMA
+from textdiff.train.logging import TrainLogger, gpu_memory_gib, per_rank, setup_logging
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf under bf16/fp32; the message names the step."""
+
+
+def rng_state() -> dict:
+    """Global RNG states of torch (CPU and CUDA), numpy and random, for checkpoints."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["random"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int, rank: int) -> torch.Generator:
+    """Seed the global RNGs for this rank and return the loop's own generator (noise, timesteps, dropout)."""
+    rank_seed = seed * 1000 + rank
+    torch.manual_seed(rank_seed)
+    np.random.seed(rank_seed % 2 ** 32)
+    random.seed(rank_seed)
+    return torch.Generator().manual_seed(rank_seed + 7919)
+
+
+def nonfinite_action(dtype: torch.dtype) -> str:
+    """What a NaN/inf loss does: ``"skip"`` under fp16 (the loss scaler drops the step), else ``"stop"``."""
+    return "skip" if dtype == torch.float16 else "stop"
+
+
+def loss_quartiles(t: torch.Tensor, loss: torch.Tensor, num_timesteps: int) -> dict[str, float]:
+    """Mean loss per timestep quartile: t, loss: [N] -> {"train/loss_q0": ..}; empty quartiles left out."""
+    quartile = (4 * t.long() // num_timesteps).clamp(max=3)
+    return {f"train/loss_q{q}": float(loss[quartile == q].mean()) for q in range(4) if bool((quartile == q).any())}
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; a second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("got %s: saving a checkpoint after this step, then exiting", signal.Signals(signum).name)
+
+
+class Trainer:
+    """Everything one rank needs to train: built from the config, resumed from a checkpoint if asked."""
+
+    def __init__(self, cfg: TextdiffConfig, run_dir: str | Path, resume: Optional[str] = None,
+                 load_capt_weights: bool = True):
+        from textdiff.data.stream import build_train_stream
+        from textdiff.diffusion import build_diffusion
+        from textdiff.diffusion.timesteps import build_timestep_sampler
+        from textdiff.models import build_model
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.rank, self.world_size, _ = eng.init_distributed()
+        setup_logging(self.rank)
+        self.device = eng.device()
+        self.dtype = eng.compute_dtype(cfg.deepspeed)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint, self.rank, self.world_size,
+                                      dist.barrier)
+        resume_from = resolve_resume(resume, self.ckpt.root)
+        if resume is None and resolve_resume("auto", self.ckpt.root) is not None:
+            raise ConfigError(f"--run-dir {self.run_dir} already holds checkpoints; pass --resume auto to "
+                                  "continue that run, or choose a new --run-dir")
+
+        self.generator = seed_everything(cfg.train.seed, self.rank)
+        model = build_model(cfg.model, load_capt_weights=load_capt_weights)
+        self.engine, self.frozen = eng.build_engine(model, cfg, self.world_size)
+        self.diffusion = build_diffusion(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
+        self.timesteps = build_timestep_sampler(cfg.diffusion.schedule_sampler, self.diffusion.num_timesteps)
+        self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
+        self.accumulation = self.engine.gradient_accumulation_steps()
+
+        named = eng.trainable_named_parameters(self.engine)
+        self.param_names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        initial = eng.full_fp32_parameters(self.engine, self.params)
+        self.ema = EMA(self.param_names, initial, cfg.ema) if self.rank == 0 else None
+        del initial
+        self.step = 0
+        self.losses: list[float] = []
+        stream_state = None
+        if resume_from is not None:
+            stream_state = self._load(resume_from)
+        self.stream = build_train_stream(cfg.data, cfg.augment, cfg.model.image_size, cfg.model.low_res_size,
+                                         self.micro_batch, self.rank, self.world_size, state=stream_state)
+        self.batches = iter(self.stream)
+        self.logger = TrainLogger(self.run_dir, self.rank)
+        self.fresh = resume_from is None
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(cfg.to_dict(), indent=2)
+            (self.run_dir / "config.json").write_text(text + "\n", encoding="utf-8")
+            self.logger.text("config", self.step, f"```json\n{text}\n```")
+
+    def _load(self, path: Path) -> Optional[dict]:
+        rank_state, textdiff_state, saved_config = self.ckpt.load(self.engine, path)
+        for warning in check_resume_compatible(saved_config, self.cfg.to_dict(), str(path)):
+            if self.rank == 0:
+                log.warning(warning)
+        self.step = rank_state["step"]
+        self.losses = list(rank_state["losses"])
+        set_rng_state(rank_state["rng"])
+        self.generator.set_state(rank_state["generator"])
+        self.timesteps.load_state_dict(rank_state["timestep_sampler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(textdiff_state["ema"])
+        log.info("resumed from %s at step %d", path, self.step)
+        stream_state = rank_state["stream"]
+        if stream_state.get("batch_size") != self.micro_batch or stream_state.get("world_size") != self.world_size:
+            log.warning("batch size or world size changed since %s: the data stream starts afresh, so samples "
+                        "seen before may repeat", path)
+            return None
+        return stream_state
+
+    def _all_reduce(self, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.device, torch.float64).contiguous()
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t)
+        return torch.cat(out, dim=-1).cpu()
+
+    def _model_fn(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        cond = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in cond.items()}
+        return self.engine(x.to(self.dtype), t, **cond).float()
+
+    def _micro_batch_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-batch -> (weighted mean loss, t [N], per-sample terms {"loss", "mse", "vb"} [N])."""
+        from textdiff.diffusion.noise_cond import noise_low_res, sample_noise_cond_steps
+        from textdiff.models import cond_dropout
+
+        cfg, gen = self.cfg, self.generator
+        x0 = batch["image"].to(self.device)
+        n = x0.shape[0]
+        txt, capt = cond_dropout(batch["txt"], batch["capt"], cfg.model, generator=gen)
+        low_res, noise_cond_t = batch.get("low_res"), None
+        if cfg.model.noise_cond:
+            noise_cond_t = sample_noise_cond_steps(n, cfg.model.noise_cond_max_step, generator=gen)
+            low_res = noise_low_res(low_res, noise_cond_t, generator=gen)
+        cond = self.engine.module.prepare_cond(txt if cfg.model.txt else None, capt if cfg.model.using_capt else None,
+                                               low_res=low_res, noise_cond_t=noise_cond_t)
+        t, weights = self.timesteps.sample(n, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen).to(self.device)
+        terms = self.diffusion.training_losses(self._model_fn, x0, t.to(self.device), model_kwargs=cond, noise=noise)
+        loss = (terms["loss"] * weights.to(self.device)).mean()
+        return loss, t, {k: v.detach().float().cpu() for k, v in terms.items()}
+
+    def train_step(self, stop: Optional[_StopFlag] = None) -> dict[str, float]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns its metrics.
+
+        Raises TrainingDiverged (all ranks at once) on a NaN/inf loss under bf16/fp32.
+        """
+        started, data_time, stop_votes = time.perf_counter(), 0.0, 0.0
+        skipped_before = self.engine.skipped_steps
+        ts, terms = [], {"loss": [], "mse": [], "vb": []}
+        for micro in range(self.accumulation):
+            t0 = time.perf_counter()
+            batch = next(self.batches)
+            data_time += time.perf_counter() - t0
+            if self.fresh and self.step == 0 and micro == 0 and self.rank == 0 and self.cfg.data.save_first_batch:
+                from textdiff.data.preview import save_batch_preview
+
+                save_batch_preview(batch, self.run_dir)
+            loss, t, micro_terms = self._micro_batch_loss(batch)
+            bad, stop_votes = self._all_reduce([0.0 if bool(torch.isfinite(loss)) else 1.0,
+                                                float(stop is not None and stop.requested)])
+            if bad and nonfinite_action(self.dtype) == "stop":
+                raise TrainingDiverged(
+                    f"the loss is not finite at step {self.step + 1} (micro-batch {micro + 1} of "
+                    f"{self.accumulation}, on {int(bad)} of {self.world_size} ranks) under "
+                    f"{str(self.dtype).removeprefix('torch.')}, which has no loss scaling to skip it; the step was "
+                    "not applied and nothing was saved. Resume from the last checkpoint with a lower lr or "
+                    "gradient_clipping, or check the data")
+            self.engine.backward(loss)
+            self.engine.step()
+            ts.append(t)
+            for k in terms:
+                terms[k].append(micro_terms[k])
+        if stop is not None and stop_votes:
+            stop.requested = True
+        skipped = self.engine.skipped_steps > skipped_before
+        current = eng.full_fp32_parameters(self.engine, self.params) if not skipped else None
+        if self.ema is not None and current is not None:
+            self.ema.update(current)
+        del current
+        self.step += 1
+        gathered = self._all_gather(torch.stack([torch.cat(ts).double()] +
+                                                [torch.cat(v).double() for v in terms.values()]))
+        all_t, all_loss, all_mse, all_vb = gathered
+        self.timesteps.update(all_t.long(), all_loss)
+        step_time = time.perf_counter() - started
+        images = self.micro_batch * self.accumulation
+        metrics = {"train/loss": float(all_loss.mean()), "train/mse": float(all_mse.mean()),
+                   "train/vb": float(all_vb.mean()), "_images_per_s": images / step_time,
+                   "_samples_per_s": images / max(data_time, 1e-9), "_skipped": float(skipped),
+                   **loss_quartiles(all_t, all_loss, self.diffusion.num_timesteps)}
+        self.losses.append(metrics["train/loss"])
+        return metrics
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        """Write one step's metrics and the engine's state to TensorBoard (all ranks must call this)."""
+        perf = self._all_gather(torch.tensor([[metrics["_images_per_s"]], [metrics["_samples_per_s"]]]))
+        counters = self.stream.counters()
+        skipped_data = self._all_reduce([counters["skipped_corrupt"], counters["shard_errors"]])
+        values = {k: v for k, v in metrics.items() if not k.startswith("_")}
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            values["train/grad_norm"] = float(grad_norm)
+        values["train/lr"] = float(self.engine.get_lr()[0])
+        optimizer = self.engine.optimizer
+        values["train/loss_scale"] = float(getattr(optimizer, "cur_scale", getattr(optimizer, "loss_scale", 1.0)))
+        values["train/skipped_steps"] = float(self.engine.skipped_steps)
+        values.update(per_rank("perf/images_per_s", perf[0].tolist()))
+        values.update(per_rank("perf/samples_per_s", perf[1].tolist()))
+        values["data/skipped_corrupt"], values["data/shard_errors"] = skipped_data
+        values["data/epoch"] = float(counters["epoch"])
+        values.update(gpu_memory_gib(self.device) or {})
+        self.logger.scalars(self.step, values)
+
+    def save(self) -> Path:
+        """Checkpoint the current step (all ranks must call this)."""
+        rank_state = {"step": self.step, "losses": self.losses, "rng": rng_state(),
+                      "generator": self.generator.get_state(), "timestep_sampler": self.timesteps.state_dict(),
+                      "stream": self.stream.state_dict()}
+        textdiff_state = {"step": self.step, "ema": self.ema.state_dict()} if self.ema is not None else None
+        path = self.ckpt.save(self.engine, self.step, rank_state, textdiff_state, self.cfg.to_dict())
+        log.info("saved checkpoint %s", path)
+        return path
+
+    def run(self) -> dict:
+        """Train until ``train.max_steps`` or a stop signal; returns {"step", "losses", "checkpoint", "stopped"}."""
+        cfg = self.cfg.train
+        stop = _StopFlag()
+        stop.install()
+        last_saved = None
+        progress = tqdm(total=cfg.max_steps, initial=self.step, disable=self.rank != 0, desc="train",
+                        dynamic_ncols=True)
+        try:
+            while self.step < cfg.max_steps:
+                metrics = self.train_step(stop)
+                progress.update(1)
+                progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or stop.requested:
+                    self.log_metrics(metrics)
+                if self.step % self.cfg.checkpoint.save_every == 0 or self.step == cfg.max_steps or stop.requested:
+                    last_saved = self.save()
+                if stop.requested:
+                    break
+        finally:
+            stop.restore()
+            progress.close()
+            self.logger.flush()
+        return {"step": self.step, "losses": list(self.losses), "checkpoint": last_saved,
+                "stopped": stop.requested}
+
+    def close(self) -> None:
+        """Close the event file."""
+        self.logger.close()
+
+
+def train(cfg: TextdiffConfig, run_dir: str | Path, resume: Optional[str] = None) -> dict:
+    """Build a :class:`Trainer` on this rank and run it; returns :meth:`Trainer.run`'s summary."""
+    trainer = Trainer(cfg, run_dir, resume)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
