@@ -188,6 +188,7 @@ class DataConfig:
         """Raise ConfigError for impossible combinations, naming the key."""
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+        _require(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1 (batches each worker keeps ready)")
 
 
 @dataclass
@@ -217,6 +218,7 @@ class AugmentConfig:
         _require(0.0 < self.crop_min_scale_es <= 1.0, "augment.crop_min_scale_es", "must lie in (0, 1]")
         _require(self.blur_sigma_min <= self.blur_sigma_max, "augment.blur_sigma_min",
                  "must not exceed augment.blur_sigma_max")
+        _require(self.blur_sigma_min > 0.0, "augment.blur_sigma_min", "must be positive (a Gaussian's width in px)")
 
 
 @dataclass
