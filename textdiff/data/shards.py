@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require-captions", action="store_true", help="skip images without a caption")
     p.add_argument("--max-side", type=int, default=0,
                    help="shrink images whose longer side exceeds this (rescales safebox and px scale); 0: keep bytes")
+    p.add_argument("--image-format", choices=("keep", "jpg", "png", "webp"), default="keep",
+                   help="keep each image's bytes and format (default), or store all in one format (re-encoded; "
+                   "the datasets library's webdataset loader needs one format per data set)")
     p.add_argument("--max-pixels", type=int, default=SourceOptions.max_pixels,
                    help=f"refuse images above this many pixels (decompression bombs; default {SourceOptions.max_pixels})")
     p.add_argument("--maxcount", type=int, default=10000, help="samples per shard at most (default 10000)")
@@ -359,7 +362,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         return make_synthetic_shards(args.synthetic, args.paths[0], seed=args.seed, size=args.size, **common)
     options = SourceOptions(missing_txt=args.missing_txt, min_side=args.min_side,
                             require_captions=args.require_captions, max_side=args.max_side,
-                            max_pixels=args.max_pixels)
+                            max_pixels=args.max_pixels, image_format=args.image_format)
     return make_source_shards(args.paths[0], args.paths[1], args.captions, args.safeboxes, args.px_scales,
                               options=options, strict=args.strict, **common)
 

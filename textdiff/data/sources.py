@@ -257,6 +257,7 @@ class SourceOptions:
     require_captions: bool = False
     max_side: int = 0  # 0: keep original bytes; else shrink longer sides to this
     max_pixels: int = 64_000_000  # decompression-bomb cap on width * height
+    image_format: str = "keep"  # "keep" the source format, or store every image as "jpg", "png" or "webp"
 
 
 @dataclass(frozen=True)
@@ -408,7 +409,7 @@ def _prepare(job: ImageJob, opts: SourceOptions) -> ShardSample:
     if opts.min_side and min(width / sx, height / sy) < opts.min_side:
         raise _Skip(Problem(where, "too_small", f"shorter side {min(width / sx, height / sy):.0f} px (stored size "
                             f"/ px scale) is below --min-side {opts.min_side}", job.key))
-    ext = _KEEP_FORMATS.get(fmt, "png")
+    ext = _KEEP_FORMATS.get(fmt, "png") if opts.image_format == "keep" else opts.image_format
     new_size = shrink((width, height), opts.max_side) if opts.max_side else (width, height)
     if new_size != (width, height):
         fx, fy = new_size[0] / width, new_size[1] / height
@@ -418,7 +419,7 @@ def _prepare(job: ImageJob, opts: SourceOptions) -> ShardSample:
         data = _encode(image, ext)
     else:
         box = rescale_safebox(box, 1.0, 1.0, width, height) if box is not None else None
-        if image.mode != "RGB" or fmt not in _KEEP_FORMATS:
+        if image.mode != "RGB" or _KEEP_FORMATS.get(fmt) != ext:
             data = _encode(to_rgb(image), ext)
     meta = {"captions": list(job.captions), "safebox": box, "px_scale": [float(sx), float(sy)], "width": new_size[0],
             "height": new_size[1], "source": job.rel_path}

@@ -1,0 +1,395 @@
+"""Specification of the sharder (textdiff/data/shards.py, tools/make_shards.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+from braceexpand import braceexpand
+from PIL import Image
+
+from textdiff.data.shards import (ShardingError, main, make_source_shards, run, sample_keys, write_shards)
+from textdiff.data.sources import ShardSample, SourceOptions
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG file that claims ``width`` x ``height`` pixels (a decompression bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+
+
+def save_image(path: Path, size=(32, 24), mode="RGB", colour=(200, 40, 40), fmt=None) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.new(mode, size, colour).save(buf, fmt or {".jpg": "JPEG", ".gif": "GIF"}.get(path.suffix, path.suffix[1:].upper()))
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def add(src: Path, rel: str, txt: str | bytes | None = "hello", **image) -> bytes:
+    data = save_image(src / rel, **image)
+    if txt is not None:
+        txt_path = (src / rel).with_suffix(".txt")
+        txt_path.write_bytes(txt if isinstance(txt, bytes) else txt.encode("utf-8"))
+    return data
+
+
+def read_shards(out: Path) -> dict[str, dict[str, bytes]]:
+    """{key: {ext: bytes}} over every shard, read with plain tarfile."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(out.glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+def manifest_of(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture()
+def good_source(tmp_path) -> Path:
+    """Six good images: nested, each format, an RGBA one, a text-free one, a dotted file name."""
+    src = tmp_path / "src"
+    add(src, "signs/street/0001.jpg", "OPEN 24h")
+    add(src, "signs/0002.png", "two\nlines\n", size=(40, 40))
+    add(src, "logo.png", "logo", mode="RGBA", colour=(0, 0, 255, 0))
+    add(src, "anim.gif", "gif", mode="P", colour=3)
+    add(src, "plain.webp", "")
+    add(src, "v1.2.final.jpg", "dots")
+    return src
+
+
+# --- synthetic shards ------------------------------------------------------------------------------------
+
+
+def test_fixture_shards_open_with_tar_and_hold_48_samples_in_3_shards(synthetic_shards):
+    shards = sorted(synthetic_shards.glob("shard-*.tar"))
+    assert [s.name for s in shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    for shard in shards:
+        listing = subprocess.run(["tar", "-tf", str(shard)], capture_output=True, text=True, check=True).stdout.split()
+        assert len(listing) == 16 * 3 and {n.rsplit(".", 1)[1] for n in listing} == {"png", "txt", "json"}
+
+
+def test_fixture_shards_stream_through_webdataset_with_the_documented_fields(synthetic_shards):
+    import webdataset as wds
+
+    manifest = manifest_of(synthetic_shards)
+    urls = list(braceexpand(manifest["pattern"]))
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
+    assert len(samples) == manifest["samples"] == 48
+    for s in samples:
+        assert set(s["json"]) == {"captions", "safebox", "px_scale", "width", "height", "source"}
+        assert s["png"].size == (64, 64) and s["png"].mode == "RGB"
+        assert (s["json"]["safebox"] is None) == (s["txt"] == "")
+
+
+def test_manifest_counts_bytes_and_text_free_share_agree_with_the_shards(synthetic_shards):
+    m = manifest_of(synthetic_shards)
+    assert m["samples"] == sum(s["samples"] for s in m["shards"]) == m["with_text"] + m["text_free"] == 48
+    assert m["bytes"] == sum((synthetic_shards / s["name"]).stat().st_size for s in m["shards"])
+    assert m["text_free_share"] == pytest.approx(m["text_free"] / 48)
+    assert m["skipped"] == [] and m["command"]
+    assert [Path(u).name for u in braceexpand(m["pattern"])] == [s["name"] for s in m["shards"]]
+
+
+def test_synthetic_shards_are_byte_identical_under_the_same_seed_for_any_worker_count(tmp_path):
+    for name, workers, seed in (("a", "0", "5"), ("b", "2", "5"), ("c", "0", "6")):
+        run(["--synthetic", "12", str(tmp_path / name), "--seed", seed, "--maxcount", "5", "--workers", workers])
+    shard = "shard-000001.tar"
+    assert (tmp_path / "a" / shard).read_bytes() == (tmp_path / "b" / shard).read_bytes()
+    assert (tmp_path / "a" / shard).read_bytes() != (tmp_path / "c" / shard).read_bytes()
+
+
+def test_refuses_a_non_empty_output_folder_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "out"
+    run(["--synthetic", "6", str(out), "--maxcount", "2", "--workers", "0"])
+    assert main(["--synthetic", "2", str(out), "--workers", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "is not empty (4 entries" in err and "pass --overwrite" in err
+    run(["--synthetic", "2", str(out), "--workers", "0", "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-000000.tar"]
+
+
+def test_cli_rejects_wrong_path_counts_and_source_flags_with_synthetic(tmp_path):
+    for argv in (["--synthetic", "3", "a", "b"], ["only_one"], ["--synthetic", "3", "o", "--captions", "c.json"],
+                 ["--synthetic", "3", "o", "--maxcount", "0"]):
+        with pytest.raises(SystemExit) as e:
+            run(argv)
+        assert e.value.code == 2
+
+
+def test_tool_script_wraps_the_library_command_line():
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "--synthetic N OUT_DIR" in done.stdout and "--max-side" in done.stdout
+
+
+# --- atomic shards ---------------------------------------------------------------------------------------
+
+
+def fake_samples(n: int, fail_after: int | None = None):
+    for i in range(n):
+        if fail_after is not None and i == fail_after:
+            raise RuntimeError("simulated crash")
+        yield ShardSample(f"{i:04d}", "txt2", b"x" * 100, str(i), {"i": i})
+
+
+def test_a_crash_mid_shard_leaves_only_complete_shards(tmp_path):
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        write_shards(fake_samples(10, fail_after=6), tmp_path, maxcount=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.tar"]
+    with tarfile.open(tmp_path / "shard-000000.tar") as tar:
+        assert len(tar.getnames()) == 4 * 3
+
+
+def _write_slowly(out_dir: str, progress) -> None:
+    def slow():
+        for i in range(1000):
+            progress.value = i
+            if i >= 6:
+                time.sleep(0.05)
+            yield ShardSample(f"{i:04d}", "bin", bytes(5000), "t", {})
+    write_shards(slow(), Path(out_dir), maxcount=4)
+
+
+def test_a_killed_process_leaves_no_incomplete_file_named_shard_tar(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    progress = ctx.Value("i", 0)
+    proc = ctx.Process(target=_write_slowly, args=(str(tmp_path), progress))
+    proc.start()
+    deadline = time.monotonic() + 30
+    while progress.value < 10 and time.monotonic() < deadline:  # shards 0 and 1 done, shard 2 half written
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar.partial"]
+    for name in names[:2]:
+        with tarfile.open(tmp_path / name) as tar:
+            assert len(tar.getnames()) == 4 * 3
+
+
+# --- source folders --------------------------------------------------------------------------------------
+
+
+def test_source_folder_becomes_samples_with_documented_json(tmp_path, good_source):
+    m = make_source_shards(good_source, tmp_path / "out", workers=0, progress=False)
+    samples = read_shards(tmp_path / "out")
+    assert sorted(samples) == ["anim", "logo", "plain", "signs/0002", "signs/street/0001", "v1_2_final"]
+    assert m["samples"] == 6 and m["text_free"] == 1 and m["with_text"] == 5
+    meta = json.loads(samples["signs/street/0001"]["json"])
+    assert meta == {"captions": [], "safebox": None, "px_scale": [1.0, 1.0], "width": 32, "height": 24,
+                    "source": "signs/street/0001.jpg"}
+    assert samples["signs/0002"]["txt"] == b"two\nlines" and samples["plain"]["txt"] == b""
+
+
+def test_rgb_images_keep_their_original_bytes(tmp_path):
+    src = tmp_path / "src"
+    original = add(src, "photo.jpg")
+    make_source_shards(src, tmp_path / "out", workers=0, progress=False)
+    assert read_shards(tmp_path / "out")["photo"]["jpg"] == original
+
+
+def test_alpha_is_flattened_on_white_and_gif_becomes_png(tmp_path, good_source):
+    make_source_shards(good_source, tmp_path / "out", workers=0, progress=False)
+    samples = read_shards(tmp_path / "out")
+    logo = Image.open(io.BytesIO(samples["logo"]["png"]))
+    assert logo.mode == "RGB" and logo.getpixel((0, 0)) == (255, 255, 255)
+    assert set(samples["anim"]) == {"png", "txt", "json"}
+    assert Image.open(io.BytesIO(samples["anim"]["png"])).mode == "RGB"
+
+
+def test_workers_give_the_same_shards_as_the_main_process(tmp_path, good_source):
+    make_source_shards(good_source, tmp_path / "w0", workers=0, progress=False)
+    make_source_shards(good_source, tmp_path / "w2", workers=2, progress=False)
+    assert (tmp_path / "w0" / "shard-000000.tar").read_bytes() == (tmp_path / "w2" / "shard-000000.tar").read_bytes()
+
+
+def test_side_files_fill_captions_safebox_and_px_scale_by_any_key_syntax(tmp_path, good_source):
+    (tmp_path / "c.json").write_text(json.dumps({"signs/street/0001": "a shop sign", "logo.png": ["a", "b"]}))
+    (tmp_path / "s.jsonl").write_text('{"key": "signs_street_0001", "value": [2, 3, 30.5, 20]}\n')
+    (tmp_path / "p.json").write_text(json.dumps({"signs/street/0001.jpg": [2, 2.5]}))
+    make_source_shards(good_source, tmp_path / "out", tmp_path / "c.json", tmp_path / "s.jsonl", tmp_path / "p.json",
+                       workers=0, progress=False)
+    samples = read_shards(tmp_path / "out")
+    meta = json.loads(samples["signs/street/0001"]["json"])
+    assert meta["captions"] == ["a shop sign"] and meta["safebox"] == [2, 3, 31, 20] and meta["px_scale"] == [2.0, 2.5]
+    assert json.loads(samples["logo"]["json"])["captions"] == ["a", "b"]
+
+
+@pytest.fixture()
+def bad_source(tmp_path) -> tuple[Path, Path, Path]:
+    """A folder where every image but ``good`` has one problem, with its caption and safebox files."""
+    src = tmp_path / "src"
+    add(src, "good.png")
+    add(src, "missing_txt.png", txt=None)
+    add(src, "bad_utf8.png", txt=b"caf\xe9")
+    add(src, "box_outside.png")
+    add(src, "box_inverted.png")
+    add(src, "truncated.png", size=(64, 64))
+    (src / "truncated.png").write_bytes((src / "truncated.png").read_bytes()[:60])
+    add(src, "garbage.jpg")
+    (src / "garbage.jpg").write_bytes(b"this is not an image at all")
+    add(src, "bomb.png")
+    (src / "bomb.png").write_bytes(png_header_only(100_000, 100_000))
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text('{"key": "good", "value": "ok"}\n{"key": "good2", "value": "no such image"}\n'
+                        '{"key": "box_outside" "value": "x"}\n')
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"box_outside": [0, 0, 40, 10], "box_inverted": [20, 5, 10, 15]}))
+    return src, captions, boxes
+
+
+def test_every_bad_input_is_skipped_counted_and_listed_with_its_reason(tmp_path, bad_source):
+    src, captions, boxes = bad_source
+    m = make_source_shards(src, tmp_path / "out", captions, boxes, workers=0, progress=False)
+    assert m["samples"] == 1 and m["inputs"] == 8
+    reasons = {(Path(s["source"]).name, s["kind"]): s["reason"] for s in m["skipped"]}
+    assert m["skipped_by_kind"] == {"bad_image": 2, "bad_json_line": 1, "bad_safebox": 2, "bad_txt": 1,
+                                    "missing_txt": 1, "too_many_pixels": 1, "unknown_key": 1}
+    assert "not UTF-8 (invalid byte 0xe9 at offset 3)" in reasons[("bad_utf8.png", "bad_txt")]
+    assert "lies outside the 32x24 image" in reasons[("box_outside.png", "bad_safebox")]
+    assert "inverted" in reasons[("boxes.json", "bad_safebox")]
+    assert "truncated" in reasons[("truncated.png", "bad_image")]
+    assert "unreadable image" in reasons[("garbage.jpg", "bad_image")]
+    assert "decompression bomb" in reasons[("bomb.png", "too_many_pixels")]
+    assert "line 3 is not valid JSON" in reasons[("captions.jsonl:3", "bad_json_line")]
+    assert "'good2' matches no image" in reasons[("captions.jsonl:2", "unknown_key")]
+    assert "transcription unknown" in reasons[("missing_txt.png", "missing_txt")]
+
+
+@pytest.mark.parametrize("only", ["bad_utf8.png", "box_outside.png", "truncated.png", "garbage.jpg", "bomb.png"])
+def test_strict_makes_each_bad_image_fatal_naming_the_file(tmp_path, bad_source, only):
+    src, _, _ = bad_source
+    for p in src.iterdir():
+        if p.stem not in ("good", Path(only).stem):
+            p.unlink()
+    boxes = tmp_path / "one_box.json"
+    boxes.write_text(json.dumps({"box_outside": [0, 0, 40, 10]} if only == "box_outside.png" else {}))
+    with pytest.raises(ShardingError, match=rf"{only}: .*--strict"):
+        make_source_shards(src, tmp_path / "out", safeboxes=boxes, strict=True, workers=0, progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_strict_makes_a_malformed_side_file_line_fatal_before_writing(tmp_path, bad_source):
+    src, captions, _ = bad_source
+    with pytest.raises(ShardingError, match=r"captions.jsonl:3: line 3 is not valid JSON"):
+        make_source_shards(src, tmp_path / "out", captions, strict=True, workers=0, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_strict_makes_an_unknown_key_fatal(tmp_path, bad_source):
+    src, _, _ = bad_source
+    (tmp_path / "c.json").write_text(json.dumps({"good": "ok", "good2": "no such image"}))
+    with pytest.raises(ShardingError, match=r"c.json: key 'good2' matches no image"):
+        make_source_shards(src, tmp_path / "out", tmp_path / "c.json", strict=True, workers=0, progress=False)
+
+
+def test_strict_does_not_stop_at_a_missing_txt_which_is_a_choice_not_an_error(tmp_path):
+    src = tmp_path / "src"
+    add(src, "a.png")
+    add(src, "b.png", txt=None)
+    m = make_source_shards(src, tmp_path / "out", strict=True, workers=0, progress=False)
+    assert m["samples"] == 1 and m["skipped_by_kind"] == {"missing_txt": 1}
+
+
+def test_missing_and_empty_txt_are_counted_apart_and_missing_can_be_kept(tmp_path):
+    src = tmp_path / "src"
+    add(src, "empty.png", "")
+    add(src, "unknown.png", None)
+    add(src, "text.png", "hi")
+    skip = make_source_shards(src, tmp_path / "skip", workers=0, progress=False)
+    assert (skip["text_free"], skip["unknown_text"], skip["skipped_by_kind"]) == (1, 0, {"missing_txt": 1})
+    keep = make_source_shards(src, tmp_path / "keep", options=SourceOptions(missing_txt="keep"), workers=0,
+                              progress=False)
+    assert (keep["text_free"], keep["unknown_text"], keep["with_text"], keep["skipped_count"]) == (1, 1, 1, 0)
+    samples = read_shards(tmp_path / "keep")
+    assert set(samples["unknown"]) == {"png", "json"} and samples["empty"]["txt"] == b""
+
+
+def test_max_pixels_caps_even_ordinary_images(tmp_path):
+    src = tmp_path / "src"
+    add(src, "a.png", size=(64, 64))
+    m = make_source_shards(src, tmp_path / "out", options=SourceOptions(max_pixels=1000), workers=0, progress=False)
+    assert m["samples"] == 0 and "4096 pixels exceeds --max-pixels 1000" in m["skipped"][0]["reason"]
+
+
+def test_max_side_resizes_and_rescales_safebox_and_px_scale(tmp_path):
+    src = tmp_path / "src"
+    add(src, "wide.jpg", size=(200, 100))
+    (tmp_path / "s.json").write_text(json.dumps({"wide": [21, 10, 121, 61]}))
+    (tmp_path / "p.json").write_text(json.dumps({"wide": [2.0, 2.0]}))
+    make_source_shards(src, tmp_path / "out", safeboxes=tmp_path / "s.json", px_scales=tmp_path / "p.json",
+                       options=SourceOptions(max_side=100), workers=0, progress=False)
+    sample = read_shards(tmp_path / "out")["wide"]
+    meta = json.loads(sample["json"])
+    assert (meta["width"], meta["height"]) == (100, 50) == Image.open(io.BytesIO(sample["jpg"])).size
+    assert meta["safebox"] == [10, 5, 61, 31] and meta["px_scale"] == [1.0, 1.0]
+
+
+def test_min_side_and_require_captions_filter(tmp_path):
+    src = tmp_path / "src"
+    add(src, "big.png", size=(64, 64))
+    add(src, "small.png", size=(20, 64))
+    add(src, "upscaled.png", size=(64, 64))
+    (tmp_path / "p.json").write_text(json.dumps({"upscaled": [4, 4]}))
+    (tmp_path / "c.json").write_text(json.dumps({"small": "tiny"}))
+    m = make_source_shards(src, tmp_path / "a", px_scales=tmp_path / "p.json", options=SourceOptions(min_side=32),
+                           workers=0, progress=False)
+    assert sorted(read_shards(tmp_path / "a")) == ["big"] and m["skipped_by_kind"] == {"too_small": 2}
+    m = make_source_shards(src, tmp_path / "b", captions=tmp_path / "c.json",
+                           options=SourceOptions(require_captions=True), workers=0, progress=False)
+    assert sorted(read_shards(tmp_path / "b")) == ["small"] and m["skipped_by_kind"] == {"no_captions": 2}
+
+
+def test_sample_keys_replace_dots_and_resolve_clashes():
+    assert sample_keys(["a/b.c.png", "x.jpg", "x.png", "x_2.png", "é t.png"]) == ["a/b_c", "x", "x_2", "x_2_2", "__t"]
+
+
+def test_image_format_stores_every_image_in_one_format(tmp_path, good_source):
+    make_source_shards(good_source, tmp_path / "out", options=SourceOptions(image_format="png"), workers=0,
+                       progress=False)
+    samples = read_shards(tmp_path / "out")
+    assert all(set(s) == {"png", "txt", "json"} for s in samples.values()) and len(samples) == 6
+    assert Image.open(io.BytesIO(samples["signs/street/0001"]["png"])).format == "PNG"
+
+
+def load_with_datasets(datasets, urls: list[str], cache: Path):
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    return datasets.load_dataset("webdataset", data_files={"train": urls}, split="train", cache_dir=str(cache))
+
+
+def test_synthetic_shards_load_with_huggingface_datasets(tmp_path, synthetic_shards):
+    datasets = pytest.importorskip("datasets")
+    ds = load_with_datasets(datasets, [str(p) for p in sorted(synthetic_shards.glob("shard-*.tar"))], tmp_path)
+    assert ds.num_rows == 48 and ds[0]["png"].size == (64, 64)
+    assert set(ds[0]["json"]) == {"captions", "safebox", "px_scale", "width", "height", "source"}
+
+
+def test_one_format_source_shards_load_with_huggingface_datasets(tmp_path, good_source):
+    datasets = pytest.importorskip("datasets")
+    make_source_shards(good_source, tmp_path / "out", options=SourceOptions(image_format="jpg"), workers=0,
+                       progress=False)
+    ds = load_with_datasets(datasets, [str(tmp_path / "out" / "shard-000000.tar")], tmp_path / "cache")
+    assert ds.num_rows == 6
+    row = next(r for r in ds if r["__key__"] == "signs/street/0001")
+    assert row["txt"] == "OPEN 24h" and row["json"]["source"] == "signs/street/0001.jpg"
+    assert row["jpg"].size == (32, 24)
