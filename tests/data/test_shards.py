@@ -393,3 +393,11 @@ def test_one_format_source_shards_load_with_huggingface_datasets(tmp_path, good_
     row = next(r for r in ds if r["__key__"] == "signs/street/0001")
     assert row["txt"] == "OPEN 24h" and row["json"]["source"] == "signs/street/0001.jpg"
     assert row["jpg"].size == (32, 24)
+
+
+def test_command_fails_when_every_input_was_skipped(tmp_path, capsys):
+    src = tmp_path / "src"
+    add(src, "a.png", txt=b"\xff")
+    assert main([str(src), str(tmp_path / "out"), "--workers", "0"]) == 1
+    captured = capsys.readouterr()
+    assert "a.png: a.txt is not UTF-8" in captured.out and "no sample was written" in captured.err

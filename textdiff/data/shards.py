@@ -246,13 +246,12 @@ def _tuple_or_none(value: Optional[list]) -> Optional[tuple]:
     return tuple(value) if value is not None else None
 
 
-def _fatal_if_strict(problems: Iterable[Problem], strict: bool) -> None:
+def _fatal_if_strict(problems: Iterable[Problem], strict: bool, after: str) -> None:
     if not strict:
         return
     for p in problems:
         if p.kind in BAD_INPUT_KINDS:
-            raise ShardingError(f"{p.where}: {p.reason} [--strict: stopped; no manifest written, remove the "
-                                "output folder's shards or rerun with --overwrite]")
+            raise ShardingError(f"{p.where}: {p.reason} [--strict: stopped {after}]")
 
 
 class _Prepare:
@@ -278,14 +277,15 @@ def make_source_shards(src_dir: str | Path, out_dir: str | Path, captions: Optio
     if out_dir.resolve() == src_dir.resolve() or src_dir.resolve() in out_dir.resolve().parents:
         raise ShardingError(f"output folder {out_dir} lies inside the source folder {src_dir}; choose another")
     jobs, problems, inputs = plan_source_jobs(src_dir, *(Path(p) if p else None for p in (captions, safeboxes, px_scales)))
-    _fatal_if_strict(problems, strict)
+    _fatal_if_strict(problems, strict, "before writing anything")
     prepare_out_dir(out_dir, overwrite)
     written: Counter = Counter()
 
     def accepted(results: Iterable[ShardSample | Problem]) -> Iterator[ShardSample]:
         for result in results:
             if isinstance(result, Problem):
-                _fatal_if_strict([result], strict)
+                _fatal_if_strict([result], strict, f"with the complete shards so far in {out_dir} and no manifest; "
+                                 "rerun with --overwrite once fixed")
                 problems.append(result)
                 continue
             written[_count_kind(result)] += 1
@@ -382,11 +382,14 @@ def summary(manifest: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point: run, print the summary, exit 1 with the message on an error."""
+    """Console entry point: run and print the summary; exit 1 on an error or when no sample was written."""
     try:
         manifest = run(argv)
     except (ShardingError, SourceError) as e:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 1
     print(summary(manifest))
+    if not manifest["samples"]:
+        print("make_shards: error: no sample was written; see the skipped inputs above", file=sys.stderr)
+        return 1
     return 0
