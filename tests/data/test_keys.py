@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from textdiff.data.sources import (KeyIndex, SourceError, canonical_key, legacy_key, parse_captions,
-                                   parse_px_scale, parse_safebox, read_key_values, resolve_side_file, scan_images)
+                                   parse_px_scale, parse_safebox, read_key_values, resolve_side_file, scan_images,
+                                   stem_key)
 
 IMAGES = ["signs/street/0001.jpg", "signs/street/0002.png", "top.webp", "a/b.png", "a_b.png", "x.jpg", "x.png"]
 
@@ -26,22 +27,24 @@ def write(path: Path, text: str) -> Path:
 def test_canonical_and_legacy_keys_of_a_nested_path():
     assert canonical_key("signs/street/0001.jpg") == "signs/street/0001"
     assert legacy_key("signs/street/0001.jpg") == "signs_street_0001"
+    assert stem_key("signs/street/0001.jpg") == "0001"
 
 
 def test_canonical_legacy_and_extension_keys_name_the_same_image(index):
-    for key in ("signs/street/0001", "signs_street_0001", "signs/street/0001.jpg"):
+    for key in ("signs/street/0001", "signs_street_0001", "0001", "signs/street/0001.jpg"):
         assert index.resolve(key) == ["signs/street/0001.jpg"]
 
 
 def test_a_key_matching_two_images_resolves_to_both(index):
     assert index.resolve("a_b") == ["a/b.png", "a_b.png"]
+    assert index.resolve("b") == ["a/b.png"]
     assert index.resolve("x") == ["x.jpg", "x.png"]
     assert index.resolve("x.png") == ["x.png"]
 
 
 def test_unknown_key_resolves_to_nothing(index):
     assert index.resolve("signs/street/0003") == []
-    assert index.resolve("0001") == []
+    assert index.resolve("street/0001") == []
 
 
 def test_scan_finds_nested_images_sorted_and_ignores_other_files(tmp_path):
@@ -139,3 +142,9 @@ def test_px_scale_values_must_be_two_positive_numbers():
 
 def test_safebox_null_means_no_box():
     assert parse_safebox(None) is None
+
+
+def test_a_bare_file_name_shared_by_two_folders_is_ambiguous():
+    index = KeyIndex(["day/0001.jpg", "night/0001.jpg"])
+    assert index.resolve("0001") == ["day/0001.jpg", "night/0001.jpg"]
+    assert index.resolve("night/0001") == ["night/0001.jpg"]

@@ -4,7 +4,8 @@ A source folder holds images (nested sub-folders allowed), each with its transcr
 of the same name beside it. Side files map *image keys* to values; a key names one image:
 
 - canonical: the path relative to the source folder, ``/`` separators, no extension: ``signs/street/0001``;
-- legacy (the research code's): the same with ``/`` replaced by ``_``: ``signs_street_0001``;
+- legacy: the same with ``/`` replaced by ``_`` (``signs_street_0001``), or the bare file name without
+  extension (``0001``), which is what the research code's keys were for images in sub-folders;
 - with extension: ``signs/street/0001.jpg``.
 
 A key that matches no image, or several images (``a/b`` and ``a_b`` both exist, or ``x.jpg`` and ``x.png``),
@@ -60,8 +61,13 @@ def canonical_key(rel_path: str) -> str:
 
 
 def legacy_key(rel_path: str) -> str:
-    """``sub/dir/name.ext`` -> ``sub_dir_name`` (the research code's key)."""
+    """``sub/dir/name.ext`` -> ``sub_dir_name`` (the research code's key with separators replaced)."""
     return canonical_key(rel_path).replace("/", "_")
+
+
+def stem_key(rel_path: str) -> str:
+    """``sub/dir/name.ext`` -> ``name`` (the research code's key: it scanned each folder by file name)."""
+    return PurePosixPath(rel_path).stem
 
 
 def scan_images(src_dir: Path) -> list[str]:
@@ -75,12 +81,13 @@ def scan_images(src_dir: Path) -> list[str]:
 
 
 class KeyIndex:
-    """Resolves image keys in any of the three syntaxes to relative image paths."""
+    """Resolves image keys in any accepted syntax to relative image paths (a key naming several images
+    under different syntaxes is ambiguous, never silently resolved by precedence)."""
 
     def __init__(self, rel_paths: list[str]):
         self._by_key: dict[str, set[str]] = defaultdict(set)
         for rel in rel_paths:
-            for key in (rel, canonical_key(rel), legacy_key(rel)):
+            for key in (rel, canonical_key(rel), legacy_key(rel), stem_key(rel)):
                 self._by_key[key].add(rel)
 
     def resolve(self, key: str) -> list[str]:
