@@ -5,6 +5,7 @@ import torch
 
 from textdiff.sampling.loading import LoadError, load_for_sampling, read_source_config, resolve_checkpoint
 from textdiff.train.checkpoint import COMPLETE
+from textdiff.train.export import export_checkpoint
 
 EMA_SCALE = 0.5
 
@@ -62,3 +63,11 @@ def test_a_run_without_a_complete_checkpoint_is_an_error(tmp_path):
 def test_an_unknown_ema_rate_names_the_kept_ones(runs):
     with pytest.raises(LoadError, match=r"--ema-rate 0.5: .* keeps EMA rates 0.9999 only"):
         load_for_sampling(runs.base, "ema", ema_rate=0.5)
+
+
+def test_an_exported_file_loads_the_weights_it_was_written_with(runs, tmp_path):
+    path = export_checkpoint(runs.base, tmp_path / "base.safetensors", "ema")
+    loaded = load_for_sampling(path)
+    assert torch.equal(_param(loaded.model), _param(runs.base_model) * EMA_SCALE)
+    assert read_source_config(path).model.image_size == 16
+    assert loaded.weights == "export"

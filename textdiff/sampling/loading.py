@@ -26,6 +26,7 @@ from textdiff.diffusion import GaussianDiffusion, build_diffusion
 from textdiff.models import build_model
 from textdiff.train.checkpoint import COMPLETE, CONFIG_FILE, TEXTDIFF_STATE, latest_checkpoint
 from textdiff.train.ema import rate_key
+from textdiff.train.export import fit_shapes, read_export, read_export_config
 
 WEIGHTS = ("ema", "raw")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -70,8 +71,6 @@ def _is_export(source: str | Path) -> bool:
 def read_source_config(source: str | Path) -> TextdiffConfig:
     """The config a source was trained with, without loading weights."""
     if _is_export(source):
-        from textdiff.train.export import read_export_config
-
         return read_export_config(source)
     ckpt = resolve_checkpoint(source)
     path = ckpt / CONFIG_FILE
@@ -147,14 +146,12 @@ def load_for_sampling(source: str | Path, weights: str = "ema", ema_rate: Option
                       device: str | torch.device = "cpu") -> LoadedModel:
     """Build the model and diffusion of ``source`` and load its weights (see the module docstring).
 
-    ``weights`` is ``"ema"`` or ``"raw"`` for checkpoints; an export holds one set, and asking it for
-    ``ema_rate`` is an error. The model is returned in eval mode on ``device``.
+    ``weights`` is ``"ema"`` or ``"raw"`` for checkpoints; an export holds the one set it was written with,
+    so ``weights`` and ``ema_rate`` do not apply to it. The model is returned in eval mode on ``device``.
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights is {weights!r}; choose one of {', '.join(WEIGHTS)}")
     if _is_export(source):
-        from textdiff.train.export import read_export
-
         cfg, state = read_export(source)
         where, label = str(source), "export"
     else:
@@ -167,6 +164,6 @@ def load_for_sampling(source: str | Path, weights: str = "ema", ema_rate: Option
         else:
             state, label = raw_state_dict(ckpt, int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))), "raw"
     model = build_model(cfg.model)
-    load_weights(model, state, where)
+    load_weights(model, fit_shapes(state, {k: v.shape for k, v in model.state_dict().items()}), where)
     diffusion = build_diffusion(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
     return LoadedModel(model=model.to(device).eval(), diffusion=diffusion, cfg=cfg, source=where, weights=label)
