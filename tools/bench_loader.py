@@ -75,7 +75,7 @@ class FolderDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         path = self.items[index]
         key = f"{path.parent.name}_{path.stem}"
-        image = Image.open(path).convert("RGB")
+        image = Image.open(path)  # decoded by augment_sample, as in the stream
         txt = path.with_suffix(".txt").read_text(encoding="utf-8")
         rng = sample_rng(self.seed, 0, index)
         captions = self.capts.get(key) or []

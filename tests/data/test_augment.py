@@ -1,5 +1,7 @@
 """Specification of textdiff/data/augment.py: crops keep text and px scale, flips spare text, resizes."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +11,8 @@ from PIL import Image
 
 from textdiff.config import AugmentConfig
 from textdiff.data.augment import (
-    augment_sample, choose_crop, clamp_box, downsample, draw_crop_box, largest_square, min_crop_side,
-    pad_to_hold, random_safebox, sample_rng,
+    augment_sample, choose_crop, clamp_box, crop_resize, downsample, draft_for_crop, draw_crop_box,
+    largest_square, min_crop_side, pad_to_hold, random_safebox, sample_rng,
 )
 
 EPS = 1e-6
@@ -207,3 +209,33 @@ def test_text_crop_with_safebox_never_cuts_the_drawn_text():
                              sample_rng(0, seed))["image"]
         dark = (out.mean(0) < 0).float()
         assert dark.sum().item() >= 16 * 16 * (80 * 20) / 100 ** 2 * 0.5
+
+
+def encoded(arr, fmt):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt, quality=95)
+    return Image.open(io.BytesIO(buf.getvalue()))
+
+
+def smooth_photo(width=512, height=384):
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([(x * 0.5) % 256, (y * 0.6) % 256, ((x + y) * 0.3) % 256], -1).astype(np.uint8)
+
+
+def test_large_jpeg_crops_decode_at_reduced_scale_and_match_the_full_decode():
+    box = (64.0, 0.0, 448.0, 384.0)
+    small, small_box = draft_for_crop(encoded(smooth_photo(), "JPEG"), box, 32)
+    assert small.size == (128, 96)  # 1/4: the 384 px crop keeps 96 >= 2 * 32 px
+    assert small_box == (16.0, 0.0, 112.0, 96.0)
+    full = encoded(smooth_photo(), "JPEG")
+    full.load()
+    diff = np.abs(crop_resize(small, small_box, 32).astype(float) - crop_resize(full, box, 32).astype(float))
+    assert diff.mean() < 1.0  # grey levels of 255
+
+
+def test_png_and_already_decoded_jpeg_are_not_drafted():
+    png = encoded(smooth_photo(), "PNG")
+    assert draft_for_crop(png, (0.0, 0.0, 384.0, 384.0), 32) == (png, (0.0, 0.0, 384.0, 384.0))
+    jpeg = encoded(smooth_photo(), "JPEG")
+    jpeg.load()
+    assert draft_for_crop(jpeg, (0.0, 0.0, 384.0, 384.0), 32)[0].size == (512, 384)

@@ -179,19 +179,20 @@ def test_corrupt_samples_are_skipped_with_a_warning_and_counted(tmp_path, caplog
         writer.write({"__key__": "nojson", "png": png_bytes(rng), "txt": b"x"})
         writer.write({"__key__": "badbox", "png": png_bytes(rng), "txt": b"x",
                       "json": json.dumps({"safebox": [20, 5, 2, 9]}).encode()})
+        writer.write({"__key__": "truncated", "png": png_bytes(rng)[:-60], "txt": b"x", "json": b"{}"})
     cfg = DataConfig(shards=str(path), num_workers=0, shuffle_buffer=0, resampled=False)
     stream = build_train_stream(cfg, AugmentConfig(), 16, 0, 4, 0, 1)
     with caplog.at_level(logging.WARNING, logger="textdiff.data.stream"):
-        batches = list(islice(stream, 2))  # 2 epochs of 8 samples, 4 good each
+        batches = list(islice(stream, 2))  # 2 epochs of 9 samples, 4 good each
     assert [sorted(b["key"]) for b in batches] == [[f"good{i}" for i in range(4)]] * 2
-    # the 4 bad samples of epoch 0 lie between the two batches; those of epoch 1 are not reached yet
-    assert stream.counters()["skipped_corrupt"] == 4
+    # the 5 bad samples of epoch 0 lie between the two batches; those of epoch 1 are not reached yet
+    assert stream.counters()["skipped_corrupt"] == 5
     assert stream.counters()["batches"] == 2 and stream.counters()["samples"] == 8
     next(iter(stream))
-    assert stream.counters()["skipped_corrupt"] == 8
+    assert stream.counters()["skipped_corrupt"] == 10
     messages = "\n".join(r.getMessage() for r in caplog.records)
     for key, reason in (("badpng", "does not decode"), ("badtxt", "not UTF-8"), ("nojson", "missing .json"),
-                        ("badbox", "inverted")):
+                        ("badbox", "inverted"), ("truncated", "image does not decode")):
         assert f"skipping corrupt sample {key}" in messages and reason in messages
 
 

@@ -126,6 +126,7 @@ def pad_to_hold(image: Image.Image, safebox: Box) -> tuple[Image.Image, Box]:
     need = max(safebox[2] - safebox[0], safebox[3] - safebox[1])
     if need <= min(width, height):
         return image, safebox
+    image = _rgb(image)
     side = math.ceil(need)
     new_w, new_h = (width, max(height, side)) if width >= height else (max(width, side), height)
     arr = np.asarray(image)
@@ -139,6 +140,23 @@ def pad_to_hold(image: Image.Image, safebox: Box) -> tuple[Image.Image, Box]:
 
 def _rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
+
+
+def draft_for_crop(image: Image.Image, box: Box, size: int) -> tuple[Image.Image, Box]:
+    """Let a JPEG that is not decoded yet decode at 1/2, 1/4 or 1/8 scale (DCT scaling) while the crop
+    keeps at least ``2 * size`` px per side, as Pillow's ``thumbnail`` does; returns the image and the box
+    in its new pixels. Other images come back unchanged. Large photos decode several times faster."""
+    if image.format != "JPEG" or not image.tile:  # tile is emptied once the pixels are decoded
+        return image, box
+    scale = 1
+    while scale < 8 and (box[2] - box[0]) / (scale * 2) >= 2 * size:
+        scale *= 2
+    if scale == 1:
+        return image, box
+    width, height = image.size
+    image.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
+    sx, sy = image.size[0] / width, image.size[1] / height
+    return image, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
 def crop_resize(image: Image.Image, box: Box, size: int) -> np.ndarray:
@@ -211,7 +229,6 @@ def augment_sample(image: Image.Image, txt: Optional[str], safebox: Optional[Seq
     Returns ``image [3, image_size, image_size]`` in [-1, 1], and ``low_res [3, s, s]`` in [-1, 1] when
     ``low_res_size`` (s) > 0.
     """
-    image = _rgb(image)
     width, height = image.size
     has_text = txt != ""
     box = None
@@ -220,6 +237,7 @@ def augment_sample(image: Image.Image, txt: Optional[str], safebox: Optional[Seq
         image, box = pad_to_hold(image, box)
         width, height = image.size
     crop = choose_crop(width, height, has_text, box, px_scale, image_size, cfg, rng)
+    image, crop = draft_for_crop(image, crop, image_size)
     arr = crop_resize(image, crop, image_size)
     flip_roll = rng.random()  # drawn for every image so text and text-free samples consume the rng alike
     if not has_text and flip_roll < cfg.flip_lr_prob_es:

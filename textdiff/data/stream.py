@@ -203,7 +203,8 @@ def epoch_samples(shards: ShardList, order: Sequence[int], seed: int, epoch: int
 
 
 def decode_sample(raw: dict) -> dict:
-    """A raw WebDataset sample -> ``{"image": PIL RGB, "txt", "captions", "safebox", "px_scale", "key"}``.
+    """A raw WebDataset sample -> ``{"image": PIL (opened, not decoded), "txt", "captions", "safebox",
+    "px_scale", "key"}``.
 
     ``txt`` is "" for a text-free image and None when the shard has no ``.txt`` (transcription unknown,
     ``make_shards.py --missing-txt keep``): None is the model's null condition, so such images teach the
@@ -231,10 +232,7 @@ def decode_sample(raw: dict) -> dict:
         raise CorruptSample(f".json has px_scale {px_scale} / safebox {safebox}; expected [sx, sy] > 0 and "
                             "[l, t, r, b]")
     try:
-        image = Image.open(io.BytesIO(raw[ext]))
-        image.load()
-        if image.mode != "RGB":  # palette, grey, alpha: the shards should hold RGB, but accept the rest
-            image = image.convert("RGB")
+        image = Image.open(io.BytesIO(raw[ext]))  # header only: augment decodes, JPEGs at reduced scale
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise CorruptSample(f".{ext} does not decode: {e}") from None
     return {"image": image, "txt": txt, "captions": captions, "safebox": safebox, "px_scale": px_scale,
@@ -276,7 +274,9 @@ def _process(spec: StreamSpec, raw: dict, epoch: int, slot: int, index: int) -> 
     try:
         out = augment_sample(sample["image"], sample["txt"], sample["safebox"], sample["px_scale"], spec.augment,
                              spec.image_size, spec.low_res_size, rng)
-    except ValueError as e:
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # pixel data broken past the header
+        raise CorruptSample(f"image does not decode: {e}") from None
+    except ValueError as e:  # a safebox outside the image
         raise CorruptSample(str(e)) from None
     return {**out, "txt": sample["txt"], "capt": caption, "key": sample["key"]}
 
