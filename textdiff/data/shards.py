@@ -156,7 +156,7 @@ def _pool_map(fn: Callable, items: Sequence, workers: int, desc: str, progress: 
         pool = None
     else:
         pool = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(workers)
-        results = pool.imap(fn, items, chunksize=max(1, min(64, len(items) // (workers * 8) or 1)))
+        results = pool.imap(fn, items, chunksize=max(1, min(64, len(items) // (workers * 8))))
     try:
         for result in results:
             bar.update(1)
