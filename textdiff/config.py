@@ -228,16 +228,23 @@ class TrainConfig:
     max_steps: int = 1000
     seed: int = 0
     log_every: int = 10
-    sample_every: int = 500
+    sample_every: int = 500  # EMA sample grid to TensorBoard and RUN_DIR/samples/ every N steps; 0: never
     sample_steps: int = 25
     sample_guidance_scale_txt: float = 1.0
     sample_guidance_scale_capt: float = 1.0
-    sample_prompts: tuple[str, ...] = ("hello", "textdiff", "")
+    sample_prompts: tuple[str, ...] = ("hello", "textdiff", "")  # transcriptions of the sample grid
+    sample_captions: tuple[str, ...] = ()  # one caption per prompt (empty: none) for caption models
+    sample_ema_rate: Optional[float] = None  # which EMA the grid shows; None: the first of ema.rates
 
     def validate(self) -> None:
         """Raise ConfigError for impossible combinations, naming the key."""
         _require(self.max_steps > 0, "train.max_steps", "must be positive")
         _require(self.log_every > 0, "train.log_every", "must be positive")
+        _require(self.sample_every >= 0, "train.sample_every", "must be >= 0 (0: no sample grids)")
+        _require(self.sample_steps > 0, "train.sample_steps", "must be positive")
+        _require(not self.sample_captions or len(self.sample_captions) == len(self.sample_prompts),
+                 "train.sample_captions", f"has {len(self.sample_captions)} captions for "
+                 f"{len(self.sample_prompts)} train.sample_prompts; give one each, or none")
 
 
 @dataclass
@@ -250,8 +257,12 @@ class EMAConfig:
 
     def validate(self) -> None:
         """Raise ConfigError for impossible combinations, naming the key."""
+        _require(len(self.rates) > 0 and len(set(self.rates)) == len(self.rates), "ema.rates",
+                 f"is {list(self.rates)}; give one or more distinct rates, e.g. [0.9999]")
         for r in self.rates:
             _require(0.0 < r < 1.0, "ema.rates", f"holds {r}; every rate must lie in (0, 1)")
+        _require(self.arithmetic_avg_from_step >= 0, "ema.arithmetic_avg_from_step", "must be >= 0")
+        _require(self.arithmetic_avg_extra_shift >= 0, "ema.arithmetic_avg_extra_shift", "must be >= 0")
 
 
 @dataclass
@@ -265,7 +276,9 @@ class CheckpointConfig:
 
     def validate(self) -> None:
         """Raise ConfigError for impossible combinations, naming the key."""
+        _require(self.save_every > 0, "checkpoint.save_every", "must be positive")
         _require(self.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
+        _require(self.keep_every >= 0, "checkpoint.keep_every", "must be >= 0 (0: keep only the last ones)")
 
 
 @dataclass
@@ -281,9 +294,12 @@ class EvalConfig:
     tesseract_cmd: str = "tesseract"  # program name on PATH or full path
     ocr_lang: str = "eng"
     psm: int = 7  # Tesseract page segmentation mode; 7: one line of text
-    ocr_scale: int = 4  # upscale factor before OCR (Tesseract wants ~30 px letters)
-    ocr_binarize: bool = False  # Otsu threshold before OCR
+    ocr_height: int = 192  # upscale images by a whole factor to about this height before OCR (64 px: x3)
+    ocr_binarize: bool = True  # Otsu threshold before OCR
     ocr_timeout_s: float = 5.0  # per image
+    # a text-free image counts as showing text when OCR reads a word this long with this confidence (0..100)
+    false_text_min_chars: int = 2
+    false_text_min_conf: float = 50.0
 
     def validate(self) -> None:
         """Raise ConfigError for impossible combinations, naming the key."""
@@ -291,8 +307,10 @@ class EvalConfig:
         _require(self.steps > 0, "eval.steps", "must be positive")
         _require(self.num_prompts > 0, "eval.num_prompts", "must be positive")
         _require(0 <= self.psm <= 13, "eval.psm", f"is {self.psm}; Tesseract's modes are 0..13 (7: one line)")
-        _require(1 <= self.ocr_scale <= 16, "eval.ocr_scale", "must lie in [1, 16]")
+        _require(16 <= self.ocr_height <= 4096, "eval.ocr_height", "must lie in [16, 4096] px")
         _require(self.ocr_timeout_s > 0, "eval.ocr_timeout_s", "must be positive")
+        _require(self.false_text_min_chars >= 1, "eval.false_text_min_chars", "must be at least 1")
+        _require(0 <= self.false_text_min_conf <= 100, "eval.false_text_min_conf", "must lie in [0, 100]")
 
 
 @dataclass

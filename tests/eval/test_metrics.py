@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from textdiff.eval.metrics import aggregate, cer, has_text, normalize_text, score, word_accuracy
+from textdiff.eval.metrics import aggregate, cer, normalize_text, score, shows_text, word_accuracy
 
 
 def test_cer_counts_one_substitution_over_target_length():
@@ -28,7 +28,7 @@ def test_cer_can_exceed_one_when_reading_is_longer_than_target():
 
 
 def test_cer_rejects_an_empty_target():
-    with pytest.raises(ValueError, match="has_text"):
+    with pytest.raises(ValueError, match="shows_text"):
         cer("x", "")
 
 
@@ -55,11 +55,18 @@ def test_score_with_normalisation_off_counts_case_and_spacing_as_errors():
     assert s.cer == pytest.approx(7 / 11)
 
 
-def test_false_text_needs_a_letter_or_digit():
-    assert not has_text("_ . |")
-    assert has_text("_a")
-    assert has_text("7")
-    assert score("_", "", normalize=True).false_text is False
+def test_false_text_needs_a_confident_word_of_two_letters_or_digits():
+    assert not shows_text([("_", 90.0), ("|", 90.0), ("O", 95.0)])  # specks and shapes read as one character
+    assert not shows_text([("oO", 40.0)])  # long enough, but not confident
+    assert shows_text([("oO", 70.0)])
+    assert shows_text([("a7", 50.0)])
+    assert shows_text([("O", 95.0)], min_chars=1)
+
+
+def test_score_of_a_text_free_target_takes_text_seen_or_judges_the_reading():
+    assert score("zz", "", normalize=True, text_seen=False).false_text is False
+    assert score("", "", normalize=True, text_seen=True).false_text is True
+    assert score("_ x", "", normalize=True).false_text is False
     assert score("wx", "", normalize=True).false_text is True
 
 

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from textdiff.config import EvalConfig
-from textdiff.eval.ocr import TesseractMissingError, ocr_image, ocr_images, preprocess, to_pil
+from textdiff.eval.ocr import TesseractMissingError, ocr_image, ocr_images, preprocess, to_pil, upscale_factor
 
 
 def render(text: str, size: int = 64, font_px: int = 12, bg=(230, 225, 200), fg=(20, 30, 60)) -> Image.Image:
@@ -14,20 +14,25 @@ def render(text: str, size: int = 64, font_px: int = 12, bg=(230, 225, 200), fg=
     return image
 
 
-def test_preprocess_upscales_by_ocr_scale_and_adds_a_margin():
-    out = preprocess(render("abc"), EvalConfig(ocr_scale=4))
+def test_upscale_factor_is_the_whole_factor_nearest_ocr_height():
+    assert [upscale_factor(h, 192) for h in (32, 64, 100, 128, 256, 1024)] == [6, 3, 2, 2, 1, 1]
+
+
+def test_preprocess_upscales_to_about_ocr_height_and_adds_a_margin():
+    out = preprocess(render("abc"), EvalConfig(ocr_height=256))
     # 64 * 4 = 256 px, plus a margin of 256 // 8 = 32 px on each side
     assert out.mode == "L" and out.size == (320, 320)
 
 
 def test_preprocess_turns_light_text_on_dark_into_dark_on_light():
-    out = np.asarray(preprocess(render("abc", bg=(10, 10, 30), fg=(250, 250, 250)), EvalConfig(ocr_scale=1)))
+    cfg = EvalConfig(ocr_height=64, ocr_binarize=False)
+    out = np.asarray(preprocess(render("abc", bg=(10, 10, 30), fg=(250, 250, 250)), cfg))
     assert np.median(out) == 255
     assert out.min() < 64
 
 
 def test_preprocess_binarize_leaves_two_levels():
-    out = np.asarray(preprocess(render("abc"), EvalConfig(ocr_scale=2, ocr_binarize=True)))
+    out = np.asarray(preprocess(render("abc"), EvalConfig(ocr_height=128, ocr_binarize=True)))
     assert set(np.unique(out).tolist()) == {0, 255}
 
 
@@ -39,27 +44,27 @@ def test_to_pil_rejects_float_and_channels_first_arrays():
 
 
 def test_reads_a_word_rendered_at_64px():
-    assert ocr_image(render("lantern"), EvalConfig()) == "lantern"
+    assert ocr_image(render("lantern"), EvalConfig()).text == "lantern"
 
 
 def test_reads_light_text_on_a_dark_background():
-    assert ocr_image(render("copper", bg=(20, 20, 40), fg=(240, 230, 90)), EvalConfig()) == "copper"
+    assert ocr_image(render("copper", bg=(20, 20, 40), fg=(240, 230, 90)), EvalConfig()).text == "copper"
 
 
 def test_reads_a_uint8_array_like_a_pil_image():
-    assert ocr_image(np.asarray(render("summit")), EvalConfig()) == "summit"
+    assert ocr_image(np.asarray(render("summit")), EvalConfig()).text == "summit"
 
 
 def test_many_images_over_several_workers_keep_their_order():
     # 40 images make two Tesseract chunks (32 + 8) that run side by side
     words = ["ember", "falcon", "violet", "ripple"] * 10
     readings = ocr_images([render(w) for w in words], EvalConfig(), workers=2, progress=False)
-    assert readings == words
+    assert [r.text for r in readings] == words
 
 
 def test_blank_image_reads_as_no_letters():
     reading = ocr_image(Image.new("RGB", (64, 64), (128, 140, 160)), EvalConfig())
-    assert not any(ch.isalnum() for ch in reading)
+    assert not any(ch.isalnum() for ch in reading.text)
 
 
 def test_missing_tesseract_named_in_config_says_to_install_tesseract_ocr():

@@ -3,14 +3,16 @@
 For a text-bearing prompt (target not empty): character error rate (Levenshtein distance / target length;
 above 1 when the reading has many extra characters), exact match, and word accuracy (the share of target
 words found, in order, in the reading). For a text-free prompt (target empty): whether the image wrongly
-shows text, i.e. the reading holds at least one letter or digit (Tesseract turns specks into ``_`` or ``.``).
+shows text, i.e. OCR read a word of at least 2 letters or digits with confidence at least 50 (Tesseract
+reads shapes and specks as single characters such as ``O``, ``|`` or ``_``: measured on text-free synthetic
+renders, docs/eval.md).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 from rapidfuzz.distance import Levenshtein
 
@@ -36,7 +38,7 @@ def char_errors(pred: str, target: str) -> int:
 def cer(pred: str, target: str) -> float:
     """Character error rate: edit distance / target length (target must not be empty)."""
     if not target:
-        raise ValueError("cer needs a non-empty target; text-free prompts are scored by has_text")
+        raise ValueError("cer needs a non-empty target; text-free prompts are scored by shows_text")
     return char_errors(pred, target) / len(target)
 
 
@@ -54,9 +56,10 @@ def word_accuracy(pred: str, target: str) -> float:
     return words_matched(pred, target) / n
 
 
-def has_text(pred: str) -> bool:
-    """True when a reading holds at least one letter or digit (a text-free image then counts as false text)."""
-    return any(ch.isalnum() for ch in pred)
+def shows_text(words: Sequence[tuple[str, float]], min_chars: int = 2, min_conf: float = 50.0) -> bool:
+    """True when some word (text, confidence 0..100) has ``min_chars`` letters or digits and confidence
+    at least ``min_conf``: the image shows text."""
+    return any(sum(ch.isalnum() for ch in w) >= min_chars and conf >= min_conf for w, conf in words)
 
 
 @dataclass(frozen=True)
@@ -78,11 +81,17 @@ class Score:
         return self.char_errors / self.target_chars if self.target_chars else 0.0
 
 
-def score(pred: str, target: str, normalize: bool) -> Score:
-    """Score one OCR reading against its target transcription."""
+def score(pred: str, target: str, normalize: bool, text_seen: Optional[bool] = None) -> Score:
+    """Score one OCR reading against its target transcription.
+
+    ``text_seen`` says whether the image shows text (see :func:`shows_text`); it counts only for a
+    text-free target, and when None it is judged from ``pred`` alone with every word taken as confident.
+    """
     pred, target = normalize_text(pred, normalize), normalize_text(target, normalize)
     if not target:
-        return Score(target, pred, 0, 0, 0, 0, exact=not has_text(pred), false_text=has_text(pred))
+        if text_seen is None:
+            text_seen = shows_text([(w, 100.0) for w in pred.split()])
+        return Score(target, pred, 0, 0, 0, 0, exact=not text_seen, false_text=text_seen)
     return Score(target, pred, char_errors(pred, target), len(target), words_matched(pred, target),
                  len(target.split()), exact=pred == target, false_text=False)
 

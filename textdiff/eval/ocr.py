@@ -1,10 +1,12 @@
 """Read the text in images with Tesseract, called through its command-line program.
 
 Small generated images (64 px) are far below the text height Tesseract was trained on (about 30 px per
-capital letter), so each image is prepared first: grayscale, upscaled, turned dark-text-on-light, contrast
-stretched and given a margin (:func:`preprocess`). Many images go to one Tesseract process as a list file
-(one "page" each), because starting Tesseract and loading its language model costs ~0.2 s while reading a
-small page costs ~0.01 s.
+capital letter), so each image is prepared first (:func:`preprocess`): grayscale, upscaled by a whole factor
+to about ``eval.ocr_height`` px, turned dark-text-on-light, contrast stretched, Otsu-binarised and given a
+white margin; docs/eval.md has the measurements behind each step. Many images go to one Tesseract process
+as a list file (one "page" each), because starting Tesseract and loading its language model costs ~0.2 s
+while reading a small page costs ~0.01 s. Its TSV output gives every word with a confidence, which tells
+a shape read as a letter apart from text (:func:`textdiff.eval.metrics.shows_text`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
@@ -25,8 +28,6 @@ from textdiff.config import EvalConfig
 
 ImageLike = Union[Image.Image, np.ndarray]
 
-# Tesseract ends every page of its text output with this separator (its `page_separator` default).
-_PAGE_SEPARATOR = "\f"
 # Images per Tesseract process: large enough to amortise its start-up, small enough to spread over workers.
 _CHUNK = 32
 
@@ -77,15 +78,22 @@ def _otsu_threshold(gray: np.ndarray) -> int:
     return int(np.argmax(between))
 
 
+def upscale_factor(height: int, ocr_height: int) -> int:
+    """The whole factor that brings an image of ``height`` px closest to ``ocr_height`` px, at least 1."""
+    return max(1, round(ocr_height / height))
+
+
 def preprocess(image: ImageLike, cfg: EvalConfig) -> Image.Image:
-    """Prepare one image for Tesseract: an ``L`` image ``cfg.ocr_scale`` times larger, dark text on light.
+    """Prepare one image for Tesseract: an ``L`` image upscaled to about ``cfg.ocr_height`` px, dark text on
+    light, with a white margin of 1/8 of its side.
 
     The background is taken to be the median gray level (text covers the minority of pixels); a dark
     background is inverted. With ``cfg.ocr_binarize`` the result is thresholded at Otsu's level.
     """
     gray = to_pil(image).convert("L")
-    if cfg.ocr_scale != 1:
-        gray = gray.resize((gray.width * cfg.ocr_scale, gray.height * cfg.ocr_scale), Image.LANCZOS)
+    factor = upscale_factor(gray.height, cfg.ocr_height)
+    if factor != 1:
+        gray = gray.resize((gray.width * factor, gray.height * factor), Image.LANCZOS)
     if np.median(np.asarray(gray)) < 128:
         gray = ImageOps.invert(gray)
     gray = ImageOps.autocontrast(gray, cutoff=1)
@@ -96,11 +104,44 @@ def preprocess(image: ImageLike, cfg: EvalConfig) -> Image.Image:
     return ImageOps.expand(gray, border=margin, fill=255)
 
 
+@dataclass(frozen=True)
+class Reading:
+    """What Tesseract read in one image: ``text`` (words joined by spaces, lines by newlines) and each
+    word with its confidence in 0..100."""
+
+    text: str
+    words: tuple[tuple[str, float], ...] = ()
+
+
 def _tesseract_command(binary: str, list_file: Path, cfg: EvalConfig) -> list[str]:
-    return [binary, str(list_file), "stdout", "--psm", str(cfg.psm), "-l", cfg.ocr_lang]
+    return [binary, str(list_file), "stdout", "--psm", str(cfg.psm), "-l", cfg.ocr_lang, "tsv"]
 
 
-def _ocr_chunk(binary: str, images: Sequence[ImageLike], cfg: EvalConfig) -> list[str]:
+def parse_tsv(tsv: str, n_pages: int) -> list[Reading]:
+    """Split Tesseract's TSV output over ``n_pages`` pages into one Reading per page.
+
+    Columns: level page_num block_num par_num line_num word_num left top width height conf text; level 5
+    rows are words, level 1 rows mark each page (so a page without words still shows up).
+    """
+    pages: dict[int, dict[tuple[str, str, str], list[tuple[str, float]]]] = {}
+    for line in tsv.splitlines()[1:]:
+        cols = line.split("\t")
+        if len(cols) < 12 or not cols[0].isdigit():
+            continue
+        page = pages.setdefault(int(cols[1]), {})
+        if cols[0] == "5" and cols[11].strip():
+            page.setdefault((cols[2], cols[3], cols[4]), []).append((cols[11].strip(), float(cols[10])))
+    if sorted(pages) != list(range(1, n_pages + 1)):
+        raise TesseractError(f"Tesseract returned pages {sorted(pages)[:5]}... for {n_pages} images")
+    readings = []
+    for number in range(1, n_pages + 1):
+        lines = list(pages[number].values())
+        readings.append(Reading("\n".join(" ".join(w for w, _ in words) for words in lines),
+                                tuple(word for words in lines for word in words)))
+    return readings
+
+
+def _ocr_chunk(binary: str, images: Sequence[ImageLike], cfg: EvalConfig) -> list[Reading]:
     with tempfile.TemporaryDirectory(prefix="textdiff-ocr-") as tmp:
         paths = []
         for i, image in enumerate(images):
@@ -120,40 +161,33 @@ def _ocr_chunk(binary: str, images: Sequence[ImageLike], cfg: EvalConfig) -> lis
         except subprocess.TimeoutExpired:
             raise TesseractError(f"Tesseract took longer than {cfg.ocr_timeout_s} s per image on {len(images)} "
                                  "images; raise eval.ocr_timeout_s or check the machine's load") from None
-    stderr = result.stderr.decode("utf-8", "replace")
     if result.returncode != 0:
-        raise TesseractError(f"Tesseract {binary} exited with {result.returncode}: {stderr.strip()[-800:]}; "
+        raise TesseractError(f"Tesseract {binary} exited with {result.returncode}: "
+                             f"{result.stderr.decode('utf-8', 'replace').strip()[-800:]}; "
                              f"check eval.ocr_lang={cfg.ocr_lang!r} is installed (tesseract --list-langs)")
-    # every page, an empty one too, ends with the separator, so splitting leaves one empty tail
-    pages = result.stdout.decode("utf-8", "replace").split(_PAGE_SEPARATOR)
-    if len(pages) == len(images) + 1 and not pages[-1].strip():
-        pages = pages[:-1]
-    if len(pages) != len(images):
-        raise TesseractError(f"Tesseract returned {len(pages)} pages for {len(images)} images; its messages: "
-                             f"{stderr.strip()[-800:]}")
-    return [page.strip() for page in pages]
+    return parse_tsv(result.stdout.decode("utf-8", "replace"), len(images))
 
 
-def ocr_images(images: Iterable[ImageLike], cfg: EvalConfig, workers: int = 1, progress: bool = True) -> list[str]:
-    """Read the text of each image (uint8 ``[H, W, 3]`` arrays or PIL images); one string per image.
+def ocr_images(images: Iterable[ImageLike], cfg: EvalConfig, workers: int = 1,
+               progress: bool = True) -> list[Reading]:
+    """Read the text of each image (uint8 ``[H, W, 3]`` arrays or PIL images); one Reading per image.
 
-    Leading and trailing whitespace of each reading is removed; lines inside it are kept, joined by
-    ``"\\n"``. ``workers`` Tesseract processes run side by side, each on chunks of 32 images.
+    ``workers`` Tesseract processes run side by side, each on chunks of 32 images.
     """
     if workers < 1:
         raise ValueError(f"workers is {workers}; give at least 1 (--workers)")
     binary = find_tesseract(cfg.tesseract_cmd)
     images = list(images)
     chunks = [images[i:i + _CHUNK] for i in range(0, len(images), _CHUNK)]
-    texts: list[str] = []
+    readings: list[Reading] = []
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             tqdm(total=len(images), desc="ocr", unit="img", disable=not progress) as bar:
-        for chunk_texts in pool.map(lambda chunk: _ocr_chunk(binary, chunk, cfg), chunks):
-            texts.extend(chunk_texts)
-            bar.update(len(chunk_texts))
-    return texts
+        for chunk_readings in pool.map(lambda chunk: _ocr_chunk(binary, chunk, cfg), chunks):
+            readings.extend(chunk_readings)
+            bar.update(len(chunk_readings))
+    return readings
 
 
-def ocr_image(image: ImageLike, cfg: EvalConfig) -> str:
+def ocr_image(image: ImageLike, cfg: EvalConfig) -> Reading:
     """Read the text of one image; see :func:`ocr_images`."""
     return ocr_images([image], cfg, progress=False)[0]

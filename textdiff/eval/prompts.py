@@ -1,5 +1,10 @@
 """Evaluation prompts: the built-in held-out set of the synthetic domain, and a user's own JSONL file.
 
+The held-out set (:func:`heldout_prompts`) draws one or two words of ``HELDOUT_WORDS`` (disjoint from the
+training words, and mostly longer: 5-7 letters against 3-5) in the training set's mix of cases, with every
+fifth prompt text-free, as in the training set. Each prompt's caption describes the synthetic render of it
+(:func:`render_prompts`), so a caption-conditioned model is asked for the kind of scene it was trained on.
+
 A prompt file holds one JSON object per line: ``{"txt": "hello", "capt": "a sign", "seed": 3, "count": 2}``.
 ``txt`` is required (``""`` asks for an image without text); ``capt`` defaults to ``""``, ``seed`` to 0 and
 ``count`` (images per prompt) to 1. Other keys are ignored, so the JSONL written by ``tools/sample.py``
@@ -9,12 +14,19 @@ reads as a prompt file too; in it an ``image`` (or ``path``/``file``) key names 
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from PIL import Image
+
+from textdiff.config import EvalConfig
+from textdiff.data.synthetic import HELDOUT_WORDS, TEXT_FREE_SHARE, random_transcription, render_sample
+
 IMAGE_KEYS = ("image", "path", "file")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+TEXT_FREE_EVERY = round(1 / TEXT_FREE_SHARE)  # prompt i is text-free when i % TEXT_FREE_EVERY is the last
 
 
 class PromptFileError(ValueError):
@@ -104,3 +116,50 @@ def pair_images(prompts: list[Prompt], image_dir: str | Path) -> list[tuple[Path
                               f"{len(expanded)} (counts included); give one image per prompt and count, named "
                               "so that sorting by name puts them in prompt order, or add an 'image' key per line")
     return list(zip(files, expanded))
+
+
+def render_rng(seed: int, index: int) -> random.Random:
+    """The generator of the synthetic render of evaluation image ``index`` under ``seed``."""
+    return random.Random(f"textdiff-eval-render:{seed}:{index}")
+
+
+def render_prompts(prompts: list[Prompt], size: int = 64) -> list[Image.Image]:
+    """Render each prompt's ``txt`` with the synthetic generator (image i from ``render_rng(seed, i)``):
+    ``size`` x ``size`` RGB images of exactly the asked text, the best case for OCR.
+
+    ``prompts`` are taken one per image (see :func:`textdiff.eval.spelling.expand`).
+    """
+    return [render_sample(p.txt, render_rng(p.seed, i), size).image for i, p in enumerate(prompts)]
+
+
+def heldout_prompts(n: int, seed: int = 0, size: int = 64) -> list[Prompt]:
+    """The first ``n`` prompts of the built-in held-out set under ``seed``, for ``size`` px images.
+
+    Transcriptions are 1-2 words of ``HELDOUT_WORDS`` that fit ``size`` px; every 5th is "" (text-free).
+    Every prompt has ``seed`` and count 1; its caption is the first caption of its synthetic render.
+    """
+    if n < 1:
+        raise ValueError(f"the held-out prompt count is {n}; ask for at least 1 (eval.num_prompts / --renders)")
+    return [_heldout_prompt(i, seed, size) for i in range(n)]
+
+
+def _heldout_prompt(index: int, seed: int, size: int) -> Prompt:
+    text_rng = random.Random(f"textdiff-heldout:{seed}:{index}")
+    for _ in range(100):
+        txt = "" if index % TEXT_FREE_EVERY == TEXT_FREE_EVERY - 1 else \
+            random_transcription(text_rng, HELDOUT_WORDS, size)
+        try:
+            # the render's font size and tilt may leave no room for a text that fits others: draw again
+            capt = render_sample(txt, render_rng(seed, index), size).captions[0]
+        except ValueError:
+            continue
+        return Prompt(txt=txt, capt=capt, seed=seed)
+    raise ValueError(f"no held-out transcription fits a {size} px synthetic render; use a larger size (--size)")
+
+
+def eval_prompts(cfg: EvalConfig, size: int = 64) -> list[Prompt]:
+    """The prompts of training-time evaluation: ``cfg.prompts_file`` if set, else ``cfg.num_prompts``
+    held-out prompts under ``cfg.seed`` for ``size`` px images (``model.image_size``)."""
+    if cfg.prompts_file:
+        return read_prompts(cfg.prompts_file)
+    return heldout_prompts(cfg.num_prompts, cfg.seed, size)

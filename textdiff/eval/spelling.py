@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from textdiff.config import EvalConfig
-from textdiff.eval.metrics import Score, aggregate, score
-from textdiff.eval.ocr import ImageLike, ocr_images
+from textdiff.eval.metrics import Score, aggregate, score, shows_text
+from textdiff.eval.ocr import ImageLike, Reading, ocr_images
 from textdiff.eval.prompts import Prompt
 
 # sample_fn(txts, capts, seed) -> uint8 [N, H, W, 3] (array or CPU tensor) or a list of N PIL images
@@ -45,7 +45,7 @@ def expand(prompts: Sequence[Prompt]) -> list[Prompt]:
     return [p for p in prompts for _ in range(p.count)]
 
 
-def _per_prompt(prompts: Sequence[Prompt], readings: Sequence[str], scores: Sequence[Score]) -> list[dict]:
+def _per_prompt(prompts: Sequence[Prompt], readings: Sequence[Reading], scores: Sequence[Score]) -> list[dict]:
     groups: dict[tuple[str, str], list[int]] = {}
     for i, p in enumerate(prompts):
         groups.setdefault((p.txt, p.capt), []).append(i)
@@ -55,7 +55,7 @@ def _per_prompt(prompts: Sequence[Prompt], readings: Sequence[str], scores: Sequ
         keep = ("cer", "exact_match", "word_accuracy") if txt.strip() else ("false_text_rate",)
         rows.append({"txt": txt, "capt": capt, "n": len(idx),
                      **{k: _jsonable(metrics[k]) for k in keep},
-                     "readings": [readings[i] for i in idx]})
+                     "readings": [readings[i].text for i in idx]})
     return rows
 
 
@@ -70,7 +70,9 @@ def evaluate_images(images: Sequence[ImageLike], prompts: Sequence[Prompt], cfg:
         raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; give one prompt per image "
                          "(expand(prompts) repeats each by its count)")
     readings = ocr_images(images, cfg, workers=workers, progress=progress)
-    scores = [score(r, p.txt, cfg.normalize) for r, p in zip(readings, prompts)]
+    scores = [score(r.text, p.txt, cfg.normalize,
+                    text_seen=shows_text(r.words, cfg.false_text_min_chars, cfg.false_text_min_conf))
+              for r, p in zip(readings, prompts)]
     return SpellingReport(aggregate(scores), _per_prompt(prompts, readings, scores), cfg.normalize)
 
 
