@@ -120,7 +120,8 @@ def check_batch_keys(ds_config: dict, world_size: int) -> None:
 
 
 def build_engine(model: nn.Module, cfg: TextdiffConfig, world_size: int):
-    """Wrap ``model`` in a DeepSpeed engine; returns (engine, {name: frozen module kept outside it}).
+    """Wrap ``model`` in a DeepSpeed engine; returns (engine, {name: frozen module kept outside it}, names of
+    0-dim parameters trained as [1] (see :func:`promote_scalar_parameters`)).
 
     Only parameters with ``requires_grad`` reach the optimizer. The frozen modules are moved to this rank's
     device and compute dtype by hand, since DeepSpeed no longer owns them.
@@ -129,13 +130,13 @@ def build_engine(model: nn.Module, cfg: TextdiffConfig, world_size: int):
 
     check_batch_keys(cfg.deepspeed, world_size)
     frozen = detach_frozen_modules(model)
-    promote_scalar_parameters(model)
+    promoted = promote_scalar_parameters(model)
     dev, dtype = device(), compute_dtype(cfg.deepspeed)
     for module in frozen.values():
         module.to(device=dev, dtype=dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=dict(cfg.deepspeed))
-    return engine, frozen
+    return engine, frozen, promoted
 
 
 def trainable_named_parameters(engine) -> list[tuple[str, nn.Parameter]]:

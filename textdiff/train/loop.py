@@ -29,7 +29,7 @@ from textdiff.config import ConfigError, TextdiffConfig
 from textdiff.train import engine as eng
 from textdiff.train.checkpoint import CheckpointManager, check_resume_compatible, resolve_resume
 from textdiff.train.ema import EMA
-from textdiff.train.logging import TrainLogger, gpu_memory_gib, per_rank, setup_logging
+from textdiff.train.logging import TrainLogger, gpu_memory_gib, image_grid, per_rank, save_png, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class Trainer:
 
         self.generator = seed_everything(cfg.train.seed, self.rank)
         model = build_model(cfg.model, load_capt_weights=load_capt_weights)
-        self.engine, self.frozen = eng.build_engine(model, cfg, self.world_size)
+        self.engine, self.frozen, promoted = eng.build_engine(model, cfg, self.world_size)
         self.diffusion = build_diffusion(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
         self.timesteps = build_timestep_sampler(cfg.diffusion.schedule_sampler, self.diffusion.num_timesteps)
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
@@ -132,7 +132,8 @@ class Trainer:
         named = eng.trainable_named_parameters(self.engine)
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        initial = eng.full_fp32_parameters(self.engine, self.params)
+        self.scalar = [n in promoted for n in self.param_names]  # kept 0-dim in the EMA, as in the model
+        initial = self._full_parameters()
         self.ema = EMA(self.param_names, initial, cfg.ema) if self.rank == 0 else None
         del initial
         self.step = 0
@@ -145,6 +146,8 @@ class Trainer:
         self.batches = iter(self.stream)
         self.logger = TrainLogger(self.run_dir, self.rank)
         self.fresh = resume_from is None
+        self._sampler_model: Optional[torch.nn.Module] = None
+        self.first_batch: Optional[dict] = None
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             text = json.dumps(cfg.to_dict(), indent=2)
@@ -170,6 +173,10 @@ class Trainer:
                         "seen before may repeat", path)
             return None
         return stream_state
+
+    def _full_parameters(self) -> list[torch.Tensor]:
+        full = eng.full_fp32_parameters(self.engine, self.params)
+        return [t.reshape(()) if scalar else t for t, scalar in zip(full, self.scalar)]
 
     def _all_reduce(self, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -219,10 +226,12 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(self.batches)
             data_time += time.perf_counter() - t0
-            if self.fresh and self.step == 0 and micro == 0 and self.rank == 0 and self.cfg.data.save_first_batch:
-                from textdiff.data.preview import save_batch_preview
+            if self.first_batch is None:
+                self.first_batch = batch
+                if self.fresh and self.rank == 0 and self.cfg.data.save_first_batch:
+                    from textdiff.data.preview import save_batch_preview
 
-                save_batch_preview(batch, self.run_dir)
+                    save_batch_preview(batch, self.run_dir)
             loss, t, micro_terms = self._micro_batch_loss(batch)
             bad, stop_votes = self._all_reduce([0.0 if bool(torch.isfinite(loss)) else 1.0,
                                                 float(stop is not None and stop.requested)])
@@ -241,7 +250,7 @@ class Trainer:
         if stop is not None and stop_votes:
             stop.requested = True
         skipped = self.engine.skipped_steps > skipped_before
-        current = eng.full_fp32_parameters(self.engine, self.params) if not skipped else None
+        current = self._full_parameters() if not skipped else None
         if self.ema is not None and current is not None:
             self.ema.update(current)
         del current
@@ -279,6 +288,51 @@ class Trainer:
         values.update(gpu_memory_gib(self.device) or {})
         self.logger.scalars(self.step, values)
 
+    def _ema_model(self) -> torch.nn.Module:
+        """A plain (non-DeepSpeed) copy of the model on rank 0 for sampling, sharing the frozen modules."""
+        from textdiff.models import build_model
+
+        model = build_model(self.cfg.model, load_capt_weights=False)
+        for name in eng.detach_frozen_modules(model):
+            parent, _, attr = name.rpartition(".")
+            object.__setattr__(model.get_submodule(parent) if parent else model, attr, self.frozen[name])
+        return model.to(self.device).eval()
+
+    def sample_grid(self, first_batch: Optional[dict]) -> Optional[torch.Tensor]:
+        """Rank 0: sample ``train.sample_prompts`` with the EMA weights and guidance; write the grid to
+        TensorBoard (``samples/ema``) and ``RUN_DIR/samples/step_N.png``. Returns it ([3, H, W]), None elsewhere.
+
+        Upsamplers take their low-res inputs from the first training batch (the same images every time).
+        """
+        from textdiff.sampling.cascade import StageSettings, sample_stage
+        from textdiff.sampling.loading import LoadedModel, load_weights
+
+        if self.ema is None:
+            return None
+        cfg = self.cfg.train
+        if self._sampler_model is None:
+            self._sampler_model = self._ema_model()
+        rate = cfg.sample_ema_rate if cfg.sample_ema_rate is not None else self.cfg.ema.rates[0]
+        load_weights(self._sampler_model, self.ema.named_averages(rate), f"EMA {rate} at step {self.step}")
+        loaded = LoadedModel(self._sampler_model, self.diffusion, self.cfg, str(self.run_dir), f"ema:{rate}")
+        n = len(cfg.sample_prompts)
+        captions = list(cfg.sample_captions) or [""] * n
+        low_res = None
+        if self.cfg.model.low_res_size:
+            repeats = -(-n // first_batch["low_res"].shape[0])
+            low_res = first_batch["low_res"].repeat(repeats, 1, 1, 1)[:n]
+        settings = StageSettings(sampler="ddim", steps=str(cfg.sample_steps),
+                                 guidance_txt=cfg.sample_guidance_scale_txt,
+                                 guidance_capt=cfg.sample_guidance_scale_capt)
+        precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+        with torch.no_grad():
+            images = sample_stage(loaded, settings, list(cfg.sample_prompts), captions, list(range(n)),
+                                  low_res=low_res, precision=precision, progress=False)
+        grid = image_grid(images, nrow=n)
+        self.logger.image("samples/ema", self.step, grid)
+        save_png(grid, self.run_dir / "samples" / f"step_{self.step:08d}.png")
+        return grid
+
     def save(self) -> Path:
         """Checkpoint the current step (all ranks must call this)."""
         rank_state = {"step": self.step, "losses": self.losses, "rng": rng_state(),
@@ -304,6 +358,8 @@ class Trainer:
                 progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or stop.requested:
                     self.log_metrics(metrics)
+                if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.max_steps):
+                    self.sample_grid(self.first_batch)
                 if self.step % self.cfg.checkpoint.save_every == 0 or self.step == cfg.max_steps or stop.requested:
                     last_saved = self.save()
                 if stop.requested:

@@ -1,0 +1,61 @@
+"""A tiny recipe (16 px U-net, a few thousand parameters per block) that trains on the synthetic shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from textdiff.config import TextdiffConfig, apply_overrides, config_from_dict
+
+TINY_CLIP = str(Path(__file__).parents[1] / "models" / "tiny_clip.json")
+
+
+def tiny_recipe(shards: Path) -> dict:
+    """A recipe dict: micro-batch 4, AdamW, fp32, ZeRO 0; 16 px model with transcription conditioning."""
+    return {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "torch_adam": True}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 2e-3,
+                                                     "warmup_num_steps": 5, "warmup_type": "linear"}},
+        "zero_optimization": {"stage": 0},
+        "steps_per_print": 1000000,
+        "textdiff": {
+            "model": {"image_size": 16, "num_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1,
+                      "attention_resolutions": [8], "num_heads": 2, "channels_per_head": 32, "learn_sigma": True,
+                      "txt": True, "txt_dim": 32, "txt_depth": 1, "max_seq_len": 16, "txt_resolutions": [8],
+                      "cross_attn_channels_per_head": 16, "txt_pdrop": 0.1},
+            "diffusion": {"diffusion_steps": 1000, "noise_schedule": "cosine"},
+            "data": {"shards": str(shards / "manifest.json"), "num_workers": 0, "shuffle_buffer": 16,
+                     "resampled": False, "save_first_batch": False},
+            "train": {"max_steps": 4, "log_every": 1, "sample_every": 0},
+            "ema": {"rates": [0.9, 0.5]},
+            "checkpoint": {"save_every": 1000, "keep_last": 2},
+        },
+    }
+
+
+def tiny_config(shards: Path, *overrides: str) -> TextdiffConfig:
+    """The tiny recipe with ``SECTION.KEY=VALUE`` overrides applied."""
+    return config_from_dict(apply_overrides(tiny_recipe(shards), list(overrides)))
+
+
+def write_recipe(shards: Path, path: Path, *overrides: str) -> Path:
+    """Write the tiny recipe (with overrides) as a JSON file for launch.sh; returns its path."""
+    path.write_text(json.dumps(apply_overrides(tiny_recipe(shards), list(overrides)), indent=1))
+    return path
+
+
+@pytest.fixture
+def tiny_clip() -> str:
+    """Path of the tiny open_clip text-tower config (random weights) of the model tests."""
+    return TINY_CLIP
+
+
+@pytest.fixture
+def tiny(synthetic_shards):
+    """tiny(*overrides) -> TextdiffConfig on the session's synthetic shards."""
+    return lambda *overrides: tiny_config(synthetic_shards, *overrides)

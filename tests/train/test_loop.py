@@ -1,0 +1,99 @@
+"""The training loop in-process (world size 1): exact resume, NaN handling, SIGTERM, frozen CLIP under ZeRO-3."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+from textdiff.train.checkpoint import complete_checkpoints
+from textdiff.train.loop import Trainer, TrainingDiverged, nonfinite_action
+
+
+def _recording(batches, keys):
+    for batch in batches:
+        keys.extend(batch["key"])
+        yield batch
+
+
+def _run(cfg, run_dir, resume=None, keys=None):
+    trainer = Trainer(cfg, run_dir, resume=resume)
+    if keys is not None:
+        trainer.batches = _recording(trainer.batches, keys)
+    summary = trainer.run()
+    trainer.close()
+    return trainer, summary
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_four_steps_straight_equal_two_plus_resumed_two(tiny, tmp_path, stage):
+    zero = f"deepspeed.zero_optimization.stage={stage}"
+    straight_keys, first_keys, second_keys = [], [], []
+    straight, _ = _run(tiny(zero, "train.max_steps=4"), tmp_path / "straight", keys=straight_keys)
+    _run(tiny(zero, "train.max_steps=2"), tmp_path / "split", keys=first_keys)
+    resumed, summary = _run(tiny(zero, "train.max_steps=4"), tmp_path / "split", resume="auto", keys=second_keys)
+
+    assert summary["step"] == 4 and resumed.ema.num_updates == 4
+    for (name, a), b in zip(straight.engine.module.state_dict().items(), resumed.engine.module.state_dict().values()):
+        assert torch.equal(a, b), name
+    for rate in (0.9, 0.5):
+        for name, a in straight.ema.named_averages(rate).items():
+            assert torch.equal(a, resumed.ema.named_averages(rate)[name]), (rate, name)
+    assert len(straight_keys) == 16 and len(set(straight_keys)) == 16  # 4 steps x 4 images, none repeated
+    assert first_keys + second_keys == straight_keys
+    assert [s for s, _ in complete_checkpoints(tmp_path / "split" / "checkpoints")] == [2, 4]
+
+
+def test_a_nan_loss_under_fp32_stops_naming_the_step_and_saves_nothing(tiny, tmp_path):
+    trainer = Trainer(tiny("train.max_steps=10", "checkpoint.save_every=1"), tmp_path / "run")
+    trainer.train_step()
+    before = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
+    with torch.no_grad():
+        trainer.engine.module.out_conv.bias.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match=r"not finite at step 2 .* under float32"):
+        trainer.train_step()
+    after = trainer.engine.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k != "out_conv.bias")
+    assert complete_checkpoints(tmp_path / "run" / "checkpoints") == []
+    trainer.close()
+
+
+def test_nonfinite_loss_is_skipped_only_under_fp16():
+    assert nonfinite_action(torch.float16) == "skip"
+    assert nonfinite_action(torch.bfloat16) == "stop"
+    assert nonfinite_action(torch.float32) == "stop"
+
+
+def test_sigterm_saves_a_checkpoint_and_returns(tiny, tmp_path):
+    trainer = Trainer(tiny("train.max_steps=50"), tmp_path / "run")
+
+    def term_after_two(batches):
+        for i, batch in enumerate(batches):
+            if i == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    trainer.batches = term_after_two(trainer.batches)
+    summary = trainer.run()
+    trainer.close()
+    assert summary["stopped"] and summary["step"] == 3
+    assert [s for s, _ in complete_checkpoints(tmp_path / "run" / "checkpoints")] == [3]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_frozen_caption_encoder_stays_out_of_zero3_and_the_optimizer(tiny, tiny_clip, tmp_path):
+    trainer = Trainer(tiny("deepspeed.zero_optimization.stage=3", "model.using_capt=true",
+                           f"model.clipname={tiny_clip}", "model.clip_pretrained=", "model.capt_pdrop=0.1",
+                           "train.max_steps=2"), tmp_path / "run")
+    encoder = trainer.frozen["capt_encoder"]
+    assert not any(n.startswith("capt_encoder.") for n, _ in trainer.engine.module.named_parameters())
+    assert all(not hasattr(p, "ds_id") for p in encoder.parameters())  # not ZeRO-partitioned
+    optimized = {id(p) for group in trainer.engine.optimizer.fp16_groups for p in group}
+    assert len(optimized) == len(list(trainer.engine.module.parameters()))
+    assert not optimized & {id(p) for p in encoder.parameters()}
+    weights = [p.clone() for p in encoder.parameters()]
+    summary = trainer.run()
+    trainer.close()
+    assert summary["step"] == 2 and all(torch.isfinite(torch.tensor(summary["losses"])))
+    assert all(torch.equal(a, b) for a, b in zip(weights, encoder.parameters()))
+    assert trainer.ema.named_averages(0.9)["out_conv.weight"].shape == (6, 32, 3, 3)
