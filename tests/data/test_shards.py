@@ -401,3 +401,8 @@ def test_command_fails_when_every_input_was_skipped(tmp_path, capsys):
     assert main([str(src), str(tmp_path / "out"), "--workers", "0"]) == 1
     captured = capsys.readouterr()
     assert "a.png: a.txt is not UTF-8" in captured.out and "no sample was written" in captured.err
+
+
+def test_synthetic_size_below_16_px_is_refused_naming_the_flag(tmp_path, capsys):
+    assert main(["--synthetic", "2", str(tmp_path / "out"), "--size", "8", "--workers", "0"]) == 1
+    assert "--size 8: synthetic images need at least 16 px" in capsys.readouterr().err

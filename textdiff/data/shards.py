@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from textdiff.data import sources
 from textdiff.data.sources import (BAD_INPUT_KINDS, ImageJob, KeyIndex, Problem, ShardSample, SourceError,
                                    SourceOptions)
-from textdiff.data.synthetic import synthetic_sample
+from textdiff.data.synthetic import MIN_SIZE as MIN_SYNTHETIC_SIZE, synthetic_sample
 
 SHARD_NAME = "shard-{:06d}.tar"
 PARTIAL_SUFFIX = ".partial"
@@ -184,6 +184,8 @@ def make_synthetic_shards(n: int, out_dir: str | Path, seed: int = 0, size: int 
     """Write ``n`` demo images (textdiff.data.synthetic) as shards into ``out_dir``; returns the manifest."""
     if n < 1:
         raise ShardingError(f"--synthetic {n}: give a positive number of images")
+    if size < MIN_SYNTHETIC_SIZE:
+        raise ShardingError(f"--size {size}: synthetic images need at least {MIN_SYNTHETIC_SIZE} px for legible text")
     out_dir = Path(out_dir)
     prepare_out_dir(out_dir, overwrite)
     written: Counter = Counter()

@@ -60,6 +60,7 @@ sugar summit tiger timber tomato tulip velvet violet walnut willow zebra bison c
 feather forest glacier hammer island jungle lagoon lantern meteor orchid parrot pebble pirate puzzle
 """.split())
 
+MIN_SIZE = 16  # px; below this no word is legible
 # Fraction of text-free ("es") images in the demo set.
 TEXT_FREE_SHARE = 0.2
 # Font sizes (em), as fractions of the drawn side: small enough for two short words, big enough for OCR.
@@ -257,8 +258,8 @@ def draw_scene(text: str, rng: random.Random, size: int = 64) -> Scene:
     Long text gets a smaller font, then no tilt; raises ValueError when it does not fit even so (when
     :func:`text_fits` is false).
     """
-    if size < 16:
-        raise ValueError(f"synthetic image size {size} is below 16 px; text would not be legible")
+    if size < MIN_SIZE:
+        raise ValueError(f"synthetic image size {size} is below {MIN_SIZE} px; text would not be legible")
     factor = rng.choices([s for s, _ in PX_SCALES], weights=[w for _, w in PX_SCALES])[0]
     drawn = round(size / factor)
     light_background = rng.random() < 0.6
