@@ -71,3 +71,30 @@ def test_an_exported_file_loads_the_weights_it_was_written_with(runs, tmp_path):
     assert torch.equal(_param(loaded.model), _param(runs.base_model) * EMA_SCALE)
     assert read_source_config(path).model.image_size == 16
     assert loaded.weights == "export"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_raw_weights_of_a_real_zero_checkpoint_are_the_trained_fp32_weights(synthetic_shards, tmp_path, stage):
+    from textdiff.config import config_from_dict
+    from textdiff.train import engine as eng
+    from textdiff.train.loop import Trainer
+
+    recipe = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+              "zero_optimization": {"stage": stage}, "steps_per_print": 1000000,
+              "textdiff": {"model": {"image_size": 16, "num_channels": 32, "channel_mult": [1], "num_res_blocks": 1,
+                                     "attention_resolutions": [], "num_heads": 1, "channels_per_head": 32},
+                           "diffusion": {"diffusion_steps": 100},
+                           "data": {"shards": str(synthetic_shards / "manifest.json"), "num_workers": 0,
+                                    "shuffle_buffer": 4, "resampled": False, "save_first_batch": False},
+                           "train": {"max_steps": 1, "log_every": 1, "sample_every": 0},
+                           "ema": {"rates": [0.5]}}}
+    trainer = Trainer(config_from_dict(recipe), tmp_path / "run")
+    trainer.run()
+    trained = dict(zip(trainer.param_names, eng.full_fp32_parameters(trainer.engine, trainer.params)))
+    trainer.close()
+    raw = load_for_sampling(tmp_path / "run", "raw")
+    for name, p in raw.model.named_parameters():
+        assert torch.equal(p.detach(), trained[name].reshape(p.shape)), name
+    ema = load_for_sampling(tmp_path / "run", "ema")
+    assert ema.weights == "ema:0.5"
