@@ -58,6 +58,8 @@ class ShardInfo:
 
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     """Create ``out_dir``; refuse a non-empty one unless ``overwrite``, which removes earlier shards only."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ShardingError(f"output folder {out_dir} is a file; give a folder path")
     out_dir.mkdir(parents=True, exist_ok=True)
     present = sorted(p.name for p in out_dir.iterdir())
     if present and not overwrite:
