@@ -65,9 +65,8 @@ def test_enlarged_images_have_px_scale_above_1_and_exact_safeboxes():
         _, box = paint(scene)
         ys, xs = np.nonzero(ink_of_text_alone(scene))
         assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == box
-    sample = render_sample("lamp", random.Random(next(i for i in range(200) if draw_scene(
-        "lamp", random.Random(i), 64).drawn_size == 51)), 64)
-    assert sample.px_scale == [64 / 51, 64 / 51]
+    seed = next(i for i in range(200) if draw_scene("lamp", random.Random(i), 64).drawn_size == 51)
+    assert render_sample("lamp", random.Random(seed), 64).px_scale == [64 / 51, 64 / 51]
 
 
 def test_render_sample_gives_rgb_image_of_the_requested_size_with_captions():
