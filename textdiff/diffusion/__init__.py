@@ -1,0 +1,29 @@
+"""Gaussian diffusion: schedules, the forward/reverse process and its losses, respacing, timestep samplers.
+
+``build_diffusion(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)`` is the one entry point.
+"""
+
+from __future__ import annotations
+
+from textdiff.diffusion.gaussian import GaussianDiffusion
+from textdiff.diffusion.respace import respace, space_timesteps
+from textdiff.diffusion.schedules import betas_for
+
+
+def build_diffusion(diffusion_cfg, learn_sigma: bool) -> GaussianDiffusion:
+    """The process described by the ``diffusion`` config section, respaced if it says so.
+
+    ``learn_sigma`` comes from ``model.learn_sigma``: it decides whether the network's output carries the
+    variance half and so which loss applies.
+    """
+    full = GaussianDiffusion(
+        betas_for(diffusion_cfg.noise_schedule, diffusion_cfg.diffusion_steps),
+        learn_sigma=learn_sigma, predict_xstart=diffusion_cfg.predict_xstart, use_kl=diffusion_cfg.use_kl,
+        rescale_learned_sigmas=diffusion_cfg.rescale_learned_sigmas,
+        rescale_timesteps=diffusion_cfg.rescale_timesteps)
+    if not diffusion_cfg.timestep_respacing:
+        return full
+    return respace(full, space_timesteps(full.num_timesteps, diffusion_cfg.timestep_respacing))
+
+
+__all__ = ["GaussianDiffusion", "build_diffusion", "respace", "space_timesteps"]

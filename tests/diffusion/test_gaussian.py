@@ -1,0 +1,130 @@
+"""Specification of textdiff.diffusion.gaussian: forward process, posterior, VLB and training losses."""
+
+import math
+
+import pytest
+import torch
+
+from textdiff.config import DiffusionConfig
+from textdiff.diffusion import build_diffusion
+from textdiff.diffusion.gaussian import GaussianDiffusion, quartile_means
+from textdiff.diffusion.schedules import cosine_betas, linear_betas
+
+
+def _diffusion(learn_sigma=True, **kw):
+    return GaussianDiffusion(cosine_betas(100), learn_sigma=learn_sigma, **kw)
+
+
+def test_q_sample_has_mean_sqrt_abar_x0_and_variance_1_minus_abar():
+    d = _diffusion()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.full((20000, 1), 0.7, dtype=torch.float64)
+    t = torch.full((20000,), 40)
+    xt = d.q_sample(x0, t, torch.randn(x0.shape, generator=g, dtype=torch.float64))
+    abar = d.alphas_cumprod[40].item()
+    assert xt.mean().item() == pytest.approx(math.sqrt(abar) * 0.7, abs=0.02)
+    assert xt.var().item() == pytest.approx(1 - abar, rel=0.03)
+
+
+def test_posterior_matches_the_product_of_gaussians():
+    d = GaussianDiffusion(linear_betas(50), learn_sigma=False)
+    x0, xt = torch.tensor([[0.3]], dtype=torch.float64), torch.tensor([[-1.2]], dtype=torch.float64)
+    t = 17
+    beta, abar_prev = d.betas[t].item(), d.alphas_cumprod[t - 1].item()
+    # q(x_{t-1} | x_0) q(x_t | x_{t-1}) as a Gaussian in x_{t-1}: precisions add
+    precision = (1 - beta) / beta + 1 / (1 - abar_prev)
+    mean = (math.sqrt(1 - beta) / beta * xt.item() + math.sqrt(abar_prev) / (1 - abar_prev) * x0.item()) / precision
+    got_mean, got_log_var = d.q_posterior(x0, xt, torch.tensor([t]))
+    assert got_mean.item() == pytest.approx(mean, rel=1e-10)
+    assert math.exp(got_log_var.item()) == pytest.approx(1 / precision, rel=1e-10)
+
+
+def test_vlb_term_is_zero_for_the_true_posterior():
+    d = _diffusion()
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(8, 3, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    t = torch.arange(1, 100, 12)[:8]
+    xt = d.q_sample(x0, t, noise)
+    true_output = torch.cat([noise, -torch.ones_like(noise)], dim=1)  # exact eps, v = -1: posterior variance
+    assert d.vb_terms(true_output, x0, xt, t).abs().max().item() < 1e-9
+    wrong = torch.cat([noise + 0.1, -torch.ones_like(noise)], dim=1)
+    assert d.vb_terms(wrong, x0, xt, t).min().item() > 1e-6
+
+
+def test_decoder_nll_at_step_0_is_the_mass_of_the_pixel_bin():
+    d = _diffusion()
+    x0 = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64).reshape(1, 3, 1, 1)
+    noise = torch.zeros_like(x0)
+    t = torch.zeros(1, dtype=torch.long)
+    xt = d.q_sample(x0, t, noise)
+    nll = d.vb_terms(torch.cat([noise, torch.ones_like(noise)], dim=1), x0, xt, t)  # v = +1: variance beta_0
+    half_bin = (1 / 255) / math.sqrt(d.betas[0].item())
+    cdf = 0.5 * (1 + math.erf(half_bin / math.sqrt(2)))
+    bits = [-math.log2(cdf), -math.log2(2 * cdf - 1), -math.log2(cdf)]  # edge bins are open-ended
+    assert nll.item() == pytest.approx(sum(bits) / 3, rel=1e-6)
+
+
+class _Constant(torch.nn.Module):
+    """A 'network' whose output is a learnable tensor, so gradients can be inspected."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = torch.nn.Parameter(out)
+
+    def forward(self, x, t):
+        return self.out * 1
+
+
+def test_training_losses_are_per_sample_and_vb_does_not_train_the_mean():
+    d = _diffusion()
+    net = _Constant(torch.zeros(4, 6, 2, 2))
+    terms = d.training_losses(net, torch.zeros(4, 3, 2, 2), torch.tensor([0, 10, 50, 99]),
+                              generator=torch.Generator().manual_seed(0))
+    assert {k: tuple(v.shape) for k, v in terms.items()} == {"loss": (4,), "mse": (4,), "vb": (4,)}
+    terms["vb"].sum().backward()
+    assert net.out.grad[:, :3].abs().max().item() == 0.0
+    assert net.out.grad[:, 3:].abs().max().item() > 0.0
+
+
+def test_hybrid_loss_is_mse_plus_vb_scaled_by_steps_over_1000():
+    d = _diffusion(rescale_learned_sigmas=True)
+    net = _Constant(torch.randn(2, 6, 2, 2, generator=torch.Generator().manual_seed(3)))
+    terms = d.training_losses(net, torch.zeros(2, 3, 2, 2), torch.tensor([5, 60]),
+                              generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(terms["loss"], terms["mse"] + 0.1 * terms["vb"])
+
+
+def test_use_kl_loss_is_vb_times_the_step_count():
+    d = _diffusion(use_kl=True)
+    net = _Constant(torch.randn(2, 6, 2, 2, generator=torch.Generator().manual_seed(3)))
+    terms = d.training_losses(net, torch.zeros(2, 3, 2, 2), torch.tensor([5, 60]),
+                              generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(terms["loss"], 100 * terms["vb"])
+
+
+def test_fixed_variance_loss_is_the_mse_and_vb_is_only_logged():
+    d = _diffusion(learn_sigma=False)
+    net = _Constant(torch.zeros(2, 3, 2, 2))
+    terms = d.training_losses(net, torch.zeros(2, 3, 2, 2), torch.tensor([5, 60]))
+    assert torch.equal(terms["loss"], terms["mse"])
+    assert not terms["vb"].requires_grad
+
+
+def test_rescale_timesteps_maps_respaced_indices_onto_0_to_1000():
+    d = build_diffusion(DiffusionConfig(diffusion_steps=4000, timestep_respacing="ddim40", rescale_timesteps=True),
+                        learn_sigma=True)
+    assert d.model_time(torch.tensor([0, 1, 39])).tolist() == [0.0, 25.0, 975.0]
+
+
+def test_sampling_fn_turns_an_x0_prediction_into_eps():
+    d = _diffusion(learn_sigma=False, predict_xstart=True)
+    x0, noise = torch.full((1, 3), 0.5, dtype=torch.float64), torch.full((1, 3), -0.2, dtype=torch.float64)
+    xt = d.q_sample(x0, torch.tensor([30]), noise)
+    fn = d.sampling_fn(lambda x, t: x0.expand_as(x))
+    assert torch.allclose(fn(xt, torch.tensor([30.0])), noise)
+
+
+def test_quartile_means_split_by_timestep_quarter():
+    out = quartile_means({"mse": torch.tensor([1.0, 2.0, 3.0, 5.0])}, torch.tensor([0, 24, 25, 99]), 100)
+    assert out == {"mse_q0": 1.5, "mse_q1": 3.0, "mse_q3": 5.0}

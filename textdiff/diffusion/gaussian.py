@@ -1,0 +1,222 @@
+"""Gaussian diffusion: forward noising, the true posterior, the model's reverse step and the training loss.
+
+Notation (Ho et al. 2020; Nichol & Dhariwal 2021): ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` with
+``abar_t = alphas_cumprod[t]``; indices ``t`` run over the K steps of this (possibly respaced) process, and
+``timestep_map[t]`` is the step of the original training process that index stands for.
+
+The network's raw output is ``[N, C, ...]`` (eps, or x_0 with ``predict_xstart``) or, with ``learn_sigma``,
+``[N, 2C, ...]`` whose second half ``v`` in [-1, 1] interpolates the log variance between the posterior
+variance (v = -1) and beta_t (v = +1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from textdiff.diffusion.schedules import alphas_cumprod as cumprod_of
+from textdiff.diffusion.schedules import alpha_bar_at, interp_at
+
+ModelFn = Callable[..., torch.Tensor]
+
+
+def _per_sample(arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``arr[t]`` as ``[N, 1, 1, ...]`` broadcastable against ``like``, in ``like``'s dtype and device."""
+    out = arr.to(like.device)[t.to(like.device).long()].to(like.dtype)
+    return out.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension but the batch: ``[N, ...]`` -> ``[N]``."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
+    """Elementwise KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats (broadcasting)."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """Elementwise log-likelihood of 8-bit data ``x`` in [-1, 1] under a Gaussian discretised into 256 bins.
+
+    ``log_scale`` is the log standard deviation; the edge bins extend to -inf / +inf. Returns nats.
+    """
+    inv_std = torch.exp(-log_scale)
+    plus = inv_std * (x - mean + 1.0 / 255.0)
+    minus = inv_std * (x - mean - 1.0 / 255.0)
+    log_cdf_plus = torch.special.log_ndtr(plus)
+    log_one_minus_cdf_minus = torch.special.log_ndtr(-minus)
+    middle = (torch.special.ndtr(plus) - torch.special.ndtr(minus)).clamp(min=1e-12).log()
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_minus, middle))
+
+
+class GaussianDiffusion:
+    """A discrete Gaussian diffusion process of K steps; immutable after construction.
+
+    ``betas``: ``[K]``; ``timestep_map``: ``[K]`` original training steps (default ``0..K-1``);
+    ``num_train_steps``: length of the original process (for ``rescale_timesteps``).
+    """
+
+    def __init__(self, betas: torch.Tensor, learn_sigma: bool, predict_xstart: bool = False,
+                 use_kl: bool = False, rescale_learned_sigmas: bool = False, rescale_timesteps: bool = False,
+                 timestep_map: Optional[torch.Tensor] = None, num_train_steps: Optional[int] = None):
+        betas = betas.to(torch.float64)
+        if betas.ndim != 1 or not bool(((betas > 0) & (betas <= 1)).all()):
+            raise ValueError("betas must be a 1-D tensor with every entry in (0, 1]")
+        self.betas = betas
+        self.num_timesteps = len(betas)
+        self.learn_sigma = learn_sigma
+        self.predict_xstart = predict_xstart
+        self.use_kl = use_kl
+        self.rescale_learned_sigmas = rescale_learned_sigmas
+        self.rescale_timesteps = rescale_timesteps
+        self.timestep_map = (torch.arange(len(betas)) if timestep_map is None else timestep_map).long()
+        self.num_train_steps = num_train_steps or len(betas)
+
+        self.alphas_cumprod = cumprod_of(betas)
+        self.alphas_cumprod_prev = torch.cat([betas.new_ones(1), self.alphas_cumprod[:-1]])
+        self.posterior_variance = betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
+        # the posterior variance is 0 at t = 0; its log is clipped to the value at t = 1
+        floor = self.posterior_variance[1] if len(betas) > 1 else betas[0]
+        self.posterior_log_variance_clipped = torch.cat([floor.reshape(1), self.posterior_variance[1:]]).log()
+        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - self.alphas_cumprod)
+        # fixed variance when the model does not learn it: beta_t ("fixed large"), with t = 0 as above
+        self.fixed_log_variance = torch.cat([floor.reshape(1), betas[1:]]).log()
+
+    # -- forward process --------------------------------------------------------------------------------
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Noise ``x_start`` ``[N, ...]`` to steps ``t`` ``[N]``: ``sqrt(abar) x_0 + sqrt(1 - abar) noise``."""
+        abar = _per_sample(self.alphas_cumprod, t, x_start)
+        return abar.sqrt() * x_start + (1 - abar).sqrt() * noise
+
+    def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and clipped log variance of q(x_{t-1} | x_t, x_0): ``[N, ...]`` and ``[N, 1, ...]``."""
+        mean = (_per_sample(self.posterior_mean_coef1, t, x_t) * x_start
+                + _per_sample(self.posterior_mean_coef2, t, x_t) * x_t)
+        return mean, _per_sample(self.posterior_log_variance_clipped, t, x_t)
+
+    def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_0 implied by ``eps`` at ``x_t``: ``(x_t - sqrt(1 - abar) eps) / sqrt(abar)``."""
+        abar = _per_sample(self.alphas_cumprod, t, x_t)
+        return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+    def predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, x_start: torch.Tensor) -> torch.Tensor:
+        """eps implied by ``x_start`` at ``x_t``: ``(x_t - sqrt(abar) x_0) / sqrt(1 - abar)``."""
+        abar = _per_sample(self.alphas_cumprod, t, x_t)
+        return (x_t - abar.sqrt() * x_start) / (1 - abar).sqrt()
+
+    # -- reverse process --------------------------------------------------------------------------------
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The time the network sees for indices ``t`` (fractional allowed): ``[N]`` float32.
+
+        ``timestep_map[t]``, scaled to [0, 1000) with ``rescale_timesteps``.
+        """
+        mapped = interp_at(self.timestep_map, t)
+        if self.rescale_timesteps:
+            mapped = mapped * (1000.0 / self.num_train_steps)
+        return mapped.float()
+
+    def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model's Gaussian p(x_{t-1} | x_t) from its raw output.
+
+        ``model_output``: ``[N, C or 2C, ...]``; ``x_t``: ``[N, C, ...]``; ``t``: ``[N]`` integer indices.
+        Returns ``mean``, ``log_variance`` (``[N, C, ...]`` or broadcastable), ``pred_xstart`` and ``eps``.
+        """
+        channels = x_t.shape[1]
+        if self.learn_sigma:
+            if model_output.shape[1] != 2 * channels:
+                raise ValueError(f"learn_sigma expects {2 * channels} output channels, got {model_output.shape[1]}")
+            pred, v = model_output.split(channels, dim=1)
+            frac = (v + 1) / 2
+            log_variance = (frac * _per_sample(self.betas.log(), t, x_t)
+                            + (1 - frac) * _per_sample(self.posterior_log_variance_clipped, t, x_t))
+        else:
+            pred = model_output
+            log_variance = _per_sample(self.fixed_log_variance, t, x_t)
+        if self.predict_xstart:
+            pred_xstart, eps = pred, self.predict_eps_from_xstart(x_t, t, pred)
+        else:
+            pred_xstart, eps = self.predict_xstart_from_eps(x_t, t, pred), pred
+        mean, _ = self.q_posterior(pred_xstart, x_t, t)
+        return {"mean": mean, "log_variance": log_variance, "pred_xstart": pred_xstart, "eps": eps}
+
+    def vb_terms(self, model_output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor,
+                 t: torch.Tensor) -> torch.Tensor:
+        """Per-sample VLB term in bits per dimension, ``[N]``.
+
+        KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0, and the discretised decoder's negative
+        log-likelihood of ``x_start`` for t = 0.
+        """
+        true_mean, true_log_var = self.q_posterior(x_start, x_t, t)
+        out = self.p_mean_variance(model_output, x_t, t)
+        kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
+        log_scale = (0.5 * out["log_variance"]).expand_as(x_start)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x_start, out["mean"], log_scale)) / math.log(2.0)
+        return torch.where(t.to(kl.device) == 0, nll, kl)
+
+    def training_losses(self, model: ModelFn, x_start: torch.Tensor, t: torch.Tensor,
+                        model_kwargs: Optional[dict] = None, noise: Optional[torch.Tensor] = None,
+                        generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
+        """Per-sample loss terms for a batch: ``{"loss", "mse", "vb"}``, each ``[N]``.
+
+        ``model(x_t, model_time(t), **model_kwargs)`` is called once. ``mse`` is the simple loss (eps, or
+        x_0 with ``predict_xstart``). ``vb`` is the VLB term in bits with the predicted mean detached, so
+        its gradient only trains the variance (Nichol & Dhariwal's hybrid loss). ``loss`` is
+        ``mse + lambda * vb`` with learned sigmas (lambda = K / 1000 with ``rescale_learned_sigmas``,
+        else 1), ``vb * K`` with ``use_kl``, and ``mse`` otherwise (then ``vb`` is only logged).
+        """
+        if noise is None:
+            noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
+        x_t = self.q_sample(x_start, t, noise)
+        output = model(x_t, self.model_time(t).to(x_start.device), **(model_kwargs or {}))
+        channels = x_start.shape[1]
+        pred = output[:, :channels]
+        target = x_start if self.predict_xstart else noise
+        mse = mean_flat((target - pred) ** 2)
+        if self.use_kl:
+            vb = self.vb_terms(output, x_start, x_t, t)
+            return {"loss": vb * self.num_timesteps, "mse": mse.detach(), "vb": vb}
+        frozen = torch.cat([pred.detach(), output[:, channels:]], dim=1)
+        vb = self.vb_terms(frozen, x_start, x_t, t)
+        if not self.learn_sigma:
+            return {"loss": mse, "mse": mse, "vb": vb.detach()}
+        weight = self.num_timesteps / 1000.0 if self.rescale_learned_sigmas else 1.0
+        return {"loss": mse + weight * vb, "mse": mse, "vb": vb}
+
+    def sampling_fn(self, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Adapt ``model_fn(x, model_time)`` to the samplers' ``fn(x, t)`` over this process's indices.
+
+        ``t`` ``[N]`` may be fractional; the result always predicts eps in its first C channels (x_0
+        predictions are converted), with the variance half passed through unchanged.
+        """
+        def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = model_fn(x, self.model_time(t).to(x.device))
+            if not self.predict_xstart:
+                return out
+            channels = x.shape[1]
+            abar = alpha_bar_at(self.alphas_cumprod, t).to(x).reshape(-1, *([1] * (x.ndim - 1)))
+            eps = (x - abar.sqrt() * out[:, :channels]) / (1 - abar).sqrt()
+            return torch.cat([eps, out[:, channels:]], dim=1)
+        return fn
+
+
+def quartile_means(terms: dict[str, torch.Tensor], t: torch.Tensor, num_timesteps: int) -> dict[str, float]:
+    """Mean of each per-sample term by timestep quartile: ``{"mse_q0": ..., "vb_q3": ...}``.
+
+    ``terms``: name -> ``[N]``; ``t``: ``[N]`` indices in [0, num_timesteps). Quartiles with no sample in
+    the batch are left out.
+    """
+    quartile = (4 * t.long() // num_timesteps).clamp(max=3).cpu()
+    out = {}
+    for name, values in terms.items():
+        values = values.detach().float().cpu()
+        for q in range(4):
+            mask = quartile == q
+            if bool(mask.any()):
+                out[f"{name}_q{q}"] = float(values[mask].mean())
+    return out

@@ -1,0 +1,46 @@
+"""Noise conditioning for upsamplers (Ho et al. 2021, cascaded diffusion).
+
+The low-res image is noised with the forward process of a fixed 1000-step cosine schedule, independent of
+the model's own diffusion settings: at a random step in [0, ``model.noise_cond_max_step``] in training, at
+a chosen step when sampling. The step is given to the model (``noise_cond_t``), which embeds it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from textdiff.diffusion.schedules import alphas_cumprod, cosine_betas
+
+NOISE_COND_STEPS = 1000
+
+
+def noise_cond_alphas_cumprod() -> torch.Tensor:
+    """``alphas_cumprod`` of the 1000-step cosine schedule used for noise conditioning, ``[1000]`` float64."""
+    return alphas_cumprod(cosine_betas(NOISE_COND_STEPS))
+
+
+def sample_noise_cond_steps(batch_size: int, max_step: int, generator: Optional[torch.Generator] = None,
+                            device: torch.device | str = "cpu") -> torch.Tensor:
+    """Training steps for noise conditioning: ``[batch_size]`` long, uniform on {0, ..., max_step}."""
+    if not 0 <= max_step < NOISE_COND_STEPS:
+        raise ValueError(f"model.noise_cond_max_step is {max_step}; it must lie in [0, {NOISE_COND_STEPS - 1}]")
+    return torch.randint(0, max_step + 1, (batch_size,), generator=generator).to(device)
+
+
+def noise_low_res(low_res: torch.Tensor, steps: torch.Tensor, generator: Optional[torch.Generator] = None,
+                  noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Forward-noise ``low_res`` ``[N, C, h, w]`` to ``steps`` ``[N]`` of the noise-conditioning schedule.
+
+    Returns ``sqrt(abar) low_res + sqrt(1 - abar) noise``; pass the same ``steps`` to the model.
+    """
+    steps = steps.long()
+    if steps.shape != (low_res.shape[0],) or bool((steps < 0).any()) or bool((steps >= NOISE_COND_STEPS).any()):
+        raise ValueError(f"noise-conditioning steps must be [N] = [{low_res.shape[0]}] integers in "
+                         f"[0, {NOISE_COND_STEPS - 1}]; got shape {tuple(steps.shape)}")
+    if noise is None:
+        noise = torch.randn(low_res.shape, generator=generator, dtype=low_res.dtype).to(low_res.device)
+    abar = noise_cond_alphas_cumprod().to(low_res.device)[steps.to(low_res.device)].to(low_res.dtype)
+    abar = abar.reshape(-1, *([1] * (low_res.ndim - 1)))
+    return abar.sqrt() * low_res + (1 - abar).sqrt() * noise

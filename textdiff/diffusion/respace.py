@@ -1,0 +1,71 @@
+"""Timestep respacing: a shorter process that keeps ``alphas_cumprod`` at a subset of the original steps.
+
+Specs, as in improved-diffusion: ``"250"`` (250 steps spread evenly over the whole range, first and last
+included), ``"10,10,10"`` (the range cut into equal sections, that many steps spread evenly in each) and
+``"ddim50"`` (every ``T / 50``-th step starting at 0, the stride DDIM used).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from textdiff.diffusion.gaussian import GaussianDiffusion
+from textdiff.diffusion.schedules import betas_from_alphas_cumprod
+
+
+def _spread(start: int, size: int, count: int) -> list[int]:
+    """``count`` steps spread evenly over ``[start, start + size)``, both ends included when count > 1."""
+    if count == 1:
+        return [start]
+    stride = (size - 1) / (count - 1)
+    return [start + round(i * stride) for i in range(count)]
+
+
+def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
+    """The sorted original steps that respacing ``spec`` keeps out of ``num_timesteps``.
+
+    Raises ValueError naming ``diffusion.timestep_respacing`` when the spec cannot be met.
+    """
+    key = "diffusion.timestep_respacing"
+    spec = spec.strip()
+    if not spec:
+        return list(range(num_timesteps))
+    if spec.startswith("ddim"):
+        count = spec[len("ddim"):]
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"{key} is {spec!r}; write ddimN with N a positive integer, e.g. ddim50")
+        count = int(count)
+        for stride in range(1, num_timesteps + 1):
+            if len(range(0, num_timesteps, stride)) == count:
+                return list(range(0, num_timesteps, stride))
+        raise ValueError(f"{key} is {spec!r}: no integer stride gives exactly {count} of {num_timesteps} steps; "
+                         f"pick a count that divides {num_timesteps}, or a plain count like {count!r}")
+    parts = spec.split(",")
+    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"{key} is {spec!r}; give a step count (\"250\"), counts per section (\"10,10,10\") "
+                         "or ddimN")
+    counts = [int(p) for p in parts]
+    base, extra = divmod(num_timesteps, len(counts))
+    kept, start = [], 0
+    for i, count in enumerate(counts):
+        size = base + (1 if i < extra else 0)
+        if count > size:
+            raise ValueError(f"{key} is {spec!r}: section {i} has {size} steps, fewer than the {count} asked for")
+        kept += _spread(start, size, count)
+        start += size
+    return sorted(set(kept))
+
+
+def respace(diffusion: GaussianDiffusion, kept: list[int]) -> GaussianDiffusion:
+    """The process over steps ``kept`` (indices of ``diffusion``), with the same ``alphas_cumprod`` there.
+
+    The new betas are ``1 - abar[k_i] / abar[k_{i-1}]``; ``timestep_map`` points back to the original steps.
+    """
+    if not kept or sorted(set(kept)) != list(kept) or kept[0] < 0 or kept[-1] >= diffusion.num_timesteps:
+        raise ValueError(f"kept steps must be increasing, unique and in [0, {diffusion.num_timesteps})")
+    index = torch.tensor(kept, dtype=torch.long)
+    return GaussianDiffusion(
+        betas_from_alphas_cumprod(diffusion.alphas_cumprod[index]),
+        learn_sigma=diffusion.learn_sigma, predict_xstart=diffusion.predict_xstart, use_kl=diffusion.use_kl,
+        rescale_learned_sigmas=diffusion.rescale_learned_sigmas, rescale_timesteps=diffusion.rescale_timesteps,
+        timestep_map=diffusion.timestep_map[index], num_train_steps=diffusion.num_train_steps)
