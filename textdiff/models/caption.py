@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import difflib
 import json
+import socket
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import urlparse
 
+import huggingface_hub
 import open_clip
 import torch
 from open_clip.model import _build_text_tower
@@ -72,19 +75,42 @@ def read_text_tower_weights(path: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.startswith(roots)}
 
 
+def _reachable(url_or_host: str) -> bool:
+    host = urlparse(url_or_host).hostname or url_or_host
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
 def _pretrained_weights_file(cfg: ModelConfig) -> str:
+    """Local path of the open_clip weights named by (clipname, clip_pretrained); fetched only when not cached."""
     pretrained = open_clip.get_pretrained_cfg(cfg.clipname, cfg.clip_pretrained)
     if not pretrained:
         tags = open_clip.list_pretrained_tags_by_model(cfg.clipname)
         raise ConfigError(f"model.clip_pretrained {cfg.clip_pretrained!r} is not a tag of {cfg.clipname}; "
                           f"known tags: {', '.join(tags) or 'none'}; or set model.clip_weights_path")
+    hub = pretrained.get("hf_hub", "")
+    if hub:
+        repo, name = hub.rstrip("/"), None
+        if not hub.endswith("/"):
+            repo, name = hub.rsplit("/", 1)
+        for filename in ([name] if name else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]):
+            cached = huggingface_hub.try_to_load_from_cache(repo, filename)
+            if isinstance(cached, str):
+                return cached
+    advice = (f"Download the weight file once on a machine with network access and set "
+              f"model.clip_weights_path=/path/to/file (--set model.clip_weights_path=...)")
+    source = "huggingface.co" if hub else pretrained.get("url", "")
+    if not _reachable(source):  # fail at once rather than after a minute of hub retries
+        raise ConfigError(f"model.clip_pretrained: the {cfg.clipname} '{cfg.clip_pretrained}' weights are not in the "
+                          f"local cache and {source} cannot be reached. {advice}")
     try:
         return open_clip.download_pretrained(pretrained)
     except Exception as e:
-        raise ConfigError(
-            f"model.clip_pretrained: could not fetch the {cfg.clipname} '{cfg.clip_pretrained}' weights "
-            f"({type(e).__name__}); this machine may be offline. Download the weight file once elsewhere and "
-            f"set model.clip_weights_path=/path/to/file (e.g. --set model.clip_weights_path=...)") from None
+        raise ConfigError(f"model.clip_pretrained: could not fetch the {cfg.clipname} '{cfg.clip_pretrained}' "
+                          f"weights ({type(e).__name__}: {e}). {advice}") from None
 
 
 class CaptionEncoder(nn.Module):
@@ -101,6 +127,9 @@ class CaptionEncoder(nn.Module):
             raise ConfigError(f"model.clip_pretrained is {cfg.clip_pretrained!r}, but a local config "
                               f"({cfg.clipname}) has no pretrained tags; set model.clip_weights_path, or "
                               "model.clip_pretrained=\"\" for random weights")
+        # resolve the weight file first, so a missing one fails before minutes of random initialisation
+        weights = cfg.clip_weights_path or (_pretrained_weights_file(cfg) if load_weights and cfg.clip_pretrained
+                                            else None)
         quick_gelu = model_cfg.get("quick_gelu", False)
         if cfg.clip_pretrained and not cfg.clipname.endswith(".json"):
             quick_gelu = quick_gelu or open_clip.get_pretrained_cfg(cfg.clipname, cfg.clip_pretrained).get(
@@ -110,8 +139,6 @@ class CaptionEncoder(nn.Module):
         self.embed_dim = model_cfg["embed_dim"]
         self.layer = len(self.tower.transformer.resblocks) - (2 if cfg.clip_use_penultimate_layer else 1)
         self.tokenizer = open_clip.SimpleTokenizer(context_length=self.tower.context_length)
-        weights = cfg.clip_weights_path or (_pretrained_weights_file(cfg) if load_weights and cfg.clip_pretrained
-                                            else None)
         if weights:
             missing, unexpected = self.tower.load_state_dict(read_text_tower_weights(weights), strict=False)
             if missing:

@@ -20,10 +20,9 @@ from torch import nn
 
 from textdiff.config import ModelConfig
 from textdiff.models.blocks import AttentionBlock, Downsample, ResBlock, TimestepMLP, Upsample, zero_module
-from textdiff.models.caption import CaptionEncoder
 from textdiff.models.cross_attn import AxialPositionTable, TextCrossAttnBlock
 from textdiff.models.fused import GroupNormSiLU
-from textdiff.models.text_encoder import PAD_ID, CharTokenizer, TextEncoder
+from textdiff.models.text_encoder import CharTokenizer, TextEncoder
 
 # ITU-R BT.601 luma weights: the monochrome adapter starts as an RGB -> grey conversion
 LUMA = (0.299, 0.587, 0.114)
@@ -92,6 +91,8 @@ class TextdiffUNet(nn.Module):
         self.capt_encoder = self.capt_emb_proj = None
         capt_dim = 0
         if cfg.using_capt:
+            from textdiff.models.caption import CaptionEncoder  # open_clip takes seconds to import; only when used
+
             self.capt_encoder = CaptionEncoder(cfg, load_weights=load_capt_weights)
             capt_dim = self.capt_encoder.width if cfg.glide_style_capt_attn else 0
             if cfg.glide_style_capt_emb:
@@ -207,8 +208,7 @@ class TextdiffUNet(nn.Module):
             emb = emb + self.noise_cond_embed(noise_cond_t)
         ctx = Context(emb=emb, pos=self.pos_tables)
         if cfg.txt:
-            ctx.txt = self.text_encoder(txt_ids, txt_ids != PAD_ID)
-            ctx.txt_mask = txt_mask
+            ctx.txt, ctx.txt_mask = self.text_encoder(txt_ids, txt_mask), txt_mask
         if cfg.using_capt:
             tokens, pooled = self.capt_encoder(capt_ids)
             keep = capt_keep.bool()

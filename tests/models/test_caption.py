@@ -1,0 +1,98 @@
+"""Caption conditioning through a tiny local open_clip text tower (random weights, no download)."""
+
+import socket
+
+import pytest
+import torch
+
+from textdiff.config import ConfigError
+from textdiff.models import build_model
+from textdiff.models.caption import PLACEHOLDER_CAPTION, CaptionEncoder
+
+
+def outputs(model, tiny, captions):
+    x, t = tiny.inputs(n=len(captions))
+    x, t = x[:1].expand(len(captions), -1, -1, -1), t[:1].expand(len(captions))  # same x, t for every caption
+    with torch.no_grad():
+        return model(x, t, **model.prepare_cond(None, captions))
+
+
+@pytest.mark.parametrize("style", [dict(glide_style_capt_attn=True, glide_style_capt_emb=False),
+                                   dict(glide_style_capt_attn=False, glide_style_capt_emb=True)],
+                         ids=["imagen_attention", "glide_embedding"])
+def test_caption_changes_the_output_in_both_styles(tiny, style):
+    model = tiny.model(tiny.cfg(using_capt=True, **style))
+    out = outputs(model, tiny, ["a red stop sign", "a blue shop front"])
+    assert (out[0] - out[1]).abs().max() > 1e-3
+
+
+def test_imagen_style_adds_caption_keys_to_existing_self_attention_only(tiny):
+    model = tiny.model(tiny.cfg(using_capt=True))
+    names = [n for n, _ in model.named_modules() if n.endswith("capt_kv")]
+    # one per self-attention layer: one encoder step at 8 px, the middle block, two decoder steps at 8 px
+    assert len(names) == 4 and model.capt_emb_proj is None
+
+
+def test_missing_and_empty_captions_become_the_placeholder_caption(tiny):
+    model = tiny.model(tiny.cfg(using_capt=True, glide_style_capt_emb=True))
+    out = outputs(model, tiny, [None, "", PLACEHOLDER_CAPTION, "a cat"])
+    assert torch.allclose(out[0], out[2], atol=1e-6) and torch.allclose(out[1], out[2], atol=1e-6)
+    assert (out[3] - out[2]).abs().max() > 1e-3
+
+
+def test_empty_null_caption_removes_the_caption_contribution(tiny):
+    model = tiny.model(tiny.cfg(using_capt=True, glide_style_capt_emb=True, capt_null="empty"))
+    cond = model.prepare_cond(None, [None, "a cat"])
+    assert cond["capt_keep"].tolist() == [False, True]
+    out = outputs(model, tiny, [None, PLACEHOLDER_CAPTION, "a dog"])
+    assert (out[0] - out[1]).abs().max() > 1e-3  # unlike the placeholder mode, null is not a caption
+
+
+def test_frozen_caption_encoder_is_kept_out_of_the_optimizer(tiny):
+    model = tiny.model(tiny.cfg(using_capt=True)).train()
+    tower = list(model.capt_encoder.parameters())
+    trainable = {id(p) for p in model.trainable_parameters()}
+    assert tower and not any(id(p) in trainable for p in tower)
+    assert not model.capt_encoder.tower.training  # stays in eval mode under model.train()
+    x, t = tiny.inputs()
+    model(x, t, **model.prepare_cond(None, ["a", "b"])).square().mean().backward()
+    assert all(p.grad is None for p in tower)
+    assert model.middle.layers[1].capt_kv.weight.grad.abs().sum() > 0
+
+
+def test_unfrozen_caption_encoder_trains(tiny):
+    model = tiny.model(tiny.cfg(using_capt=True, freeze_capt_encoder=False))
+    assert sum(p.numel() for p in model.trainable_parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_weights_load_from_a_local_file(tiny, tmp_path):
+    torch.manual_seed(3)
+    source = CaptionEncoder(tiny.cfg(using_capt=True))
+    path = tmp_path / "clip.pt"
+    torch.save({f"text.{k}": v for k, v in source.tower.state_dict().items()}, path)  # CustomTextCLIP layout
+    loaded = CaptionEncoder(tiny.cfg(using_capt=True, clip_weights_path=str(path)))
+    assert torch.equal(loaded.tower.token_embedding.weight, source.tower.token_embedding.weight)
+
+
+def test_missing_weight_file_says_how_to_give_a_local_path(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="model.clip_weights_path .*does not exist; point it at a local"):
+        CaptionEncoder(tiny.cfg(using_capt=True, clip_weights_path=str(tmp_path / "nope.pt")))
+
+
+def test_offline_pretrained_name_gives_a_clear_error_not_a_hub_trace(tiny, monkeypatch):
+    def offline(*args, **kwargs):
+        raise socket.gaierror("no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    with pytest.raises(ConfigError, match="cannot be reached.*model.clip_weights_path"):
+        CaptionEncoder(tiny.cfg(using_capt=True, clipname="ViT-L-14-336", clip_pretrained="openai"))
+
+
+def test_unknown_clip_name_suggests_close_ones(tiny):
+    with pytest.raises(ConfigError, match="model.clipname 'ViT-L-14-33' .*did you mean.*ViT-L-14"):
+        CaptionEncoder(tiny.cfg(using_capt=True, clipname="ViT-L-14-33"))
+
+
+def test_local_config_with_a_pretrained_tag_is_refused(tiny):
+    with pytest.raises(ConfigError, match="model.clip_pretrained is 'openai'.*clip_weights_path"):
+        build_model(tiny.cfg(using_capt=True, clip_pretrained="openai"))

@@ -1,0 +1,64 @@
+"""GroupNorm + scale-shift + SiLU: the fused path equals the reference."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from textdiff.models.fused import (GroupNormSiLU, compiled_group_norm_silu, group_norm_silu,
+                                   group_norm_silu_reference)
+
+
+def operands(seed=0, n=2, c=64, hw=8):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, hw, hw, generator=g) * 3 + 1
+    weight, bias = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    scale, shift = torch.randn(n, c, 1, 1, generator=g), torch.randn(n, c, 1, 1, generator=g)
+    return x, weight, bias, scale, shift
+
+
+def test_reference_matches_a_hand_written_group_norm_and_silu():
+    x, weight, bias, scale, shift = operands()
+    groups = x.reshape(2, 32, -1)
+    normed = ((groups - groups.mean(-1, keepdim=True)) / (groups.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt())
+    h = normed.reshape(x.shape) * weight[:, None, None] + bias[:, None, None]
+    h = h * (1 + scale) + shift
+    expected = h * torch.sigmoid(h)
+    assert torch.allclose(group_norm_silu_reference(x, weight, bias, 32, 1e-5, scale, shift), expected, atol=1e-5)
+
+
+def test_fused_impl_on_cpu_falls_back_to_the_reference_exactly():
+    x, weight, bias, scale, shift = operands(1)
+    assert torch.equal(group_norm_silu(x, weight, bias, 32, 1e-5, scale, shift, impl="fused"),
+                       group_norm_silu_reference(x, weight, bias, 32, 1e-5, scale, shift))
+
+
+def test_module_without_scale_shift_is_group_norm_then_silu():
+    x = operands(2)[0]
+    module = GroupNormSiLU(64, impl="fused")
+    assert torch.allclose(module(x), F.silu(F.group_norm(x, 32, module.weight, module.bias)), atol=1e-6)
+
+
+def test_half_precision_input_keeps_its_dtype_and_stays_close():
+    x, weight, bias, scale, shift = operands(3)
+    out = group_norm_silu(x.half(), weight, bias, 32, 1e-5, scale.half(), shift.half(), impl="fused")
+    assert out.dtype == torch.float16
+    assert torch.allclose(out.float(), group_norm_silu_reference(x, weight, bias, 32, 1e-5, scale, shift), atol=1e-2)
+
+
+def test_unknown_impl_names_the_config_key():
+    x, weight, bias, _, _ = operands()
+    with pytest.raises(ValueError, match="model.silu_impl is 'triton'"):
+        group_norm_silu(x, weight, bias, 32, impl="triton")
+
+
+# Compiling costs ~30 s on this CPU (Inductor C++), so the compiled kernel is checked on CUDA, or on CPU
+# when TEXTDIFF_TEST_COMPILE=1 is set.
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TEXTDIFF_TEST_COMPILE") == "1"),
+                    reason="compiling the fused kernel needs CUDA or TEXTDIFF_TEST_COMPILE=1 (~30 s on CPU)")
+def test_compiled_kernel_equals_the_reference():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, weight, bias, scale, shift = (a.to(device) for a in operands(4))
+    fused = compiled_group_norm_silu()(x, weight, bias, 32, 1e-5, scale, shift)
+    assert torch.allclose(fused, group_norm_silu_reference(x, weight, bias, 32, 1e-5, scale, shift), atol=1e-5)

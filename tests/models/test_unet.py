@@ -1,0 +1,96 @@
+"""The U-net: output shapes, upsampler and noise conditioning, monochrome, the base64 recipe at reduced width."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from textdiff.config import load_config
+from textdiff.models import build_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("learn_sigma, channels", [(False, 3), (True, 6)])
+def test_output_is_eps_or_eps_and_variance(tiny, learn_sigma, channels):
+    model = tiny.model(tiny.cfg(learn_sigma=learn_sigma))
+    x, t = tiny.inputs()
+    with torch.no_grad():
+        assert model(x, t).shape == (2, channels, 16, 16)
+
+
+def test_fresh_model_predicts_zero_because_the_output_conv_starts_at_zero(tiny):
+    x, t = tiny.inputs()
+    with torch.no_grad():
+        assert build_model(tiny.cfg())(x, t).abs().max() == 0.0
+
+
+def test_upsampler_output_depends_on_the_low_res_image(tiny):
+    model = tiny.model(tiny.cfg(low_res_size=8))
+    x, t = tiny.inputs()
+    low = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        a = model(x, t, **model.prepare_cond(None, None, low_res=low))
+        b = model(x, t, **model.prepare_cond(None, None, low_res=low.flip(-1)))
+    assert model.input_steps[0].layers[0].in_channels == 6 and (a - b).abs().max() > 1e-3
+
+
+def test_noise_conditioning_changes_the_output(tiny):
+    model = tiny.model(tiny.cfg(low_res_size=8, noise_cond=True))
+    x, t = tiny.inputs()
+    low = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        a = model(x, t, **model.prepare_cond(None, None, low_res=low, noise_cond_t=torch.tensor([0, 0])))
+        b = model(x, t, **model.prepare_cond(None, None, low_res=low, noise_cond_t=torch.tensor([0, 400])))
+    assert torch.allclose(a[0], b[0]) and (a[1] - b[1]).abs().max() > 1e-3
+
+
+def test_noise_conditioning_is_ignored_when_off(tiny):
+    model = tiny.model(tiny.cfg(low_res_size=8))
+    x, t = tiny.inputs()
+    low = torch.randn(2, 3, 8, 8)
+    cond = model.prepare_cond(None, None, low_res=low, noise_cond_t=torch.tensor([0, 400]))
+    assert "noise_cond_t" not in cond and model.noise_cond_embed is None
+    with torch.no_grad():
+        assert torch.equal(model(x, t, **cond), model(x, t, low_res=low, noise_cond_t=torch.tensor([999, 999])))
+
+
+def test_noise_conditioning_without_a_level_is_a_clear_error(tiny):
+    model = tiny.model(tiny.cfg(low_res_size=8, noise_cond=True))
+    with pytest.raises(ValueError, match="model.noise_cond is true: prepare_cond needs noise_cond_t"):
+        model.prepare_cond(None, None, low_res=torch.zeros(1, 3, 8, 8))
+
+
+def test_monochrome_model_works_on_one_channel_and_the_adapter_on_rgb(tiny):
+    mono = tiny.model(tiny.cfg(monochrome=True, learn_sigma=True))
+    adapted = tiny.model(tiny.cfg(monochrome=True, monochrome_adapter=True, learn_sigma=True))
+    x, t = tiny.inputs()
+    with torch.no_grad():
+        assert mono(x[:, :1], t).shape == (2, 2, 16, 16)
+        assert adapted(x, t).shape == (2, 6, 16, 16)
+    assert adapted.rgb_in.weight.flatten().tolist() == pytest.approx([0.299, 0.587, 0.114])
+
+
+def test_fused_silu_model_matches_the_torch_one(tiny):
+    reference, fused = tiny.model(tiny.cfg(txt=True)), tiny.model(tiny.cfg(txt=True, silu_impl="fused"))
+    x, t = tiny.inputs()
+    cond = reference.prepare_cond(["abc", None], None)
+    with torch.no_grad():
+        assert torch.allclose(reference(x, t, **cond), fused(x, t, **cond), atol=1e-5)
+
+
+def test_base64_recipe_at_reduced_width_runs_forward_and_backward_on_cpu(tiny):
+    overrides = ["model.num_channels=32", "model.channels_per_head=16", "model.num_heads=4",
+                 "model.cross_attn_channels_per_head=16", "model.txt_dim=32", "model.txt_depth=1",
+                 "model.max_seq_len=24", f"model.clipname={tiny.clip}", "model.clip_pretrained=",
+                 "model.silu_impl=torch"]
+    cfg = load_config(ROOT / "ds_configs/base64.json", overrides).model
+    model = tiny.model(cfg).train()
+    x, t = torch.randn(1, 3, 64, 64), torch.tensor([900])
+    out = model(x, t, **model.prepare_cond(["STOP"], ["a road sign"]))
+    out.square().mean().backward()
+    assert out.shape == (1, 6, 64, 64)
+    trainable = list(model.trainable_parameters())
+    with_grad = [p for p in trainable if p.grad is not None and p.grad.abs().sum() > 0]
+    # every trainable parameter takes part; only the null-condition paths unused by this batch may stay at 0
+    assert len(with_grad) >= 0.95 * len(trainable), f"{len(with_grad)} of {len(trainable)} got a gradient"
