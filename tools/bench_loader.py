@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -85,18 +86,32 @@ class FolderDataset(Dataset):
         return {**out, "txt": txt, "capt": capt, "key": key}
 
 
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its live children (the DataLoader workers; Linux)."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    for child in multiprocessing.active_children():
+        try:
+            with open(f"/proc/{child.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
 def samples_per_second(batches, warmup: int, timed: int, batch_size: int) -> tuple[float, float]:
-    """Samples per wall second and per CPU second of this process over ``timed`` batches, after ``warmup``
-    batches (worker start-up excluded). With 0 workers the CPU rate is the loader's own cost, which
-    other processes on a shared machine do not disturb."""
+    """Samples per wall second and per CPU second (all loader processes) over ``timed`` batches, after
+    ``warmup`` batches (worker start-up excluded). The CPU rate is the loader's own cost, which other
+    processes on a shared machine barely disturb; the wall rate is what training would see."""
     it = iter(batches)
     for _ in islice(it, warmup):
         pass
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     n = sum(1 for _ in islice(it, timed))
     if n < timed:
         raise SystemExit(f"error: only {n} timed batches; use fewer --batches or more images")
-    return n * batch_size / (time.perf_counter() - start), n * batch_size / (time.process_time() - cpu_start)
+    return n * batch_size / (time.perf_counter() - start), n * batch_size / (cpu_seconds() - cpu_start)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -145,10 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             folder_rate, folder_cpu = (statistics.median(r) for r in zip(*folder_rates))
             shard_rate, shard_cpu = (statistics.median(r) for r in zip(*shard_rates))
             rows.append((workers, folder_rate, shard_rate))
-            cpu = (f" | per CPU-second: folder {folder_cpu:7.1f}, shards {shard_cpu:7.1f}, shards/folder "
-                   f"{shard_cpu / folder_cpu:5.2f}") if workers == 0 else ""
-            print(f"workers {workers}: folder {folder_rate:8.1f} samples/s | shards {shard_rate:8.1f} samples/s"
-                  f" | shards/folder {shard_rate / folder_rate:5.2f}{cpu}", flush=True)
+            print(f"workers {workers}: folder {folder_rate:7.1f} samples/s | shards {shard_rate:7.1f} samples/s | "
+                  f"shards/folder {shard_rate / folder_rate:4.2f} || per CPU-second: folder {folder_cpu:7.1f} | "
+                  f"shards {shard_cpu:7.1f} | shards/folder {shard_cpu / folder_cpu:4.2f}", flush=True)
         base = {name: rows[0][i] for i, name in ((1, "folder"), (2, "shards"))}
         for workers, folder_rate, shard_rate in rows[1:]:
             print(f"scaling {rows[0][0]} -> {workers} workers: folder x{folder_rate / base['folder']:.2f}, "
