@@ -1,0 +1,100 @@
+"""The cascade: stage sizes checked before work, upsampled sizes, seeds, guidance at scale 1, noise levels."""
+
+import pytest
+import torch
+
+from textdiff.sampling.cascade import (CascadeError, StageSettings, check_cascade, per_sample_noise, run_cascade,
+                                       sample_stage)
+from textdiff.sampling.loading import load_for_sampling
+from textdiff.sampling.samplers import sample, sampling_timesteps
+
+FAST = StageSettings(sampler="ddim", steps="3")
+
+
+@pytest.fixture(scope="module")
+def base(runs):
+    return load_for_sampling(runs.base, "raw")
+
+
+@pytest.fixture(scope="module")
+def up(runs):
+    return load_for_sampling(runs.up, "raw")
+
+
+def test_the_cascade_produces_the_upsamplers_size(base, up):
+    images = run_cascade([base, up], [FAST, FAST], ["ab", ""], ["", ""], [0, 1], progress=False)
+    assert [tuple(x.shape) for x in images] == [(2, 3, 16, 16), (2, 3, 32, 32)]
+    assert float(images[-1].abs().max()) <= 1.0
+
+
+def test_an_upsampler_for_other_sizes_is_an_error_before_any_work(runs):
+    cfgs = [runs.base_cfg.model, runs.up_from8_cfg.model]
+    with pytest.raises(CascadeError, match=r"up_from8 upsamples 8 px images .* stage 0 \(base\) makes 16 px"):
+        check_cascade(cfgs, ["base", "up_from8"], [FAST, FAST])
+
+
+def test_an_upsampler_as_first_stage_is_an_error(runs):
+    with pytest.raises(CascadeError, match="first stage must be a base model"):
+        check_cascade([runs.up_cfg.model], ["up"], [FAST])
+
+
+def test_a_noise_level_for_an_upsampler_without_noise_conditioning_is_an_error(runs):
+    with pytest.raises(CascadeError, match="--noise-cond-level 100 needs a noise-conditioned upsampler"):
+        check_cascade([runs.base_cfg.model, runs.up_cfg.model], ["base", "up"],
+                      [FAST, StageSettings(steps="3", noise_cond_level=100)])
+
+
+def test_unknown_sampler_eta_without_ddim_and_bad_steps_are_named(base):
+    abar = base.diffusion.alphas_cumprod
+    with pytest.raises(CascadeError, match="sampler 'euler' is unknown; choose one of ddpm, ddim"):
+        StageSettings(sampler="euler").check("base", abar)
+    with pytest.raises(CascadeError, match="eta 0.5 only applies to the ddim sampler, not plms"):
+        StageSettings(sampler="plms", eta=0.5).check("base", abar)
+    with pytest.raises(CascadeError, match="base: steps '200'"):
+        StageSettings(steps="200").check("base", abar)
+    StageSettings(sampler="plms", steps="logsnr20").check("base", abar)
+
+
+def test_same_seeds_give_the_same_images_and_other_seeds_others(base):
+    a = sample_stage(base, FAST, ["ab", "cd"], ["", ""], [7, 8], progress=False)
+    b = sample_stage(base, FAST, ["ab", "cd"], ["", ""], [7, 8], progress=False)
+    c = sample_stage(base, FAST, ["ab", "cd"], ["", ""], [9, 8], progress=False)
+    assert torch.equal(a, b)
+    assert float((a[0] - c[0]).abs().max()) > 0.1
+    assert torch.equal(a[1], c[1])
+
+
+def test_batch_composition_does_not_change_a_sample(base):
+    together = sample_stage(base, FAST, ["ab", "cd", ""], ["", "", ""], [1, 2, 3], progress=False)
+    alone = sample_stage(base, FAST, ["cd"], [""], [2], progress=False)
+    assert float((together[1] - alone[0]).abs().max()) < 1e-5
+
+
+def test_stochastic_samplers_draw_each_samples_noise_from_its_seed(base):
+    settings = StageSettings(sampler="ddpm", steps="3")
+    together = sample_stage(base, settings, ["ab", "cd"], ["", ""], [1, 2], progress=False)
+    alone = sample_stage(base, settings, ["cd"], [""], [2], progress=False)
+    assert float((together[1] - alone[0]).abs().max()) < 1e-5
+
+
+def test_guidance_scale_one_equals_the_conditional_model(base):
+    settings = StageSettings(sampler="ddim", steps="3", guidance_txt=1.0)
+    guided = sample_stage(base, settings, ["ab", "cd"], ["", ""], [4, 5], progress=False)
+    cond = base.model.prepare_cond(["ab", "cd"], None)
+    plain = sample("ddim", base.diffusion.sampling_fn(lambda x, t: base.model(x, t, **cond)),
+                   per_sample_noise([4, 5], (3, 16, 16), 0), base.diffusion.alphas_cumprod,
+                   sampling_timesteps(base.diffusion.num_timesteps, "3"), disable=True).clamp(-1, 1)
+    assert float((guided - plain).abs().max()) < 1e-5
+    stronger = sample_stage(base, StageSettings(sampler="ddim", steps="3", guidance_txt=4.0), ["ab", "cd"],
+                            ["", ""], [4, 5], progress=False)
+    assert float((stronger - plain).abs().max()) > 1e-3
+
+
+def test_the_noise_level_changes_a_noise_conditioned_upsampler(runs, base):
+    up_nc = load_for_sampling(runs.up_nc, "raw")
+    low = sample_stage(base, FAST, ["ab"], [""], [3], progress=False)
+    clean = sample_stage(up_nc, FAST, ["ab"], [""], [3], stage=1, low_res=low, progress=False)
+    noisy = sample_stage(up_nc, StageSettings(steps="3", noise_cond_level=300), ["ab"], [""], [3], stage=1,
+                         low_res=low, progress=False)
+    assert clean.shape == (1, 3, 32, 32)
+    assert float((clean - noisy).abs().max()) > 1e-3

@@ -1,0 +1,212 @@
+"""Base model -> upsampler stages: each stage samples with its own settings from the previous stage's images.
+
+Stage 0 is a base model (``model.low_res_size == 0``); stage k > 0 is an upsampler whose ``low_res_size`` is
+stage k-1's ``image_size``. :func:`check_cascade` says so, before any weight is loaded or any step taken.
+
+Determinism: every random draw of sample i at stage k comes from generators seeded by ``stage_seed(seed_i, k)``
+(the starting noise, the noise-conditioning noise, and the sampler's own noise), so a sample depends on its
+seed and settings, not on which other samples share its batch. Stochastic samplers (``ddpm``, ``ddim`` with
+``eta > 0``) draw their noise from one generator per call, so they run one chain at a time to keep that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from textdiff.config import ModelConfig
+from textdiff.diffusion.noise_cond import NOISE_COND_STEPS, noise_low_res
+from textdiff.sampling.guidance import guidance_conds, guided_model
+from textdiff.sampling.loading import LoadedModel
+from textdiff.sampling.samplers import SAMPLERS, sample, sampling_timesteps
+from textdiff.sampling.thresholding import dynamic_thresholding
+
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class CascadeError(ValueError):
+    """A cascade or its settings cannot run; raised before any work, naming the flag or stage."""
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """How one stage samples: sampler name, step spec (``"50"``, ``"ddim25"``, ``"logsnr20"``), DDIM eta, guidance scales,
+    dynamic-thresholding percentile (a quantile in (0, 1], e.g. 0.995; None: off) and, for noise-conditioned upsamplers, the noise level
+    (a step of the 1000-step noise-conditioning schedule; 0 = clean low-res image)."""
+
+    sampler: str = "ddim"
+    steps: str = "50"
+    eta: float = 0.0
+    guidance_txt: float = 1.0
+    guidance_capt: float = 1.0
+    dynamic_threshold: Optional[float] = None
+    noise_cond_level: int = 0
+
+    def to_dict(self) -> dict:
+        """JSON-able form (the keys of the constructor)."""
+        return asdict(self)
+
+    def check(self, where: str, alphas_cumprod: torch.Tensor) -> None:
+        """Raise CascadeError for settings that cannot run on a process with ``alphas_cumprod`` ``[K]``;
+        ``where`` names the stage in the message."""
+        if self.sampler not in SAMPLERS:
+            raise CascadeError(f"{where}: sampler {self.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+        if self.eta != 0.0 and self.sampler != "ddim":
+            raise CascadeError(f"{where}: eta {self.eta} only applies to the ddim sampler, not {self.sampler}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise CascadeError(f"{where}: eta {self.eta} must lie in [0, 1]")
+        try:
+            sampling_timesteps(len(alphas_cumprod), self.steps, alphas_cumprod)
+        except ValueError as e:
+            raise CascadeError(f"{where}: steps {self.steps!r}: {e}") from None
+        if self.dynamic_threshold is not None and not 0.0 < self.dynamic_threshold <= 1.0:
+            raise CascadeError(f"{where}: dynamic-threshold percentile {self.dynamic_threshold} must be a quantile "
+                               "in (0, 1], e.g. 0.995")
+        if not 0 <= self.noise_cond_level < NOISE_COND_STEPS:
+            raise CascadeError(f"{where}: noise-conditioning level {self.noise_cond_level} must lie in "
+                               f"[0, {NOISE_COND_STEPS - 1}]")
+
+    def is_stochastic(self) -> bool:
+        """Whether the sampler draws noise after the start (ddpm; ddim with eta > 0)."""
+        return self.sampler == "ddpm" or (self.sampler == "ddim" and self.eta > 0)
+
+
+def image_channels(cfg: ModelConfig) -> int:
+    """Channels of the images a model makes and takes: 1 for a monochrome U-net without the RGB adapter."""
+    return 1 if cfg.monochrome and not cfg.monochrome_adapter else cfg.in_channels
+
+
+def check_cascade(cfgs: Sequence[ModelConfig], names: Sequence[str],
+                  settings: Sequence[StageSettings]) -> None:
+    """Raise CascadeError unless stage 0 is a base model and each upsampler takes the previous stage's images.
+
+    cfgs: each stage's ``model`` section; names: how the user named each stage (path and flag).
+    """
+    if cfgs[0].low_res_size:
+        raise CascadeError(f"{names[0]} is an upsampler (model.low_res_size={cfgs[0].low_res_size}); the first "
+                           "stage must be a base model, with upsamplers given to --upsampler")
+    for k in range(1, len(cfgs)):
+        prev, cur = cfgs[k - 1], cfgs[k]
+        if not cur.low_res_size:
+            raise CascadeError(f"{names[k]} is a base model (model.low_res_size=0), not an upsampler; remove it "
+                               "from --upsampler")
+        if cur.low_res_size != prev.image_size:
+            raise CascadeError(f"{names[k]} upsamples {cur.low_res_size} px images (model.low_res_size) but stage "
+                               f"{k - 1} ({names[k - 1]}) makes {prev.image_size} px images; give an upsampler "
+                               f"trained on {prev.image_size} px inputs")
+        if image_channels(cur) != image_channels(prev):
+            raise CascadeError(f"{names[k]} takes {image_channels(cur)}-channel images but stage {k - 1} "
+                               f"({names[k - 1]}) makes {image_channels(prev)}-channel ones")
+    for k, (cfg, s) in enumerate(zip(cfgs, settings)):
+        if s.noise_cond_level and not cfg.noise_cond:
+            raise CascadeError(f"{names[k]}: --noise-cond-level {s.noise_cond_level} needs a noise-conditioned "
+                               "upsampler (model.noise_cond=true); this one is not, so leave it at 0")
+
+
+def stage_seed(seed: int, stage: int) -> int:
+    """The seed of sample ``seed``'s generators at cascade stage ``stage`` (stage 0: ``seed`` itself)."""
+    if stage == 0:
+        return seed
+    digest = hashlib.sha256(f"textdiff-stage:{seed}:{stage}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
+def per_sample_noise(seeds: Sequence[int], shape: Sequence[int], stage: int, draw: int = 0) -> torch.Tensor:
+    """``[N, *shape]`` standard normal noise, row i from its own CPU generator (``stage_seed(seeds[i], stage)``,
+    skipping ``draw`` earlier draws of the same shape), so rows do not depend on N or on the device."""
+    rows = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(stage_seed(seed, stage))
+        for _ in range(draw + 1):
+            row = torch.randn(tuple(shape), generator=g)
+        rows.append(row)
+    return torch.stack(rows)
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, precision: str):
+    """Autocast to fp16/bf16 on ``device`` for ``precision`` (``fp32``: nothing)."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        yield
+    else:
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            yield
+
+
+def network_fn(loaded: LoadedModel, precision: str) -> Callable[..., torch.Tensor]:
+    """``net(x, t, **cond)`` -> fp32 raw model output, under autocast for ``precision``."""
+    device = next(loaded.model.parameters()).device
+
+    def net(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        with autocast(device, precision):
+            return loaded.model(x, t, **cond).float()
+    return net
+
+
+def _low_res_input(loaded: LoadedModel, low_res: torch.Tensor, seeds: Sequence[int], stage: int,
+                   level: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The low-res image the upsampler sees and its noise-conditioning steps (None without noise_cond)."""
+    if not loaded.cfg.model.noise_cond:
+        return low_res, None
+    steps = torch.full((low_res.shape[0],), level, dtype=torch.long)
+    noise = per_sample_noise(seeds, low_res.shape[1:], stage, draw=1).to(low_res)
+    return noise_low_res(low_res, steps, noise=noise), steps
+
+
+def sample_stage(loaded: LoadedModel, settings: StageSettings, txt: Sequence[str], capt: Sequence[str],
+                 seeds: Sequence[int], stage: int = 0, low_res: Optional[torch.Tensor] = None,
+                 precision: str = "fp32", progress: bool = True) -> torch.Tensor:
+    """Sample one stage for N prompts: ``[N, C, S, S]`` in [-1, 1] (S = ``model.image_size``).
+
+    txt, capt, seeds: N each (``""`` = no text / no caption). low_res: ``[N, C, s, s]`` in [-1, 1] for an
+    upsampler (s = ``model.low_res_size``).
+    """
+    cfg = loaded.cfg.model
+    device = next(loaded.model.parameters()).device
+    n, size = len(txt), cfg.image_size
+    shape = (image_channels(cfg), size, size)
+    noise_cond_t = None
+    if cfg.low_res_size:
+        if low_res is None or tuple(low_res.shape[-2:]) != (cfg.low_res_size, cfg.low_res_size):
+            got = None if low_res is None else tuple(low_res.shape)
+            raise CascadeError(f"stage {stage} ({loaded.source}) needs low-res images [N, C, {cfg.low_res_size}, "
+                               f"{cfg.low_res_size}], got {got}")
+        low_res, noise_cond_t = _low_res_input(loaded, low_res.to(device), seeds, stage, settings.noise_cond_level)
+    diffusion = loaded.diffusion
+    timesteps = sampling_timesteps(diffusion.num_timesteps, settings.steps, diffusion.alphas_cumprod)
+    options = {"eta": settings.eta} if settings.sampler == "ddim" else {}
+    net = network_fn(loaded, precision)
+    x_start = per_sample_noise(seeds, shape, stage).to(device)
+    chains = [list(range(n))] if not settings.is_stochastic() else [[i] for i in range(n)]
+    out = []
+    for rows in chains:
+        conds = guidance_conds(loaded.model.prepare_cond, [txt[i] for i in rows],
+                               [capt[i] for i in rows] if cfg.using_capt else None,
+                               low_res=None if low_res is None else low_res[rows],
+                               noise_cond_t=None if noise_cond_t is None else noise_cond_t[rows])
+        fn = diffusion.sampling_fn(guided_model(net, *conds, settings.guidance_txt, settings.guidance_capt))
+        if settings.dynamic_threshold is not None:
+            fn = dynamic_thresholding(fn, diffusion.alphas_cumprod, settings.dynamic_threshold)
+        generator = torch.Generator().manual_seed(stage_seed(seeds[rows[0]], stage) + 1)
+        out.append(sample(settings.sampler, fn, x_start[rows], diffusion.alphas_cumprod, timesteps,
+                          generator=generator, disable=not progress, **options))
+    return torch.cat(out).clamp(-1, 1)
+
+
+def run_cascade(stages: Sequence[LoadedModel], settings: Sequence[StageSettings], txt: Sequence[str],
+                capt: Sequence[str], seeds: Sequence[int], precision: str = "fp32",
+                progress: bool = True) -> list[torch.Tensor]:
+    """Every stage in turn for N prompts; returns each stage's images ``[N, C, S_k, S_k]`` in [-1, 1]."""
+    if len(stages) != len(settings):
+        raise CascadeError(f"{len(stages)} stages but {len(settings)} stage settings; give one per stage")
+    check_cascade([s.cfg.model for s in stages], [s.source for s in stages], settings)
+    images: list[torch.Tensor] = []
+    for k, (loaded, s) in enumerate(zip(stages, settings)):
+        images.append(sample_stage(loaded, s, txt, capt, seeds, stage=k,
+                                   low_res=images[-1] if images else None, precision=precision, progress=progress))
+    return images
