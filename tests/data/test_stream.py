@@ -232,3 +232,9 @@ def test_streams_the_shared_synthetic_shards_with_counts_from_their_manifest(syn
     batch = next(iter(build_train_stream(cfg, AugmentConfig(crop_prob=1.0), 32, 16, 8, 0, 1)))
     assert batch["image"].shape == (8, 3, 32, 32) and batch["low_res"].shape == (8, 3, 16, 16)
     assert all(isinstance(t, str) for t in batch["txt"]) and len(set(batch["key"])) == 8
+
+
+def test_pipe_urls_stream_through_a_shell_command(shard_dir):
+    spec = f"pipe:cat {shard_dir}/shard-000000.tar,pipe:cat {shard_dir}/shard-000001.tar"
+    stream = build_train_stream(data_cfg(shard_dir, shards=spec, shuffle_buffer=0), AugmentConfig(), 16, 0, 12, 0, 1)
+    assert sorted(next(iter(stream))["key"]) == sorted(f"s{s}_{i}" for s in (0, 1) for i in range(6))
