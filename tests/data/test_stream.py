@@ -146,12 +146,20 @@ def test_resume_from_state_dict_continues_with_exactly_the_next_batches(shard_di
         assert_same_batches(got, want)
 
 
-def test_state_from_a_different_worker_count_is_refused_naming_the_setting(shard_dir):
+def test_state_from_other_settings_or_shards_is_refused_naming_what_changed(shard_dir):
     stream = build_train_stream(data_cfg(shard_dir), AugmentConfig(), 16, 0, 4, 0, 1)
     next(iter(stream))
     state = stream.state_dict()
     with pytest.raises(ValueError, match="num_workers=0.*num_workers=2"):
         build_train_stream(data_cfg(shard_dir, num_workers=2), AugmentConfig(), 16, 0, 4, 0, 1, state=state)
+    fewer = data_cfg(shard_dir, shards=str(shard_dir / "shard-{000000..000006}.tar"))
+    with pytest.raises(ValueError, match="num_shards=8.*num_shards=7"):
+        build_train_stream(fewer, AugmentConfig(), 16, 0, 4, 0, 1, state=state)
+    renamed = {**state, "num_shards": 8}
+    with pytest.raises(ValueError, match="another list of shard names.*data.shards names other shards"):
+        build_train_stream(data_cfg(shard_dir, shards=str(shard_dir / "shard-00000[1-7].tar") + ","
+                                    + str(shard_dir / "shard-000000.tar")), AugmentConfig(), 16, 0, 4, 0, 1,
+                           state=renamed)
 
 
 def test_batches_follow_the_architecture_layout_and_keep_text_free_as_empty_string(shard_dir):

@@ -218,8 +218,8 @@ def choose_crop(width: int, height: int, has_text: bool, safebox: Optional[Box],
     return largest_square(width, height, safebox)
 
 
-def augment_sample(image: Image.Image, txt: Optional[str], safebox: Optional[Sequence[float]], px_scale: Sequence[float],
-                   cfg: AugmentConfig, image_size: int, low_res_size: int,
+def augment_sample(image: Image.Image, txt: Optional[str], safebox: Optional[Sequence[float]],
+                   px_scale: Sequence[float], cfg: AugmentConfig, image_size: int, low_res_size: int,
                    rng: np.random.Generator) -> dict[str, torch.Tensor]:
     """Crop, flip, resize one decoded sample.
 

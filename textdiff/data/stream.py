@@ -28,6 +28,7 @@ the environment and cannot be resumed exactly.
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import logging
@@ -117,6 +118,7 @@ def resolve_shards(spec: str) -> ShardList:
                          "tools/make_shards.py, or to that manifest.json")
     urls: list[str] = []
     counts: list[Optional[int]] = []
+    manifests: dict[str, dict[str, Optional[int]]] = {}  # folder -> counts of its manifest, read once
     for part in (p.strip() for chunk in spec.split("::") for p in _split_top_level_commas(chunk)):
         if not part:
             continue
@@ -138,22 +140,25 @@ def resolve_shards(spec: str) -> ShardList:
             else:
                 matches = [url]
             urls += matches
-            counts += [_count_beside(m) for m in matches]
+            counts += [_count_beside(m, manifests) for m in matches]
     if not urls:
         raise ValueError(f"data.shards={spec!r} names no shards")
     return ShardList(tuple(urls), tuple(counts))
 
 
-def _count_beside(url: str) -> Optional[int]:
+def _count_beside(url: str, manifests: dict[str, dict[str, Optional[int]]]) -> Optional[int]:
     """The sample count of a local shard from the manifest.json in its folder, if there is one."""
-    manifest = os.path.join(os.path.dirname(os.path.abspath(url)), "manifest.json")
-    if url.startswith(REMOTE_PREFIXES) or not os.path.exists(manifest):
+    if url.startswith(REMOTE_PREFIXES):
         return None
-    try:
-        listed = read_manifest(manifest)
-    except ValueError:
-        return None
-    return dict(zip(listed.urls, listed.counts)).get(os.path.abspath(url))
+    folder = os.path.dirname(os.path.abspath(url))
+    if folder not in manifests:
+        manifest = os.path.join(folder, "manifest.json")
+        try:
+            listed = read_manifest(manifest) if os.path.exists(manifest) else ShardList((), ())
+        except ValueError:
+            listed = ShardList((), ())
+        manifests[folder] = dict(zip(listed.urls, listed.counts))
+    return manifests[folder].get(os.path.abspath(url))
 
 
 def epoch_shards(n_shards: int, seed: int, epoch: int, slot: int, num_slots: int, resampled: bool) -> list[int]:
@@ -332,7 +337,11 @@ def _fingerprint(spec: StreamSpec) -> dict:
     return {"rank": spec.rank, "world_size": spec.world_size, "num_workers": spec.data.num_workers,
             "batch_size": spec.batch_size, "seed": spec.data.seed, "resampled": spec.data.resampled,
             "shuffle_buffer": spec.data.shuffle_buffer, "num_shards": len(spec.shards.urls),
-            "shards": [os.path.basename(u) for u in spec.shards.urls]}
+            "shard_digest": _digest(os.path.basename(u) for u in spec.shards.urls)}
+
+
+def _digest(names) -> str:
+    return hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()[:16]
 
 
 class TrainStream:
@@ -358,10 +367,11 @@ class TrainStream:
         expected = _fingerprint(self.spec)
         for key, value in expected.items():
             if state.get(key) != value:
-                shown = "the shard list" if key == "shards" else f"{key}={state.get(key)!r}"
-                raise ValueError(f"the stream state was saved with {shown}, but this run has "
-                                 f"{key}={value!r} (data.*, batch size, world size); resume with the "
-                                 "same settings or start the stream afresh without the saved state")
+                saved = "another list of shard names" if key == "shard_digest" else f"{key}={state.get(key)!r}"
+                now = "data.shards names other shards" if key == "shard_digest" else f"{key}={value!r}"
+                raise ValueError(f"the stream state was saved with {saved}, but in this run {now} (data.*, "
+                                 "batch size, world size); resume with the same settings or start the "
+                                 "stream afresh without the saved state")
         self._positions = [dict(p) for p in state["readers"]]
         self._next_reader, self._batches = state["next_reader"], state["batches"]
 
