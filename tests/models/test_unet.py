@@ -94,3 +94,12 @@ def test_base64_recipe_at_reduced_width_runs_forward_and_backward_on_cpu(tiny):
     with_grad = [p for p in trainable if p.grad is not None and p.grad.abs().sum() > 0]
     # every trainable parameter takes part; only the null-condition paths unused by this batch may stay at 0
     assert len(with_grad) >= 0.95 * len(trainable), f"{len(with_grad)} of {len(trainable)} got a gradient"
+
+
+def test_model_cast_to_bfloat16_takes_float32_inputs(tiny):
+    model = tiny.model(tiny.cfg(txt=True, low_res_size=8, noise_cond=True)).to(torch.bfloat16)
+    x, t = tiny.inputs()
+    cond = model.prepare_cond(["ab", None], None, low_res=torch.randn(2, 3, 8, 8), noise_cond_t=torch.tensor([0, 9]))
+    with torch.no_grad():
+        out = model(x, t, **cond)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()

@@ -41,8 +41,8 @@ class TimestepMLP(nn.Sequential):
         super().__init__(nn.Linear(dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.dim = dim
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:  # t: [N] -> [N, emb_dim]
-        return super().forward(timestep_embedding(t, self.dim))
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # t: [N] -> [N, emb_dim], in the weights' dtype
+        return super().forward(timestep_embedding(t, self.dim).to(self[0].weight.dtype))
 
 
 class Downsample(nn.Module):

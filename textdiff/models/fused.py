@@ -32,8 +32,12 @@ def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch
 
 @functools.cache
 def compiled_group_norm_silu() -> Callable[..., torch.Tensor]:
-    """The torch.compile'd :func:`group_norm_silu_reference` (compiled lazily, once per process)."""
-    return torch.compile(group_norm_silu_reference, dynamic=False)
+    """The torch.compile'd :func:`group_norm_silu_reference` (compiled lazily, once per process).
+
+    Shapes are left to Dynamo's default: the first call specialises, a second shape recompiles with
+    symbolic sizes, so the U-net's many (channels, resolution) pairs do not exhaust the recompile limit.
+    """
+    return torch.compile(group_norm_silu_reference)
 
 
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float = 1e-5,

@@ -216,11 +216,11 @@ class TextdiffUNet(nn.Module):
                 ctx.capt, ctx.capt_mask = tokens, (capt_ids != 0) & keep[:, None]
             if self.capt_emb_proj is not None:
                 ctx.emb = ctx.emb + self.capt_emb_proj(pooled.to(emb.dtype)) * keep[:, None].to(emb.dtype)
-        h = x if self.rgb_in is None else self.rgb_in(x)
+        # inputs arrive in float32; a model cast to fp16/bf16 (DeepSpeed) computes in its own dtype
+        h = x.to(emb.dtype) if self.rgb_in is None else self.rgb_in(x.to(emb.dtype))
         if cfg.low_res_size:
-            lr = low_res if self.rgb_in is None else self.rgb_in(low_res)
-            h = torch.cat([h, F.interpolate(lr.to(h.dtype), size=h.shape[-2:], mode="bilinear",
-                                            align_corners=False)], dim=1)
+            lr = low_res.to(emb.dtype) if self.rgb_in is None else self.rgb_in(low_res.to(emb.dtype))
+            h = torch.cat([h, F.interpolate(lr, size=h.shape[-2:], mode="bilinear", align_corners=False)], dim=1)
         skips = []
         for step in self.input_steps:
             h = step(h, ctx)
