@@ -239,3 +239,20 @@ def test_png_and_already_decoded_jpeg_are_not_drafted():
     jpeg = encoded(smooth_photo(), "JPEG")
     jpeg.load()
     assert draft_for_crop(jpeg, (0.0, 0.0, 384.0, 384.0), 32)[0].size == (512, 384)
+
+
+def test_random_safebox_for_empty_string_crops_around_a_random_box_as_if_it_held_text():
+    cfg = AugmentConfig(use_special_crop_for_empty_string=True, use_random_safebox_for_empty_string=True,
+                        crop_prob_es=1.0, crop_min_scale_es=0.01, crop_max_scale=0.01)
+    for seed in range(300):
+        crop = choose_crop(400, 300, False, None, (1, 1), 16, cfg, np.random.default_rng(seed))
+        box = random_safebox(400, 300, np.random.default_rng(seed))  # the box the crop drew first
+        assert contains(crop, box)
+        assert crop[2] - crop[0] >= box[2] - box[0] - EPS  # scale 0.01 (30 px) raised to hold the box
+
+
+def test_without_special_crop_text_free_images_use_crop_prob_and_crop_min_scale():
+    cfg = AugmentConfig(crop_prob=1.0, crop_min_scale=0.25, crop_max_scale=0.25, crop_prob_es=0.0,
+                        crop_min_scale_es=0.04)
+    crop = choose_crop(400, 400, False, None, (1, 1), 16, cfg, np.random.default_rng(0))
+    assert crop[2] - crop[0] == pytest.approx(200.0)  # sqrt(0.25) * 400, not crop_min_scale_es
