@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from textdiff.config import TextdiffConfig, apply_overrides, config_from_dict
 
@@ -59,3 +60,13 @@ def tiny_clip() -> str:
 def tiny(synthetic_shards):
     """tiny(*overrides) -> TextdiffConfig on the session's synthetic shards."""
     return lambda *overrides: tiny_config(synthetic_shards, *overrides)
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One intra-op thread: on a shared 2-core machine extra threads mostly wait on each other (25x slower)."""
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # engine.init_distributed leaves the thread count alone
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,6 +26,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_threads_per_rank(cores: int, local_ranks: int) -> int:
+    """Intra-op threads for each of ``local_ranks`` CPU ranks on ``cores`` cores (at least 1)."""
+    return max(1, cores // max(1, local_ranks))
+
+
 def init_distributed() -> tuple[int, int, int]:
     """Join (or, when started without a launcher, create) the process group; returns (rank, world, local_rank).
 
@@ -42,6 +47,9 @@ def init_distributed() -> tuple[int, int, int]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if get_accelerator().device_name() == "cuda":
         get_accelerator().set_device(local_rank)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks share the cores; more threads than cores makes every op wait on its siblings
+        torch.set_num_threads(cpu_threads_per_rank(os.cpu_count() or 1, int(os.environ.get("LOCAL_SIZE", "1"))))
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
 
 
