@@ -72,7 +72,8 @@ class BranchGain(nn.Module):
             self.gain = nn.Parameter(torch.zeros(1))
         else:
             self.exp_scale = cfg.cross_attn_gain_scale
-            self.gain = nn.Parameter(torch.tensor(math.log(cfg.cross_attn_init_gain) / cfg.cross_attn_gain_scale))
+            # shape [1], not 0-dim: DeepSpeed cannot broadcast 0-dim parameters
+            self.gain = nn.Parameter(torch.full((1,), math.log(cfg.cross_attn_init_gain) / cfg.cross_attn_gain_scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., dim]
         g = self.gain if self.exp_scale is None else torch.exp(self.exp_scale * self.gain)
