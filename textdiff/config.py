@@ -96,8 +96,9 @@ class ModelConfig:
     all_pdrop: float = 0.0
     # null transcription: "learned" = the null token through the encoder; "empty" = cross-attention adds nothing
     txt_null: Literal["learned", "empty"] = "learned"
-    # null caption: "placeholder" = the fixed placeholder caption through CLIP; "empty" = caption adds nothing
-    capt_null: Literal["placeholder", "empty"] = "placeholder"
+    # null caption: "placeholder" = the fixed placeholder caption through CLIP; "learned" = a learned token and
+    # pooled vector stand in for CLIP's outputs; "empty" = the caption adds nothing
+    capt_null: Literal["placeholder", "learned", "empty"] = "placeholder"
 
     def validate(self) -> None:
         """Raise ConfigError for impossible combinations, naming the key."""

@@ -96,3 +96,12 @@ def test_unknown_clip_name_suggests_close_ones(tiny):
 def test_local_config_with_a_pretrained_tag_is_refused(tiny):
     with pytest.raises(ConfigError, match="model.clip_pretrained is 'openai'.*clip_weights_path"):
         build_model(tiny.cfg(using_capt=True, clip_pretrained="openai"))
+
+
+def test_learned_null_caption_is_trained_and_differs_from_the_placeholder(tiny):
+    model = tiny.model(tiny.cfg(using_capt=True, glide_style_capt_emb=True, capt_null="learned"))
+    out = outputs(model, tiny, [None, "", PLACEHOLDER_CAPTION])
+    assert torch.allclose(out[0], out[1], atol=1e-6) and (out[0] - out[2]).abs().max() > 1e-3
+    x, t = tiny.inputs()
+    model(x, t, **model.prepare_cond(None, [None, "a cat"])).square().mean().backward()
+    assert model.null_capt_token.grad.abs().sum() > 0 and model.null_capt_pooled.grad.abs().sum() > 0

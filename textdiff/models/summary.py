@@ -21,7 +21,7 @@ def part_of(name: str, param: nn.Parameter) -> str:
         return "weave_attn"
     if ".cross." in name or name.startswith("pos_tables."):
         return "cross_attn"
-    if ".capt_kv." in name or name.startswith("capt_emb_proj."):
+    if ".capt_kv." in name or name.startswith(("capt_emb_proj.", "null_capt_")):
         return "capt_adapters"
     return "unet"
 

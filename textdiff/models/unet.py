@@ -88,7 +88,7 @@ class TextdiffUNet(nn.Module):
                                             cfg.txt_ff_mult, cfg.txt_ff_glu, cfg.txt_rezero, cfg.txt_t5)
             widths = {cfg.image_size // 2 ** i: nc * m for i, m in enumerate(cfg.channel_mult)}
             self.pos_tables = nn.ModuleDict({str(r): AxialPositionTable(r, widths[r]) for r in cfg.txt_resolutions})
-        self.capt_encoder = self.capt_emb_proj = None
+        self.capt_encoder = self.capt_emb_proj = self.null_capt_token = self.null_capt_pooled = None
         capt_dim = 0
         if cfg.using_capt:
             from textdiff.models.caption import CaptionEncoder  # open_clip takes seconds to import; only when used
@@ -97,6 +97,9 @@ class TextdiffUNet(nn.Module):
             capt_dim = self.capt_encoder.width if cfg.glide_style_capt_attn else 0
             if cfg.glide_style_capt_emb:
                 self.capt_emb_proj = nn.Linear(self.capt_encoder.embed_dim, emb_dim)
+            if cfg.capt_null == "learned":
+                self.null_capt_token = nn.Parameter(torch.randn(self.capt_encoder.width) * 0.02)
+                self.null_capt_pooled = nn.Parameter(torch.randn(self.capt_encoder.embed_dim) * 0.02)
 
         self.rgb_in = self.rgb_out = None
         if cfg.monochrome_adapter:
@@ -194,6 +197,21 @@ class TextdiffUNet(nn.Module):
             cond["noise_cond_t"] = torch.as_tensor(noise_cond_t, device=device).long().reshape(-1)
         return cond
 
+    def _caption(self, capt_ids: torch.Tensor, keep: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CLIP outputs with null captions (keep False) replaced as ``model.capt_null`` says.
+
+        capt_ids [N, Lc], keep [N] bool -> tokens [N, Lc, width], key mask [N, Lc] bool, pooled [N, embed_dim].
+        """
+        tokens, pooled = self.capt_encoder(capt_ids)
+        mask, null = capt_ids != 0, ~keep[:, None]
+        if self.null_capt_token is None:  # "empty" (with "placeholder" every caption is kept)
+            return tokens, mask & ~null, pooled * keep[:, None].to(pooled.dtype)
+        first = torch.arange(mask.shape[1], device=mask.device)[None] == 0
+        tokens = torch.cat([torch.where(null, self.null_capt_token.to(tokens.dtype), tokens[:, 0])[:, None],
+                            tokens[:, 1:]], dim=1)
+        return tokens, torch.where(null, first, mask), torch.where(null, self.null_capt_pooled.to(pooled.dtype), pooled)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, txt_ids: Optional[torch.Tensor] = None,
                 txt_mask: Optional[torch.Tensor] = None, capt_ids: Optional[torch.Tensor] = None,
                 capt_keep: Optional[torch.Tensor] = None, low_res: Optional[torch.Tensor] = None,
@@ -210,12 +228,11 @@ class TextdiffUNet(nn.Module):
         if cfg.txt:
             ctx.txt, ctx.txt_mask = self.text_encoder(txt_ids, txt_mask), txt_mask
         if cfg.using_capt:
-            tokens, pooled = self.capt_encoder(capt_ids)
-            keep = capt_keep.bool()
+            tokens, mask, pooled = self._caption(capt_ids, capt_keep.bool())
             if cfg.glide_style_capt_attn:
-                ctx.capt, ctx.capt_mask = tokens, (capt_ids != 0) & keep[:, None]
+                ctx.capt, ctx.capt_mask = tokens, mask
             if self.capt_emb_proj is not None:
-                ctx.emb = ctx.emb + self.capt_emb_proj(pooled.to(emb.dtype)) * keep[:, None].to(emb.dtype)
+                ctx.emb = ctx.emb + self.capt_emb_proj(pooled.to(emb.dtype))
         # inputs arrive in float32; a model cast to fp16/bf16 (DeepSpeed) computes in its own dtype
         h = x.to(emb.dtype) if self.rgb_in is None else self.rgb_in(x.to(emb.dtype))
         if cfg.low_res_size:
