@@ -3,9 +3,10 @@
 Which tower: ``model.clipname`` is an open_clip model name (``ViT-L-14-336``, the seed's ViT-L/14@336px) or
 the path of a local JSON model config in open_clip's format (``{"embed_dim": .., "text_cfg": {..}}``); the
 tests use ``tests/models/tiny_clip.json`` (width 32, 2 layers) with ``clip_pretrained=""``, random weights.
-Which weights: ``model.clip_weights_path`` (a local file: an open_clip checkpoint, a safetensors file or OpenAI's TorchScript ``.pt``) wins; else ``model.clip_pretrained``
-(an open_clip tag such as ``openai``, fetched through open_clip's cache); an empty tag means random
-weights, which only makes sense for tests and parameter counts.
+Which weights: ``model.clip_weights_path`` (a local file: an open_clip checkpoint, a safetensors file or
+OpenAI's TorchScript ``.pt``) wins; else ``model.clip_pretrained`` (an open_clip tag such as ``openai``,
+fetched through open_clip's cache); an empty tag means random weights, which only makes sense for tests and
+parameter counts.
 
 Only the text tower is built (never the image tower). The U-net uses its per-token activations (the
 penultimate layer with ``clip_use_penultimate_layer``, after the final LayerNorm) for Imagen-style attention
