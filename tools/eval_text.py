@@ -75,7 +75,7 @@ def collect(args: argparse.Namespace, cfg: EvalConfig, size: int) -> tuple[list,
             raise PromptFileError(f"--renders is {args.renders}; give at least 1")
         prompts = expand(read_prompts(args.prompts))[:args.renders] if args.prompts else \
             heldout_prompts(args.renders, cfg.seed, size)
-        return render_prompts(prompts, size), prompts
+        return render_prompts(prompts, size, progress=True), prompts
     if args.prompts is None:
         raise PromptFileError("--images needs --prompts FILE.jsonl (the prompts the images were made for)")
     pairs = pair_images(read_prompts(args.prompts), args.images)

@@ -59,3 +59,23 @@ def test_missing_tesseract_exits_with_the_install_hint(tmp_path, capsys):
                              "--tesseract", "no-such-tesseract-binary"])
     assert code == 2
     assert "install the tesseract-ocr package" in capsys.readouterr().err
+
+
+def test_renders_prints_the_ceiling_metrics_for_n_heldout_prompts(capsys):
+    assert load_tool().main(["--renders", "10", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary) >= {"cer", "exact_match", "word_accuracy", "false_text_rate", "n"}
+    assert (summary["n"], summary["n_text"], summary["n_empty"]) == (10, 8, 2)
+    assert summary["cer"] < 0.2 and summary["false_text_rate"] <= 0.5
+
+
+def test_renders_of_a_prompt_file_take_its_first_n_images(tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_text('{"txt": "Otter", "count": 2}\n{"txt": "walnut"}\n', encoding="utf-8")
+    assert load_tool().main(["--renders", "2", "--prompts", str(tmp_path / "p.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "normalize case/whitespace: True" in out and "n_text: 2" in out
+
+
+def test_renders_must_be_positive(capsys):
+    assert load_tool().main(["--renders", "0"]) == 2
+    assert "--renders is 0" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from PIL import Image
+from tqdm.auto import tqdm
 
 from textdiff.config import EvalConfig
 from textdiff.data.synthetic import HELDOUT_WORDS, TEXT_FREE_SHARE, random_transcription, render_sample
@@ -123,13 +124,14 @@ def render_rng(seed: int, index: int) -> random.Random:
     return random.Random(f"textdiff-eval-render:{seed}:{index}")
 
 
-def render_prompts(prompts: list[Prompt], size: int = 64) -> list[Image.Image]:
+def render_prompts(prompts: list[Prompt], size: int = 64, progress: bool = False) -> list[Image.Image]:
     """Render each prompt's ``txt`` with the synthetic generator (image i from ``render_rng(seed, i)``):
     ``size`` x ``size`` RGB images of exactly the asked text, the best case for OCR.
 
     ``prompts`` are taken one per image (see :func:`textdiff.eval.spelling.expand`).
     """
-    return [render_sample(p.txt, render_rng(p.seed, i), size).image for i, p in enumerate(prompts)]
+    return [render_sample(p.txt, render_rng(p.seed, i), size).image
+            for i, p in enumerate(tqdm(prompts, desc="render", unit="img", disable=not progress))]
 
 
 def heldout_prompts(n: int, seed: int = 0, size: int = 64) -> list[Prompt]:
