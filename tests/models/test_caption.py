@@ -65,11 +65,13 @@ def test_unfrozen_caption_encoder_trains(tiny):
     assert sum(p.numel() for p in model.trainable_parameters()) == sum(p.numel() for p in model.parameters())
 
 
-def test_weights_load_from_a_local_file(tiny, tmp_path):
+@pytest.mark.parametrize("prefix", ["text.", ""], ids=["custom_text_clip_layout", "clip_layout"])
+def test_weights_load_from_a_local_file(tiny, tmp_path, prefix):
     torch.manual_seed(3)
     source = CaptionEncoder(tiny.cfg(using_capt=True))
     path = tmp_path / "clip.pt"
-    torch.save({f"text.{k}": v for k, v in source.tower.state_dict().items()}, path)  # CustomTextCLIP layout
+    state = {f"{prefix}{k}": v for k, v in source.tower.state_dict().items()}
+    torch.save({**state, "visual.proj": torch.zeros(2), "logit_scale": torch.ones(())}, path)
     loaded = CaptionEncoder(tiny.cfg(using_capt=True, clip_weights_path=str(path)))
     assert torch.equal(loaded.tower.token_embedding.weight, source.tower.token_embedding.weight)
 
