@@ -24,8 +24,8 @@ from PIL import Image
 
 from textdiff.config import ConfigError, EvalConfig, load_config
 from textdiff.eval.ocr import TesseractError, TesseractMissingError
-from textdiff.eval.prompts import PromptFileError, heldout_prompts, pair_images, read_prompts, render_prompts
-from textdiff.eval.spelling import evaluate_images, expand
+from textdiff.eval.prompts import PromptFileError, expand, heldout_prompts, pair_images, read_prompts, render_prompts
+from textdiff.eval.spelling import evaluate_images
 
 SUMMARY_KEYS = ("cer", "exact_match", "word_accuracy", "false_text_rate", "n", "n_text", "n_empty", "normalize")
 

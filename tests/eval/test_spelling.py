@@ -5,8 +5,8 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from textdiff.config import EvalConfig
-from textdiff.eval.prompts import Prompt
-from textdiff.eval.spelling import evaluate_images, evaluate_spelling, expand, sample_prompts
+from textdiff.eval.prompts import Prompt, expand
+from textdiff.eval.spelling import evaluate_images, evaluate_spelling, sample_prompts
 
 
 def draw(text: str) -> np.ndarray:

@@ -17,7 +17,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from PIL import Image
 from tqdm.auto import tqdm
@@ -43,6 +43,11 @@ class Prompt:
     seed: int = 0
     count: int = 1
     image: Optional[str] = None  # an existing image file to evaluate instead of sampling
+
+
+def expand(prompts: Sequence[Prompt]) -> list[Prompt]:
+    """Each prompt repeated ``count`` times, in order: one entry per image to make."""
+    return [p for p in prompts for _ in range(p.count)]
 
 
 def _field(obj: dict, key: str, kind: type, default, where: str):
@@ -111,7 +116,7 @@ def pair_images(prompts: list[Prompt], image_dir: str | Path) -> list[tuple[Path
                                   f"{missing[0]}; pass the folder they are relative to as --images")
         return pairs
     files = sorted(f for f in image_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-    expanded = [p for p in prompts for _ in range(p.count)]
+    expanded = expand(prompts)
     if len(files) != len(expanded):
         raise PromptFileError(f"image folder {image_dir} holds {len(files)} images but the prompts ask for "
                               f"{len(expanded)} (counts included); give one image per prompt and count, named "
@@ -128,7 +133,7 @@ def render_prompts(prompts: list[Prompt], size: int = 64, progress: bool = False
     """Render each prompt's ``txt`` with the synthetic generator (image i from ``render_rng(seed, i)``):
     ``size`` x ``size`` RGB images of exactly the asked text, the best case for OCR.
 
-    ``prompts`` are taken one per image (see :func:`textdiff.eval.spelling.expand`).
+    ``prompts`` are taken one per image (see :func:`expand`).
     """
     return [render_sample(p.txt, render_rng(p.seed, i), size).image
             for i, p in enumerate(tqdm(prompts, desc="render", unit="img", disable=not progress))]

@@ -15,7 +15,7 @@ import numpy as np
 from textdiff.config import EvalConfig
 from textdiff.eval.metrics import Score, aggregate, score, shows_text
 from textdiff.eval.ocr import ImageLike, Reading, ocr_images
-from textdiff.eval.prompts import Prompt
+from textdiff.eval.prompts import Prompt, expand
 
 # sample_fn(txts, capts, seed) -> uint8 [N, H, W, 3] (array or CPU tensor) or a list of N PIL images
 SampleFn = Callable[[list[str], list[str], int], object]
@@ -38,11 +38,6 @@ class SpellingReport:
 
 def _jsonable(value: float) -> float | None:
     return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def expand(prompts: Sequence[Prompt]) -> list[Prompt]:
-    """Each prompt repeated ``count`` times, in order: one entry per image to make."""
-    return [p for p in prompts for _ in range(p.count)]
 
 
 def _per_prompt(prompts: Sequence[Prompt], readings: Sequence[Reading], scores: Sequence[Score]) -> list[dict]:
