@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Optional
 
 import torch
@@ -25,26 +26,34 @@ class GaussianMixture:
     means: tuple[tuple[float, ...], ...]
     stds: tuple[float, ...]
 
+    @cached_property
+    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(log weights [K], means [K, D], variances [K])`` as float64 tensors, built once."""
+        return (torch.tensor(self.weights, dtype=torch.float64).log(), torch.tensor(self.means, dtype=torch.float64),
+                torch.tensor(self.stds, dtype=torch.float64) ** 2)
+
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """``n`` draws from the mixture, ``[n, D]`` float64."""
-        means = torch.tensor(self.means, dtype=torch.float64)
-        k = torch.multinomial(torch.tensor(self.weights, dtype=torch.float64), n, replacement=True,
-                              generator=generator)
+        log_w, means, var = self._tensors
+        k = torch.multinomial(log_w.exp(), n, replacement=True, generator=generator)
         noise = torch.randn(n, means.shape[1], generator=generator, dtype=torch.float64)
-        return means[k] + torch.tensor(self.stds, dtype=torch.float64)[k, None] * noise
+        return means[k] + var[k, None].sqrt() * noise
 
     def eps(self, x: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
         """Exact eps prediction for ``x`` ``[N, D]`` noised to ``abar`` (scalar or ``[N]``): ``[N, D]``."""
+        log_w, means, var0 = self._tensors
         x = x.to(torch.float64)
-        abar = torch.as_tensor(abar, dtype=torch.float64).reshape(-1, 1, 1)  # [N or 1, 1, 1]
-        means = torch.tensor(self.means, dtype=torch.float64)[None]  # [1, K, D]
-        var = abar * torch.tensor(self.stds, dtype=torch.float64)[None, :, None] ** 2 + (1 - abar)  # [., K, 1]
-        diff = x[:, None, :] - abar.sqrt() * means  # [N, K, D]
-        log_resp = (torch.tensor(self.weights, dtype=torch.float64).log()[None, :]
-                    - 0.5 * x.shape[1] * var[..., 0].log() - 0.5 * (diff ** 2).sum(-1) / var[..., 0])
-        resp = torch.softmax(log_resp, dim=1)[..., None]  # [N, K, 1]
-        score = -(resp * diff / var).sum(1)
-        return -(1 - abar[:, :, 0]).sqrt() * score
+        abar = torch.as_tensor(abar, dtype=torch.float64).reshape(-1, 1)  # [N or 1, 1]
+        var = abar * var0 + (1 - abar)  # [N or 1, K]: variance of each noised component
+        diff = x[:, None, :] - abar.sqrt()[:, :, None] * means  # [N, K, D]
+        log_resp = log_w - 0.5 * x.shape[1] * var.log() - 0.5 * (diff ** 2).sum(-1) / var
+        resp = torch.softmax(log_resp, dim=1)  # [N, K]
+        score = -((resp / var)[:, :, None] * diff).sum(1)
+        return -(1 - abar).sqrt() * score
+
+    def denoise(self, x: torch.Tensor, abar: float) -> torch.Tensor:
+        """Exact x_0 prediction ``E[x_0 | x_t = x]`` at level ``abar``: ``[N, D]``."""
+        return (x.double() - math.sqrt(1 - abar) * self.eps(x, torch.tensor(abar))) / math.sqrt(abar)
 
     def model_fn(self, alphas_cumprod: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The optimal model as a sampler callable ``fn(x [N, D], t [N]) -> eps [N, D]`` over index ``t``."""
@@ -74,13 +83,16 @@ def karras_sigmas(sigma_max: float, num_steps: int, rho: float = 7.0) -> torch.T
 
 
 @torch.no_grad()
-def pf_ode_reference(mixture: GaussianMixture, x: torch.Tensor, abar_start: float, num_steps: int = 2000) -> torch.Tensor:
-    """Solve the probability-flow ODE from ``x`` ``[N, D]`` at level ``abar_start`` to clean data, ``[N, D]``.
+def pf_ode_reference(mixture: GaussianMixture, x: torch.Tensor, abar_start: float, abar_end: float,
+                     num_steps: int = 2000) -> torch.Tensor:
+    """The exact sampler output: the probability-flow ODE solved from ``x`` ``[N, D]`` at level
+    ``abar_start`` down to ``abar_end`` (the last sampling step), then the exact x_0 prediction there.
 
     In ``y = x / sqrt(abar)`` and ``sigma = sqrt((1 - abar) / abar)`` the ODE is ``dy/dsigma = eps(x, abar)``
-    (independent of the schedule); classical RK4 on :func:`karras_sigmas` steps. Returns float64.
+    (independent of the schedule); classical RK4 on :func:`karras_sigmas` steps. Returns ``[N, D]`` float64.
     """
-    sigmas = karras_sigmas(math.sqrt((1 - abar_start) / abar_start), num_steps).tolist()
+    sigma_end = math.sqrt((1 - abar_end) / abar_end)
+    sigmas = (karras_sigmas(math.sqrt((1 - abar_start) / abar_start) - sigma_end, num_steps) + sigma_end).tolist()
     y = x.to(torch.float64) / math.sqrt(abar_start)
 
     def f(y: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -94,7 +106,7 @@ def pf_ode_reference(mixture: GaussianMixture, x: torch.Tensor, abar_start: floa
         k3 = f(y + h / 2 * k2, s + h / 2)
         k4 = f(y + h * k3, s_next)
         y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    return y
+    return mixture.denoise(y * math.sqrt(abar_end), abar_end)
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, num_projections: int = 256,

@@ -8,8 +8,9 @@ callback=None, disable=None, **options)``:
   (``GaussianDiffusion.sampling_fn`` adapts a network; guidance and thresholding wrap it);
 - ``x``: the start, pure noise at ``timesteps[0]``;
 - ``alphas_cumprod``: ``[K]`` of the process the model was trained on (or a respaced one);
-- ``timesteps``: ``[S]`` decreasing indices (see :func:`sampling_timesteps`), usually ending at 0; after the
-  last one every sampler takes a final step to the clean image (``abar = 1``), so S is the step count.
+- ``timesteps``: ``[S]`` decreasing indices (see :func:`sampling_timesteps`), usually ending at 0. Each
+  sampler integrates from ``timesteps[0]`` to ``timesteps[-1]`` and its last step returns the model's x_0
+  prediction there (a step to ``abar = 1``), so S is the step count and all samplers share one target.
 
 All samplers return the clean sample ``[N, C, ...]``; ``callback`` gets ``{"i", "t", "x", "pred_xstart"}``
 after each step; noise comes from ``generator`` only, so a seeded generator makes a run reproducible.
@@ -214,7 +215,9 @@ def sample_plms(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor
     ts = timesteps.tolist()
     history: list[torch.Tensor] = []
     for i, t in _steps(timesteps, disable, "plms"):
-        if len(history) < 3 and i + 1 < len(ts):
+        if i + 1 == len(ts):
+            x, pred_xstart = ddim_transfer(x, _eps(model_fn, x, t), abars[i], 1.0)
+        elif len(history) < 3:
             a_mid = float(alpha_bar_at(alphas_cumprod, torch.tensor((t + ts[i + 1]) / 2)))
             x, eps, pred_xstart = _prk_step(model_fn, x, t, ts[i + 1], abars[i], a_mid, abars[i + 1])
             history.append(eps)

@@ -1,0 +1,79 @@
+"""Specification of textdiff.sampling.guidance against a stand-in model(x, t, **cond)."""
+
+import pytest
+import torch
+
+from textdiff.sampling.guidance import concat_conds, guidance_conds, guided_model
+
+
+class Recorder:
+    """eps = x + txt + 10 capt (per sample), variance half = txt - capt; records each forward's batch size."""
+
+    def __init__(self, learn_sigma=False):
+        self.batches = []
+        self.learn_sigma = learn_sigma
+
+    def __call__(self, x, t, txt, capt):
+        self.batches.append(x.shape[0])
+        eps = x + txt[:, None] + 10 * capt[:, None] + 0 * t[:, None]
+        return torch.cat([eps, (txt - capt)[:, None].expand_as(x)], dim=1) if self.learn_sigma else eps
+
+
+def _conds(n=2):
+    full = {"txt": torch.full((n,), 1.0), "capt": torch.full((n,), 2.0)}
+    txt_only = {"txt": torch.full((n,), 1.0), "capt": torch.zeros(n)}
+    null = {"txt": torch.zeros(n), "capt": torch.zeros(n)}
+    return full, txt_only, null
+
+
+X, T = torch.zeros(2, 3), torch.tensor([5.0, 5.0])
+
+
+def test_scale_1_and_1_is_the_conditional_output_in_one_forward_of_n():
+    model = Recorder()
+    full, txt_only, null = _conds()
+    out = guided_model(model, full, txt_only, null, 1.0, 1.0)(X, T)
+    assert torch.equal(out, model(X, T, **full))
+    assert model.batches[0] == 2
+
+
+def test_separate_scales_compose_as_documented_in_one_batched_forward():
+    model = Recorder()
+    full, txt_only, null = _conds()
+    out = guided_model(model, full, txt_only, null, 3.0, 2.0)(X, T)
+    # e(null) = 0, e(txt) = 1, e(txt, capt) = 21: 0 + 3 (1 - 0) + 2 (21 - 1) = 43
+    assert torch.allclose(out, torch.full((2, 3), 43.0))
+    assert model.batches == [6]
+
+
+def test_caption_free_models_guide_the_transcription_only():
+    model = Recorder()
+    full, _, null = _conds()
+    out = guided_model(model, full, None, null, 2.0, 5.0)(X, T)
+    assert torch.allclose(out, torch.full((2, 3), 42.0))  # 0 + 2 (21 - 0)
+    assert model.batches == [4]
+
+
+def test_learned_variance_is_not_guided():
+    model = Recorder(learn_sigma=True)
+    full, txt_only, null = _conds()
+    out = guided_model(model, full, txt_only, null, 3.0, 2.0)(X, T)
+    assert torch.allclose(out[:, :3], torch.full((2, 3), 43.0))
+    assert torch.allclose(out[:, 3:], torch.full((2, 3), -1.0))  # the full branch's: txt - capt = 1 - 2
+
+
+def test_guidance_conds_drop_with_none():
+    seen = []
+
+    def prepare_cond(txt, capt, **extra):
+        seen.append((txt, capt, extra))
+        return {"n": torch.zeros(len(txt))}
+
+    guidance_conds(prepare_cond, ["hi", "yo"], ["a cat", ""], low_res=1)
+    assert seen == [(["hi", "yo"], ["a cat", ""], {"low_res": 1}), (["hi", "yo"], [None, None], {"low_res": 1}),
+                    ([None, None], [None, None], {"low_res": 1})]
+
+
+def test_cond_dicts_with_different_keys_are_refused():
+    with pytest.raises(ValueError, match="prepare_cond"):
+        concat_conds([{"a": torch.zeros(1)}, {"b": torch.zeros(1)}])
