@@ -75,6 +75,12 @@ def loss_quartiles(t: torch.Tensor, loss: torch.Tensor, num_timesteps: int) -> d
     return {f"train/loss_q{q}": float(loss[quartile == q].mean()) for q in range(4) if bool((quartile == q).any())}
 
 
+def grad_norm(params: list[torch.Tensor]) -> float:
+    """L2 norm of all gradients of ``params`` together (before clipping)."""
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
 class _StopFlag:
     """Set by SIGTERM/SIGINT; a second SIGINT interrupts at once."""
 
@@ -126,6 +132,9 @@ class Trainer:
         self.engine, self.frozen, promoted = eng.build_engine(model, cfg, self.world_size)
         self.diffusion = build_diffusion(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
         self.timesteps = build_timestep_sampler(cfg.diffusion.schedule_sampler, self.diffusion.num_timesteps)
+        # DeepSpeed reports no gradient norm for an fp32 ZeRO-0 engine; the loop measures it then
+        self._own_grad_norm = eng.zero_stage(cfg.deepspeed) == 0 and self.dtype == torch.float32
+        self._grad_norm: Optional[float] = None
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
         self.accumulation = self.engine.gradient_accumulation_steps()
 
@@ -243,6 +252,8 @@ class Trainer:
                     "not applied and nothing was saved. Resume from the last checkpoint with a lower lr or "
                     "gradient_clipping, or check the data")
             self.engine.backward(loss)
+            if micro == self.accumulation - 1 and self._own_grad_norm:
+                self._grad_norm = grad_norm(self.params)
             self.engine.step()
             ts.append(t)
             for k in terms:
@@ -274,9 +285,9 @@ class Trainer:
         counters = self.stream.counters()
         skipped_data = self._all_reduce([counters["skipped_corrupt"], counters["shard_errors"]])
         values = {k: v for k, v in metrics.items() if not k.startswith("_")}
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:
-            values["train/grad_norm"] = float(grad_norm)
+        norm = self._grad_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
+        if norm is not None:
+            values["train/grad_norm"] = float(norm)
         values["train/lr"] = float(self.engine.get_lr()[0])
         optimizer = self.engine.optimizer
         values["train/loss_scale"] = float(getattr(optimizer, "cur_scale", getattr(optimizer, "loss_scale", 1.0)))
