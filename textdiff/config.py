@@ -170,6 +170,12 @@ class DiffusionConfig:
     def validate(self) -> None:
         """Raise ConfigError for impossible combinations, naming the key."""
         _require(self.diffusion_steps > 1, "diffusion.diffusion_steps", "must be at least 2")
+        if self.timestep_respacing:
+            from textdiff.diffusion.respace import space_timesteps  # late: only a respaced config needs the diffusion package
+            try:
+                space_timesteps(self.diffusion_steps, self.timestep_respacing)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
 
 @dataclass
