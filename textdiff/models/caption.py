@@ -32,7 +32,7 @@ from torch import nn
 
 from textdiff.config import ConfigError, ModelConfig
 
-PLACEHOLDER_CAPTION = "an image"
+PLACEHOLDER_CAPTION = "unknown"  # the seed's string for a missing or dropped caption
 
 
 def clip_model_config(clipname: str) -> dict:
