@@ -77,3 +77,10 @@ def test_tesseract_absent_from_path_gives_the_same_clear_error(monkeypatch, tmp_
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(TesseractMissingError, match="tesseract-ocr"):
         ocr_image(render("x"), EvalConfig())
+
+
+def test_psm_6_reads_two_lines_that_psm_7_cannot():
+    image = render("river")
+    ImageDraw.Draw(image).text((3, 44), "otter", fill=(20, 30, 60), font=ImageFont.load_default(size=12))
+    assert ocr_image(image, EvalConfig(psm=6)).text == "river\notter"
+    assert ocr_image(image, EvalConfig(psm=7)).text != "river\notter"
