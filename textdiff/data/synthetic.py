@@ -314,17 +314,21 @@ def _place(box: list[int], size: int) -> str:
     return f"at the {row} {col}" if row != "middle" else f"at the {col}"
 
 
+def _an(word: str) -> str:
+    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
+
+
 def describe_background(background: Background) -> str:
-    """Caption words for a background, e.g. "a beige to yellow gradient"."""
+    """Caption words for a background, e.g. "a beige to yellow gradient", "an orange background"."""
     if background.kind == "gradient":
         first, second = background.names
-        return f"a {first} to {second} gradient" if first != second else f"a {first} gradient"
+        return f"{_an(first)} to {second} gradient" if first != second else f"{_an(first)} gradient"
     if background.kind == "noise":
         return f"a grainy {background.names[0]} background"
     if background.kind == "shapes":
         n, shape = len(background.shapes), background.shapes[0][0]
-        return f"a {background.names[0]} background with {NUMBER_WORDS[n]} {shape}{'s' if n > 1 else ''}"
-    return f"a {background.names[0]} background"
+        return f"{_an(background.names[0])} background with {NUMBER_WORDS[n]} {shape}{'s' if n > 1 else ''}"
+    return f"{_an(background.names[0])} background"
 
 
 def captions(scene: Scene, safebox: Optional[list[int]]) -> list[str]:
