@@ -21,8 +21,9 @@ def test_base64_recipe_loads_the_seed_model_and_deepspeed_keys():
     assert cfg.model.txt_resolutions == (8, 16, 32) and cfg.model.max_seq_len == 384
     assert cfg.model.clipname == "ViT-L-14-336" and cfg.model.silu_impl == "fused"
     assert (cfg.diffusion.noise_schedule, cfg.diffusion.rescale_timesteps) == ("cosine", False)
-    assert cfg.deepspeed["train_batch_size"] == 504 and cfg.deepspeed["train_micro_batch_size_per_gpu"] == 36
-    assert cfg.deepspeed["optimizer"]["params"]["lr"] == 1e-4
+    ds = cfg.deepspeed  # the seed's --microbatch 36, --lr 1e-4 and --fp16_scale_growth 2e-3
+    assert ds["train_micro_batch_size_per_gpu"] == 36 and ds["optimizer"]["params"]["lr"] == 1e-4
+    assert ds["fp16"]["loss_scale_window"] == 500
 
 
 def test_round_trip_through_to_dict_is_lossless():
@@ -76,7 +77,7 @@ def test_set_overrides_parse_json_and_seed_style_lists():
                                "deepspeed.fp16.enabled=false", "diffusion.timestep_respacing=ddim50"])
     assert cfg.model.num_channels == 128 and cfg.model.txt_resolutions == (16, 32)
     assert cfg.model.clipname == "RN50" and cfg.diffusion.timestep_respacing == "ddim50"
-    assert cfg.deepspeed["fp16"] == {"enabled": False, "loss_scale": 0, "loss_scale_window": 500}
+    assert cfg.deepspeed["fp16"]["enabled"] is False and cfg.deepspeed["fp16"]["loss_scale_window"] == 500
 
 
 def test_overrides_leave_the_original_dict_alone():
