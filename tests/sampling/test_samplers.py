@@ -126,3 +126,35 @@ def test_unknown_sampler_and_bad_step_specs_are_named():
         sampling_timesteps(1000, "logsnr0", ABAR)
     with pytest.raises(ValueError, match="alphas_cumprod"):
         sampling_timesteps(1000, "logsnr20")
+
+
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "bench_samplers.py"
+    spec = importlib.util.spec_from_file_location("bench_samplers", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_tool_prints_json_rows_and_passes_the_ordering_check(capsys):
+    import json
+
+    rc = _bench_module().main(["--json", "--n", "16", "--ref-steps", "100", "--steps", "20,50", "--cases", "stiff",
+                               "--samplers", "ddim,prk,plms"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 0
+    assert len(rows) == 12  # 3 samplers x steps 20, 50, 80, 200
+    assert {"sampler", "steps", "error", "nfe", "seconds", "case"} <= set(rows[0])
+    assert {(r["sampler"], r["steps"], r["nfe"]) for r in rows if r["steps"] == 20} == {
+        ("ddim", 20, 20), ("prk", 20, 77), ("plms", 20, 29)}
+
+
+def test_bench_ordering_check_reports_a_loss_to_ddim():
+    rows = [{"case": "c", "sampler": "ddim", "steps": 80, "error": 0.01},
+            {"case": "c", "sampler": "prk", "steps": 20, "error": 0.005},
+            {"case": "c", "sampler": "plms", "steps": 20, "error": 0.02}]
+    assert _bench_module().ordering_failures(rows) == [
+        "c: plms at 20 steps has error 0.02, worse than ddim at 80 steps (0.01)"]

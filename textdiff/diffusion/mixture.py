@@ -122,3 +122,31 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, num_projections: int = 
     pa = (a.double() @ directions).sort(dim=0).values
     pb = (b.double() @ directions).sort(dim=0).values
     return float(((pa - pb) ** 2).mean().sqrt())
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One benchmark problem: start points, their exact sampler target, and target-distribution draws."""
+
+    name: str
+    mixture: GaussianMixture
+    x: torch.Tensor  # [n, D] start noise at the first step
+    reference: torch.Tensor  # [n, D] exact PF-ODE solution from x (pf_ode_reference)
+    target: torch.Tensor  # [n, D] fresh draws from the mixture
+    floor: float  # sliced W2 between two independent draws of n: the distance's own noise level
+
+
+def make_case(name: str, alphas_cumprod: torch.Tensor, n: int, seed: int = 0, reference_steps: int = 2000) -> BenchCase:
+    """Draw the starts and targets of case ``name`` (:data:`CASES`) and solve its reference."""
+    mixture = CASES[name]
+    x = torch.randn(n, mixture_dim(mixture), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    reference = pf_ode_reference(mixture, x, float(alphas_cumprod[-1]), float(alphas_cumprod[0]), reference_steps)
+    target = mixture.sample(n, torch.Generator().manual_seed(seed + 1))
+    floor = sliced_wasserstein(mixture.sample(n, torch.Generator().manual_seed(seed + 2)), target,
+                               generator=torch.Generator().manual_seed(seed + 3))
+    return BenchCase(name, mixture, x, reference, target, floor)
+
+
+def mixture_dim(mixture: GaussianMixture) -> int:
+    """The data dimension D of ``mixture``."""
+    return len(mixture.means[0])
