@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     st.add_argument("--guidance-txt", type=float, default=1.0, help="guidance scale of the transcription (1: off)")
     st.add_argument("--guidance-capt", type=float, default=1.0, help="guidance scale of the caption (1: off)")
-    st.add_argument("--dynamic-threshold", type=float, metavar="P", help="dynamic thresholding: quantile of |x0| per sample, e.g. 0.995 (off by default)")
+    st.add_argument("--dynamic-threshold", type=float, metavar="P",
+                    help="dynamic thresholding: quantile of |x0| per sample, e.g. 0.995 (off by default)")
 
     up = p.add_argument_group("upsampler stages (each flag once for all, or once per --upsampler)")
     up.add_argument("--upsampler", action="append", default=[], metavar="RUN_OR_FILE",
@@ -125,6 +126,10 @@ def stage_specs(args: argparse.Namespace) -> tuple[list[StageSpec], list[str]]:
     names = [f"--{'run-dir' if args.run_dir else 'weights'} {source}"]
     defaults = {"sampler": base.sampler, "steps": base.steps, "eta": base.eta, "guidance_txt": 1.0,
                 "guidance_capt": 1.0, "dynamic_threshold": None, "noise_cond_level": 0}
+    stray = [dest for dest in UP_FLAGS if getattr(args, dest)]
+    stray += ["save_intermediate"] if args.save_intermediate else []
+    if stray and not args.upsampler:
+        raise CascadeError(f"--{stray[0].replace('_', '-')} sets an upsampler stage, but no --upsampler is given")
     columns = {field: _per_upsampler(args, dest, defaults[field]) for dest, field in UP_FLAGS.items()}
     for k, up in enumerate(args.upsampler):
         settings = StageSettings(**{field: values[k] for field, values in columns.items()})

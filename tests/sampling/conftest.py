@@ -77,8 +77,9 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """Run directories of a 16 px base (``base``), a 16 -> 32 px upsampler (``up``), a noise-conditioned one
-    (``up_nc``) and an 8 -> 32 px upsampler that fits no base here (``up_from8``), with their raw models."""
+    """``ema_scale`` and run directories of a 16 px base (``base``), a 16 -> 32 px upsampler (``up``), a
+    noise-conditioned one (``up_nc``) and an 8 -> 32 px upsampler that fits no base here (``up_from8``), with
+    their raw models (``base_model`` ...) and configs (``base_cfg`` ...)."""
     root = tmp_path_factory.mktemp("runs")
     specs = {"base": {}, "up": dict(image_size=32, low_res_size=16),
              "up_nc": dict(image_size=32, low_res_size=16, noise_cond=True),
@@ -89,4 +90,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         out[name] = root / name
         out[f"{name}_model"] = write_run(root / name, cfg, seed=i)
         out[f"{name}_cfg"] = cfg
-    return SimpleNamespace(**out)
+    return SimpleNamespace(ema_scale=EMA_SCALE, **out)
+
+
+@pytest.fixture
+def make_run():
+    """``make_run(run_dir, **model_overrides)`` writes a tiny run directory and returns its raw model."""
+    return lambda run_dir, **overrides: write_run(run_dir, tiny_config(**overrides))

@@ -1,14 +1,13 @@
 """Loading models for sampling: which checkpoint a source means, EMA or raw weights, and clear errors."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from textdiff.sampling.loading import LoadError, load_for_sampling, read_source_config, resolve_checkpoint
 from textdiff.train.checkpoint import COMPLETE
 from textdiff.train.export import export_checkpoint
-
-EMA_SCALE = 0.5
-
 
 def _param(model, name="out_conv.weight"):
     return dict(model.named_parameters())[name].detach()
@@ -30,7 +29,7 @@ def test_raw_weights_equal_the_saved_module_and_ema_weights_the_average(runs):
     ema = load_for_sampling(runs.base, "ema")
     expected = _param(runs.base_model)
     assert torch.equal(_param(raw.model), expected)
-    assert torch.equal(_param(ema.model), expected * EMA_SCALE)
+    assert torch.equal(_param(ema.model), expected * runs.ema_scale)
     assert raw.weights == "raw" and ema.weights == "ema:0.9999"
     assert not raw.model.training
     assert raw.diffusion.num_timesteps == 100
@@ -42,6 +41,14 @@ def test_the_loaded_model_computes_what_the_saved_one_did(runs):
     cond = loaded.model.prepare_cond(["ab", ""], None)
     with torch.no_grad():
         assert torch.equal(loaded.model(x, t, **cond), runs.base_model(x, t, **cond))
+
+
+def test_a_frozen_caption_encoder_is_not_needed_in_the_checkpoint(make_run, runs, tmp_path):
+    clip = str(Path(__file__).parents[1] / "models" / "tiny_clip.json")
+    model = make_run(tmp_path / "capt", using_capt=True, clipname=clip, clip_pretrained="")
+    loaded = load_for_sampling(tmp_path / "capt", "ema")
+    assert torch.equal(_param(loaded.model), _param(model) * runs.ema_scale)
+    assert not any(p.requires_grad for p in loaded.model.capt_encoder.parameters())
 
 
 def test_config_is_read_without_weights(runs):
@@ -68,7 +75,7 @@ def test_an_unknown_ema_rate_names_the_kept_ones(runs):
 def test_an_exported_file_loads_the_weights_it_was_written_with(runs, tmp_path):
     path = export_checkpoint(runs.base, tmp_path / "base.safetensors", "ema")
     loaded = load_for_sampling(path)
-    assert torch.equal(_param(loaded.model), _param(runs.base_model) * EMA_SCALE)
+    assert torch.equal(_param(loaded.model), _param(runs.base_model) * runs.ema_scale)
     assert read_source_config(path).model.image_size == 16
     assert loaded.weights == "export"
 

@@ -34,9 +34,10 @@ class CascadeError(ValueError):
 
 @dataclass(frozen=True)
 class StageSettings:
-    """How one stage samples: sampler name, step spec (``"50"``, ``"ddim25"``, ``"logsnr20"``), DDIM eta, guidance scales,
-    dynamic-thresholding percentile (a quantile in (0, 1], e.g. 0.995; None: off) and, for noise-conditioned upsamplers, the noise level
-    (a step of the 1000-step noise-conditioning schedule; 0 = clean low-res image)."""
+    """How one stage samples: sampler name, step spec (``"50"``, ``"ddim25"``, ``"logsnr20"``), DDIM eta,
+    guidance scales, dynamic-thresholding percentile (a quantile in (0, 1], e.g. 0.995; None: off) and, for
+    noise-conditioned upsamplers, the noise level (a step of the 1000-step noise-conditioning schedule;
+    0 = clean low-res image)."""
 
     sampler: str = "ddim"
     steps: str = "50"

@@ -9,8 +9,9 @@ Output layout under ``OUT_DIR``::
 
 A record holds all that made its image, so :func:`replay` regenerates it bit for bit on the same kind of
 device with the same torch: it re-runs the record's whole batch (its ``batch`` members), because a batch's
-numerics depend on which samples share it, with the CPU thread count the record was made with. The records also read as an evaluation prompt file (``txt``, ``capt``,
-``seed``, ``count`` and ``image``), so ``tools/eval_text.py`` can score a sampling run directly.
+numerics depend on which samples share it, with the CPU thread count the record was made with. The records
+also read as an evaluation prompt file (``txt``, ``capt``, ``seed``, ``count`` and ``image``), so
+``tools/eval_text.py`` can score a sampling run directly.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def prompt_warnings(requests: Sequence[SampleRequest], cfgs: Sequence[ModelConfi
     are cut), transcriptions or captions given to a model that ignores them."""
     out = []
     for cfg, name in zip(cfgs, names):
-        long = sorted({r.txt for r in requests if cfg.txt and fit_transcription(r.txt, cfg) != unicodedata.normalize("NFC", r.txt)})
+        long = sorted({r.txt for r in requests
+                       if cfg.txt and fit_transcription(r.txt, cfg) != unicodedata.normalize("NFC", r.txt)})
         for txt in long:
             out.append(f"transcription {txt!r} ({len(txt)} characters) is longer than {name} reads "
                        f"(model.max_seq_len={cfg.max_seq_len} tokens, start token included); it was cut to "

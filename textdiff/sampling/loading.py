@@ -127,8 +127,9 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: 
 
     A frozen caption encoder is not in training checkpoints: it keeps the weights ``build_model`` gave it.
     """
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected |= {n for n, _ in model.named_buffers()}
+    frozen = tuple(f"{name}." for name, m in model.named_modules()
+                   if name and any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters()))
+    expected = {n for n in model.state_dict() if not n.startswith(frozen)}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(model.state_dict()))
     if missing or unexpected:
         raise LoadError(f"{where} does not fit the model its config builds: missing {missing[:3]} "
