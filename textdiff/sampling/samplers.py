@@ -159,10 +159,11 @@ def sample_ddpm(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor
     return x
 
 
-def _prk_step(model_fn: ModelFn, x: torch.Tensor, t: float, t_next: float, a: float, a_mid: float,
-              a_next: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _prk_step(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, t: float,
+              t_next: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pseudo Runge-Kutta (4th order) step; returns ``(x_next, eps at (x, t), pred_xstart)``."""
     t_mid = (t + t_next) / 2
+    a, a_mid, a_next = alpha_bar_at(alphas_cumprod, torch.tensor([t, t_mid, t_next])).tolist()
     eps_1 = _eps(model_fn, x, t)
     eps_2 = _eps(model_fn, ddim_transfer(x, eps_1, a, a_mid)[0], t_mid)
     eps_3 = _eps(model_fn, ddim_transfer(x, eps_2, a, a_mid)[0], t_mid)
@@ -194,8 +195,7 @@ def sample_prk(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor,
     ts = timesteps.tolist()
     for i, t in _steps(timesteps, disable, "prk"):
         if i + 1 < len(ts):
-            a_mid = float(alpha_bar_at(alphas_cumprod, torch.tensor((t + ts[i + 1]) / 2)))
-            x, _, pred_xstart = _prk_step(model_fn, x, t, ts[i + 1], abars[i], a_mid, abars[i + 1])
+            x, _, pred_xstart = _prk_step(model_fn, x, alphas_cumprod, t, ts[i + 1])
         else:
             x, pred_xstart = ddim_transfer(x, _eps(model_fn, x, t), abars[i], 1.0)
         _report(callback, i, t, x, pred_xstart)
@@ -218,8 +218,7 @@ def sample_plms(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor
         if i + 1 == len(ts):
             x, pred_xstart = ddim_transfer(x, _eps(model_fn, x, t), abars[i], 1.0)
         elif len(history) < 3:
-            a_mid = float(alpha_bar_at(alphas_cumprod, torch.tensor((t + ts[i + 1]) / 2)))
-            x, eps, pred_xstart = _prk_step(model_fn, x, t, ts[i + 1], abars[i], a_mid, abars[i + 1])
+            x, eps, pred_xstart = _prk_step(model_fn, x, alphas_cumprod, t, ts[i + 1])
             history.append(eps)
         else:
             history = history[-3:] + [_eps(model_fn, x, t)]
