@@ -75,6 +75,34 @@ def loss_quartiles(t: torch.Tensor, loss: torch.Tensor, num_timesteps: int) -> d
     return {f"train/loss_q{q}": float(loss[quartile == q].mean()) for q in range(4) if bool((quartile == q).any())}
 
 
+def diffusion_loss(model: torch.nn.Module, model_fn, diffusion, timesteps, batch: dict, cfg: TextdiffConfig,
+                   generator: torch.Generator, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch -> (importance-weighted mean loss, t [N], per-sample terms {"loss", "mse", "vb"} [N] on CPU).
+
+    batch: a stream batch (``image`` [N, C, S, S], ``txt``, ``capt``, ``low_res`` for upsamplers); conditioning
+    dropout, noise-conditioning steps, timesteps and noise all come from ``generator`` (exact resume).
+    model: supplies ``prepare_cond``; model_fn(x_t, t, **cond) runs the network (through the engine).
+    """
+    from textdiff.diffusion.noise_cond import noise_low_res, sample_noise_cond_steps
+    from textdiff.models import cond_dropout
+
+    x0 = batch["image"].to(device)
+    n = x0.shape[0]
+    txt, capt = cond_dropout(batch["txt"], batch["capt"], cfg.model, generator=generator)
+    low_res, noise_cond_t = batch.get("low_res"), None
+    if cfg.model.noise_cond:
+        noise_cond_t = sample_noise_cond_steps(n, cfg.model.noise_cond_max_step, generator=generator)
+        low_res = noise_low_res(low_res, noise_cond_t, generator=generator)
+    cond = model.prepare_cond(txt if cfg.model.txt else None, capt if cfg.model.using_capt else None,
+                              low_res=low_res, noise_cond_t=noise_cond_t)
+    t, weights = timesteps.sample(n, generator=generator)
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    terms = diffusion.training_losses(model_fn, x0, t.to(device), model_kwargs=cond, noise=noise)
+    loss = (terms["loss"] * weights.to(device)).mean()
+    return loss, t, {k: v.detach().float().cpu() for k, v in terms.items()}
+
+
 def grad_norm(params: list[torch.Tensor]) -> float:
     """L2 norm of all gradients of ``params`` together (before clipping)."""
     norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
@@ -202,27 +230,6 @@ class Trainer:
         cond = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in cond.items()}
         return self.engine(x.to(self.dtype), t, **cond).float()
 
-    def _micro_batch_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """One micro-batch -> (weighted mean loss, t [N], per-sample terms {"loss", "mse", "vb"} [N])."""
-        from textdiff.diffusion.noise_cond import noise_low_res, sample_noise_cond_steps
-        from textdiff.models import cond_dropout
-
-        cfg, gen = self.cfg, self.generator
-        x0 = batch["image"].to(self.device)
-        n = x0.shape[0]
-        txt, capt = cond_dropout(batch["txt"], batch["capt"], cfg.model, generator=gen)
-        low_res, noise_cond_t = batch.get("low_res"), None
-        if cfg.model.noise_cond:
-            noise_cond_t = sample_noise_cond_steps(n, cfg.model.noise_cond_max_step, generator=gen)
-            low_res = noise_low_res(low_res, noise_cond_t, generator=gen)
-        cond = self.engine.module.prepare_cond(txt if cfg.model.txt else None, capt if cfg.model.using_capt else None,
-                                               low_res=low_res, noise_cond_t=noise_cond_t)
-        t, weights = self.timesteps.sample(n, generator=gen)
-        noise = torch.randn(x0.shape, generator=gen).to(self.device)
-        terms = self.diffusion.training_losses(self._model_fn, x0, t.to(self.device), model_kwargs=cond, noise=noise)
-        loss = (terms["loss"] * weights.to(self.device)).mean()
-        return loss, t, {k: v.detach().float().cpu() for k, v in terms.items()}
-
     def train_step(self, stop: Optional[_StopFlag] = None) -> dict[str, float]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns its metrics.
 
@@ -241,7 +248,8 @@ class Trainer:
                     from textdiff.data.preview import save_batch_preview
 
                     save_batch_preview(batch, self.run_dir)
-            loss, t, micro_terms = self._micro_batch_loss(batch)
+            loss, t, micro_terms = diffusion_loss(self.engine.module, self._model_fn, self.diffusion, self.timesteps,
+                                                  batch, self.cfg, self.generator, self.device)
             bad, stop_votes = self._all_reduce([0.0 if bool(torch.isfinite(loss)) else 1.0,
                                                 float(stop is not None and stop.requested)])
             if bad and nonfinite_action(self.dtype) == "stop":

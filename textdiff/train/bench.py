@@ -1,0 +1,109 @@
+"""Throughput of one training step through the DeepSpeed engine and the same step in plain PyTorch.
+
+Both run in one process on the same fixed synthetic batch (no data loading), so the ratio of their step
+times is the engine's overhead (ZeRO bookkeeping, loss scaling, its optimizer wrappers) at that config.
+The plain step is what a hand-written loop does: the model in fp32 under ``torch.autocast`` for fp16/bf16
+(with a GradScaler for fp16), ``torch.optim.AdamW`` with the recipe's hyper-parameters, gradient clipping.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable
+
+import torch
+
+from textdiff.config import TextdiffConfig
+from textdiff.train import engine as eng
+from textdiff.train.loop import diffusion_loss
+
+
+def synthetic_batch(cfg: TextdiffConfig, n: int, generator: torch.Generator) -> dict:
+    """A stream-shaped batch of ``n``: random images in [-1, 1], short transcriptions and captions."""
+    size, low = cfg.model.image_size, cfg.model.low_res_size
+    batch = {"image": torch.rand(n, 3, size, size, generator=generator) * 2 - 1,
+             "txt": [("hello world " * 8)[: 4 + i % 20] for i in range(n)],
+             "capt": ["a sign on a wall"] * n, "key": [str(i) for i in range(n)]}
+    if low:
+        batch["low_res"] = torch.rand(n, 3, low, low, generator=generator) * 2 - 1
+    return batch
+
+
+def seconds_per_step(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
+    """Mean wall time of ``step()`` over ``steps`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def _plain_optimizer(params, ds_config: dict) -> torch.optim.Optimizer:
+    opt = ds_config.get("optimizer", {"params": {}})
+    p = {k: v for k, v in opt.get("params", {}).items() if k in ("lr", "betas", "eps", "weight_decay")}
+    return torch.optim.AdamW(params, **p)
+
+
+def bench_train(cfg: TextdiffConfig, steps: int = 10, warmup: int = 2, seed: int = 0) -> dict:
+    """Time ``steps`` optimizer steps (micro-batch x accumulation images each) through the engine and in
+    plain PyTorch; returns images/s of both and ``overhead`` = engine step time / plain step time."""
+    from textdiff.diffusion import build_diffusion
+    from textdiff.diffusion.timesteps import UniformSampler
+    from textdiff.models import build_model
+
+    rank, world, _ = eng.init_distributed()
+    device, dtype = eng.device(), eng.compute_dtype(cfg.deepspeed)
+    torch.manual_seed(seed)
+    plain_model = build_model(cfg.model, load_capt_weights=False)
+    engine_model = copy.deepcopy(plain_model)
+    engine, _, _ = eng.build_engine(engine_model, cfg, world)
+    micro, accumulation = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    diffusion = build_diffusion(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
+    timesteps = UniformSampler(diffusion.num_timesteps)
+    batch = synthetic_batch(cfg, micro, torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+
+    def engine_fn(x, t, **cond):
+        cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+        return engine(x.to(dtype), t, **cond).float()
+
+    def engine_step():
+        for _ in range(accumulation):
+            loss, _, _ = diffusion_loss(engine.module, engine_fn, diffusion, timesteps, batch, cfg, generator, device)
+            engine.backward(loss)
+            engine.step()
+
+    plain_model.to(device).train()
+    trainable = [p for p in plain_model.parameters() if p.requires_grad]
+    optimizer = _plain_optimizer(trainable, cfg.deepspeed)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    clip = float(cfg.deepspeed.get("gradient_clipping", 0.0))
+
+    def plain_fn(x, t, **cond):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return plain_model(x, t, **cond).float()
+
+    def plain_step():
+        for _ in range(accumulation):
+            loss, _, _ = diffusion_loss(plain_model, plain_fn, diffusion, timesteps, batch, cfg, generator, device)
+            scaler.scale(loss / accumulation).backward()
+        if clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    engine_s = seconds_per_step(engine_step, steps, warmup, device)
+    plain_s = seconds_per_step(plain_step, steps, warmup, device)
+    images = micro * accumulation
+    return {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "zero_stage": eng.zero_stage(cfg.deepspeed), "world_size": world, "rank": rank,
+            "images_per_step": images, "steps": steps, "engine_images_per_s": images / engine_s,
+            "plain_images_per_s": images / plain_s, "overhead": engine_s / plain_s}
