@@ -126,7 +126,9 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: 
     """Copy ``state`` into ``model``; every parameter the optimizer trains must be there, and nothing else.
 
     A frozen caption encoder is not in training checkpoints: it keeps the weights ``build_model`` gave it.
+    Scalar parameters that training keeps as ``[1]`` are reshaped to the model's ``[]``.
     """
+    state = fit_shapes(state, {k: v.shape for k, v in model.state_dict().items()})
     frozen = tuple(f"{name}." for name, m in model.named_modules()
                    if name and any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters()))
     expected = {n for n in model.state_dict() if not n.startswith(frozen)}
@@ -165,6 +167,6 @@ def load_for_sampling(source: str | Path, weights: str = "ema", ema_rate: Option
         else:
             state, label = raw_state_dict(ckpt, int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))), "raw"
     model = build_model(cfg.model)
-    load_weights(model, fit_shapes(state, {k: v.shape for k, v in model.state_dict().items()}), where)
+    load_weights(model, state, where)
     diffusion = build_diffusion(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
     return LoadedModel(model=model.to(device).eval(), diffusion=diffusion, cfg=cfg, source=where, weights=label)
