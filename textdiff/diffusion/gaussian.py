@@ -28,6 +28,12 @@ def _per_sample(arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch
     return out.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def gaussian_noise(like: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Standard normal noise shaped like ``like``, drawn on ``generator``'s device, moved to ``like``'s."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over every dimension but the batch: ``[N, ...]`` -> ``[N]``."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -170,7 +176,7 @@ class GaussianDiffusion:
         else 1), ``vb * K`` with ``use_kl``, and ``mse`` otherwise (then ``vb`` is only logged).
         """
         if noise is None:
-            noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
+            noise = gaussian_noise(x_start, generator)
         x_t = self.q_sample(x_start, t, noise)
         output = model(x_t, self.model_time(t).to(x_start.device), **(model_kwargs or {}))
         channels = x_start.shape[1]

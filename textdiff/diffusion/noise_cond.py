@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from textdiff.diffusion.gaussian import gaussian_noise
 from textdiff.diffusion.schedules import alphas_cumprod, cosine_betas
 
 NOISE_COND_STEPS = 1000
@@ -26,7 +27,8 @@ def sample_noise_cond_steps(batch_size: int, max_step: int, generator: Optional[
     """Training steps for noise conditioning: ``[batch_size]`` long, uniform on {0, ..., max_step}."""
     if not 0 <= max_step < NOISE_COND_STEPS:
         raise ValueError(f"model.noise_cond_max_step is {max_step}; it must lie in [0, {NOISE_COND_STEPS - 1}]")
-    return torch.randint(0, max_step + 1, (batch_size,), generator=generator).to(device)
+    draw_on = generator.device if generator is not None else "cpu"
+    return torch.randint(0, max_step + 1, (batch_size,), generator=generator, device=draw_on).to(device)
 
 
 def noise_low_res(low_res: torch.Tensor, steps: torch.Tensor, generator: Optional[torch.Generator] = None,
@@ -40,7 +42,7 @@ def noise_low_res(low_res: torch.Tensor, steps: torch.Tensor, generator: Optiona
         raise ValueError(f"noise-conditioning steps must be [N] = [{low_res.shape[0]}] integers in "
                          f"[0, {NOISE_COND_STEPS - 1}]; got shape {tuple(steps.shape)}")
     if noise is None:
-        noise = torch.randn(low_res.shape, generator=generator, dtype=low_res.dtype).to(low_res.device)
+        noise = gaussian_noise(low_res, generator)
     abar = noise_cond_alphas_cumprod().to(low_res.device)[steps.to(low_res.device)].to(low_res.dtype)
     abar = abar.reshape(-1, *([1] * (low_res.ndim - 1)))
     return abar.sqrt() * low_res + (1 - abar).sqrt() * noise

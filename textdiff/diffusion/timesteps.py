@@ -24,7 +24,7 @@ class UniformSampler:
         return torch.ones(self.num_timesteps, dtype=torch.float64)
 
     def sample(self, batch_size: int, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps ``[N]`` long and importance weights ``[N]`` float32."""
+        """Steps ``[N]`` long and importance weights ``[N]`` float32, on the CPU (``generator``: a CPU one)."""
         p = self.weights() / self.weights().sum()
         t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
         return t, (1.0 / (len(p) * p[t])).float()

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from textdiff.diffusion.gaussian import gaussian_noise
 from textdiff.diffusion.respace import space_timesteps
 from textdiff.diffusion.schedules import alpha_bar_at
 
@@ -82,11 +83,6 @@ def _eps(model_fn: ModelFn, x: torch.Tensor, t: float) -> torch.Tensor:
     return _call(model_fn, x, t)[:, :x.shape[1]]
 
 
-def _noise(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-
-
 def ddim_transfer(x: torch.Tensor, eps: torch.Tensor, abar: float, abar_next: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Move ``x`` from noise level ``abar`` to ``abar_next`` along ``eps``; returns ``(x_next, pred_xstart)``.
 
@@ -119,7 +115,7 @@ def sample_ddim(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor
         sigma = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
         x = math.sqrt(a_next) * pred_xstart + math.sqrt(1 - a_next - sigma ** 2) * eps
         if sigma > 0:
-            x = x + sigma * _noise(x, generator)
+            x = x + sigma * gaussian_noise(x, generator)
         _report(callback, i, t, x, pred_xstart)
     return x
 
@@ -154,7 +150,7 @@ def sample_ddpm(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor
                 std = torch.exp(0.5 * (frac * math.log(beta) + (1 - frac) * math.log(posterior_variance)))
             else:
                 std = math.sqrt(beta if fixed_variance == "large" else posterior_variance)
-            x = mean + std * _noise(x, generator)
+            x = mean + std * gaussian_noise(x, generator)
         _report(callback, i, t, x, pred_xstart)
     return x
 
