@@ -66,7 +66,7 @@ def write_run(run_dir: Path, cfg: TextdiffConfig, seed: int = 0, step: int = 3) 
     return model
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(scope="module")
 def one_thread():
     """Tiny convolutions only lose to thread contention on CI's shared cores; the setting is restored after."""
     before = torch.get_num_threads()

@@ -8,6 +8,8 @@ from textdiff.sampling.cascade import (CascadeError, StageSettings, check_cascad
 from textdiff.sampling.loading import load_for_sampling
 from textdiff.sampling.samplers import sample, sampling_timesteps
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = StageSettings(sampler="ddim", steps="3")
 
 

@@ -9,6 +9,8 @@ from textdiff.sampling.loading import LoadError, load_for_sampling, read_source_
 from textdiff.train.checkpoint import COMPLETE
 from textdiff.train.export import export_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 def _param(model, name="out_conv.weight"):
     return dict(model.named_parameters())[name].detach()
 

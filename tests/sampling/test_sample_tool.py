@@ -10,6 +10,8 @@ from PIL import Image
 
 from textdiff.eval.prompts import read_prompts
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 _spec = importlib.util.spec_from_file_location("sample_tool", Path(__file__).parents[2] / "tools" / "sample.py")
 sample_tool = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sample_tool)
