@@ -1,0 +1,22 @@
+"""bench_train: the engine step and the plain PyTorch step both run, and the ratio is their time ratio."""
+
+import pytest
+import torch
+
+from textdiff.config import ModelConfig, TextdiffConfig
+from textdiff.train.bench import bench_train, synthetic_batch
+
+
+def test_synthetic_batch_has_the_stream_layout_with_low_res_for_upsamplers():
+    cfg = TextdiffConfig(model=ModelConfig(image_size=32, low_res_size=8, channel_mult=(1, 2), num_channels=32,
+                                           attention_resolutions=(16,), channels_per_head=32, num_heads=1))
+    batch = synthetic_batch(cfg, 3, torch.Generator().manual_seed(0))
+    assert batch["image"].shape == (3, 3, 32, 32) and batch["low_res"].shape == (3, 3, 8, 8)
+    assert batch["image"].min() >= -1 and batch["image"].max() <= 1 and len(batch["txt"]) == 3
+
+
+def test_bench_reports_both_throughputs_and_their_ratio(tiny):
+    result = bench_train(tiny("deepspeed.gradient_accumulation_steps=2"), steps=1, warmup=1)
+    assert result["images_per_step"] == 8 and result["dtype"] == "float32" and result["zero_stage"] == 0
+    assert result["engine_images_per_s"] > 0 and result["plain_images_per_s"] > 0
+    assert result["overhead"] == pytest.approx(result["plain_images_per_s"] / result["engine_images_per_s"])
