@@ -6,6 +6,7 @@ import signal
 import pytest
 import torch
 
+from textdiff.config import ConfigError
 from textdiff.train.checkpoint import complete_checkpoints
 from textdiff.train.loop import Trainer, TrainingDiverged, nonfinite_action
 
@@ -97,3 +98,15 @@ def test_frozen_caption_encoder_stays_out_of_zero3_and_the_optimizer(tiny, tiny_
     assert summary["step"] == 2 and all(torch.isfinite(torch.tensor(summary["losses"])))
     assert all(torch.equal(a, b) for a, b in zip(weights, encoder.parameters()))
     assert trainer.ema.named_averages(0.9)["out_conv.weight"].shape == (6, 32, 3, 3)
+
+
+def test_resuming_with_another_model_width_names_the_key_before_loading(tiny, tmp_path):
+    _run(tiny("train.max_steps=1"), tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"model.num_channels \(saved 32, now 64\)"):
+        Trainer(tiny("train.max_steps=2", "model.num_channels=64"), tmp_path / "run", resume="auto")
+
+
+def test_a_run_dir_with_checkpoints_needs_resume(tiny, tmp_path):
+    _run(tiny("train.max_steps=1"), tmp_path / "run")
+    with pytest.raises(ConfigError, match="--resume auto"):
+        Trainer(tiny("train.max_steps=2"), tmp_path / "run")

@@ -118,6 +118,15 @@ def resolve_resume(resume: Optional[str], root: str | Path) -> Optional[Path]:
                       "checkpoint below it; pass a step_NNNNNNNN directory, a run directory, or --resume auto")
 
 
+def read_config(path: Path) -> dict:
+    """The recipe dict saved in checkpoint ``path`` (its ``config.json``)."""
+    try:
+        return json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        raise ConfigError(f"checkpoint {path} has no readable {CONFIG_FILE} ({type(e).__name__}); was it written "
+                          "by textdiff's training?") from None
+
+
 def _diff(saved: dict, current: dict) -> list[str]:
     return sorted(k for k in set(saved) | set(current) if saved.get(k, "<absent>") != current.get(k, "<absent>"))
 
@@ -223,10 +232,9 @@ class CheckpointManager:
         for stale in self.root.glob(PARTIAL_PREFIX + "*"):
             shutil.rmtree(stale, ignore_errors=True)
 
-    def load(self, engine, path: Path) -> tuple[dict, dict, dict]:
+    def load(self, engine, path: Path) -> tuple[dict, Optional[dict]]:
         """Restore the engine from checkpoint ``path``; returns (this rank's state, the textdiff state (rank 0's
-        EMA...; None on other ranks), the saved config dict). Raises ConfigError when the checkpoint lacks this
-        rank's state."""
+        EMA...; None on other ranks)). Raises ConfigError when the checkpoint lacks this rank's state."""
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if load_path is None:
@@ -238,5 +246,4 @@ class CheckpointManager:
         rank_state = torch.load(mine, map_location="cpu", weights_only=False)
         textdiff_state = (torch.load(path / TEXTDIFF_STATE, map_location="cpu", weights_only=False)
                           if self.rank == 0 else None)
-        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-        return rank_state, textdiff_state, config
+        return rank_state, textdiff_state

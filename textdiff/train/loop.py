@@ -17,6 +17,7 @@ import logging
 import random
 import signal
 import time
+from collections import deque
 from pathlib import Path
 from typing import Optional
 
@@ -27,11 +28,14 @@ from tqdm.auto import tqdm
 
 from textdiff.config import ConfigError, TextdiffConfig
 from textdiff.train import engine as eng
-from textdiff.train.checkpoint import CheckpointManager, check_resume_compatible, resolve_resume
+from textdiff.train.checkpoint import (CheckpointManager, atomic_write_bytes, check_resume_compatible, read_config,
+                                       resolve_resume)
 from textdiff.train.ema import EMA
 from textdiff.train.logging import TrainLogger, gpu_memory_gib, image_grid, per_rank, save_png, setup_logging
 
 log = logging.getLogger(__name__)
+
+LOSS_HISTORY = 1000  # per-step losses kept (and checkpointed) for the run summary
 
 
 class TrainingDiverged(RuntimeError):
@@ -153,7 +157,7 @@ class Trainer:
         resume_from = resolve_resume(resume, self.ckpt.root)
         if resume is None and resolve_resume("auto", self.ckpt.root) is not None:
             raise ConfigError(f"--run-dir {self.run_dir} already holds checkpoints; pass --resume auto to "
-                                  "continue that run, or choose a new --run-dir")
+                              "continue that run, or choose a new --run-dir")
 
         self.generator = seed_everything(cfg.train.seed, self.rank)
         model = build_model(cfg.model, load_capt_weights=load_capt_weights)
@@ -174,7 +178,7 @@ class Trainer:
         self.ema = EMA(self.param_names, initial, cfg.ema) if self.rank == 0 else None
         del initial
         self.step = 0
-        self.losses: list[float] = []
+        self.losses: deque[float] = deque(maxlen=LOSS_HISTORY)
         stream_state = None
         if resume_from is not None:
             stream_state = self._load(resume_from)
@@ -188,16 +192,16 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             text = json.dumps(cfg.to_dict(), indent=2)
-            (self.run_dir / "config.json").write_text(text + "\n", encoding="utf-8")
+            atomic_write_bytes(self.run_dir / "config.json", (text + "\n").encode())
             self.logger.text("config", self.step, f"```json\n{text}\n```")
 
     def _load(self, path: Path) -> Optional[dict]:
-        rank_state, textdiff_state, saved_config = self.ckpt.load(self.engine, path)
-        for warning in check_resume_compatible(saved_config, self.cfg.to_dict(), str(path)):
+        for warning in check_resume_compatible(read_config(path), self.cfg.to_dict(), str(path)):
             if self.rank == 0:
                 log.warning(warning)
+        rank_state, textdiff_state = self.ckpt.load(self.engine, path)
         self.step = rank_state["step"]
-        self.losses = list(rank_state["losses"])
+        self.losses.extend(rank_state["losses"])
         set_rng_state(rank_state["rng"])
         self.generator.set_state(rank_state["generator"])
         self.timesteps.load_state_dict(rank_state["timestep_sampler"])
@@ -354,7 +358,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Checkpoint the current step (all ranks must call this)."""
-        rank_state = {"step": self.step, "losses": self.losses, "rng": rng_state(),
+        rank_state = {"step": self.step, "losses": list(self.losses), "rng": rng_state(),
                       "generator": self.generator.get_state(), "timestep_sampler": self.timesteps.state_dict(),
                       "stream": self.stream.state_dict()}
         textdiff_state = {"step": self.step, "ema": self.ema.state_dict()} if self.ema is not None else None
