@@ -100,3 +100,11 @@ def test_the_noise_level_changes_a_noise_conditioned_upsampler(runs, base):
                          low_res=low, progress=False)
     assert clean.shape == (1, 3, 32, 32)
     assert float((clean - noisy).abs().max()) > 1e-3
+
+
+def test_random_streams_of_neighbouring_seeds_do_not_repeat_each_other():
+    start = per_sample_noise([5, 6], (3, 4, 4), 0)
+    sampler = per_sample_noise([5, 6], (3, 4, 4), 0, "sampler")
+    assert torch.equal(start[0], torch.randn((3, 4, 4), generator=torch.Generator().manual_seed(5)))
+    assert not torch.equal(sampler[0], start[1])
+    assert float((per_sample_noise([5], (3, 4, 4), 1)[0] - start[0]).abs().max()) > 0.5

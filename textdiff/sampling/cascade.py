@@ -3,10 +3,11 @@
 Stage 0 is a base model (``model.low_res_size == 0``); stage k > 0 is an upsampler whose ``low_res_size`` is
 stage k-1's ``image_size``. :func:`check_cascade` says so, before any weight is loaded or any step taken.
 
-Determinism: every random draw of sample i at stage k comes from generators seeded by ``stage_seed(seed_i, k)``
-(the starting noise, the noise-conditioning noise, and the sampler's own noise), so a sample depends on its
-seed and settings, not on which other samples share its batch. Stochastic samplers (``ddpm``, ``ddim`` with
-``eta > 0``) draw their noise from one generator per call, so they run one chain at a time to keep that.
+Determinism: every random draw of sample i at stage k comes from its own generators, seeded by
+``stream_seed(seed_i, k, stream)`` for the starting noise, the noise-conditioning noise and the sampler's own
+noise, so a sample depends on its seed and settings, not on which other samples share its batch.
+Stochastic samplers (``ddpm``, ``ddim`` with ``eta > 0``) draw their noise from one generator per call, so
+they run one chain at a time to keep that.
 """
 
 from __future__ import annotations
@@ -108,24 +109,28 @@ def check_cascade(cfgs: Sequence[ModelConfig], names: Sequence[str],
                                "upsampler (model.noise_cond=true); this one is not, so leave it at 0")
 
 
-def stage_seed(seed: int, stage: int) -> int:
-    """The seed of sample ``seed``'s generators at cascade stage ``stage`` (stage 0: ``seed`` itself)."""
-    if stage == 0:
+STREAMS = ("start", "noise_cond", "sampler")
+
+
+def stream_seed(seed: int, stage: int, stream: str) -> int:
+    """The seed of one random stream (:data:`STREAMS`) of sample ``seed`` at cascade stage ``stage``.
+
+    The base stage's starting noise is seeded by ``seed`` itself; every other stream by a hash, so no stream
+    of one seed repeats a stream of another (seed s's sampler noise is not seed s+1's starting noise).
+    """
+    if stream not in STREAMS:
+        raise ValueError(f"random stream {stream!r} is unknown; choose one of {', '.join(STREAMS)}")
+    if stage == 0 and stream == "start":
         return seed
-    digest = hashlib.sha256(f"textdiff-stage:{seed}:{stage}".encode()).digest()
+    digest = hashlib.sha256(f"textdiff-sample:{seed}:{stage}:{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
 
 
-def per_sample_noise(seeds: Sequence[int], shape: Sequence[int], stage: int, draw: int = 0) -> torch.Tensor:
-    """``[N, *shape]`` standard normal noise, row i from its own CPU generator (``stage_seed(seeds[i], stage)``,
-    skipping ``draw`` earlier draws of the same shape), so rows do not depend on N or on the device."""
-    rows = []
-    for seed in seeds:
-        g = torch.Generator().manual_seed(stage_seed(seed, stage))
-        for _ in range(draw + 1):
-            row = torch.randn(tuple(shape), generator=g)
-        rows.append(row)
-    return torch.stack(rows)
+def per_sample_noise(seeds: Sequence[int], shape: Sequence[int], stage: int, stream: str = "start") -> torch.Tensor:
+    """``[N, *shape]`` standard normal noise, row i from its own CPU generator
+    (``stream_seed(seeds[i], stage, stream)``), so rows depend on neither N nor the device."""
+    generators = [torch.Generator().manual_seed(stream_seed(s, stage, stream)) for s in seeds]
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
 
 
 @contextlib.contextmanager
@@ -155,7 +160,7 @@ def _low_res_input(loaded: LoadedModel, low_res: torch.Tensor, seeds: Sequence[i
     if not loaded.cfg.model.noise_cond:
         return low_res, None
     steps = torch.full((low_res.shape[0],), level, dtype=torch.long)
-    noise = per_sample_noise(seeds, low_res.shape[1:], stage, draw=1).to(low_res)
+    noise = per_sample_noise(seeds, low_res.shape[1:], stage, "noise_cond").to(low_res)
     return noise_low_res(low_res, steps, noise=noise), steps
 
 
@@ -193,7 +198,7 @@ def sample_stage(loaded: LoadedModel, settings: StageSettings, txt: Sequence[str
         fn = diffusion.sampling_fn(guided_model(net, *conds, settings.guidance_txt, settings.guidance_capt))
         if settings.dynamic_threshold is not None:
             fn = dynamic_thresholding(fn, diffusion.alphas_cumprod, settings.dynamic_threshold)
-        generator = torch.Generator().manual_seed(stage_seed(seeds[rows[0]], stage) + 1)
+        generator = torch.Generator().manual_seed(stream_seed(seeds[rows[0]], stage, "sampler"))
         out.append(sample(settings.sampler, fn, x_start[rows], diffusion.alphas_cumprod, timesteps,
                           generator=generator, disable=not progress, **options))
     return torch.cat(out).clamp(-1, 1)
