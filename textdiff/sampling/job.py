@@ -4,7 +4,7 @@ Output layout under ``OUT_DIR``::
 
     samples/000000.png ...        the last stage's image of each sample
     stages/stage0/000000.png ...  earlier stages' images (only with ``save_intermediate``)
-    grid.png                      every sample labelled with its transcription and caption
+    grid.png                      the first 64 samples labelled with their transcription and caption
     samples.jsonl                 one record per sample: prompt, seed, batch, and every stage's settings
 
 A record holds all that made its image, so :func:`replay` regenerates it bit for bit on the same kind of
@@ -37,6 +37,7 @@ from textdiff.train.checkpoint import atomic_write_bytes
 
 RECORDS_FILE = "samples.jsonl"
 GRID_FILE = "grid.png"
+GRID_MAX = 64  # samples shown in grid.png; every sample still gets its own PNG
 
 
 @dataclass(frozen=True)
@@ -159,16 +160,17 @@ def run_job(stages: Sequence[StageSpec], requests: Sequence[SampleRequest], out_
     out_dir = Path(out_dir)
     (out_dir / "samples").mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
-    finals, firsts = [], []
+    finals, firsts = [], []  # the first GRID_MAX samples' last and first stage, for the grid
     for start in tqdm(range(0, len(requests), batch_size), desc="batches", disable=not progress):
         batch = requests[start:start + batch_size]
         images = _sample_batch(models, stages, batch, precision, progress)
         records += write_batch(out_dir, stages, models, batch, images, save_intermediate, device, precision)
         _write_records(out_dir, records)
-        finals.append(images[-1].cpu())
-        firsts.append(images[0].cpu())
-    grid = {"image": torch.cat(finals), "txt": [r.txt for r in requests], "capt": [r.capt for r in requests],
-            "key": [f"#{r.index} seed {r.seed}" for r in requests]}
+        finals.append(images[-1][:max(0, GRID_MAX - start)].cpu())
+        firsts.append(images[0][:max(0, GRID_MAX - start)].cpu())
+    shown = requests[:GRID_MAX]
+    grid = {"image": torch.cat(finals), "txt": [r.txt for r in shown], "capt": [r.capt for r in shown],
+            "key": [f"#{r.index} seed {r.seed}" for r in shown]}
     if len(stages) > 1:
         grid["low_res"] = torch.cat(firsts)
     png = io.BytesIO()
@@ -195,8 +197,10 @@ def write_batch(out_dir: Path, stages: Sequence[StageSpec], models: Sequence[Loa
             if path is not None:
                 (out_dir / path).parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(out_dir / path, _png_bytes(per_stage[k][row]))
-            stage_records.append({**spec.to_dict(), "loaded": f"{loaded.source} ({loaded.weights})",
-                                  "image_size": loaded.cfg.model.image_size, "image": path})
+            # the resolved checkpoint, not the run directory, whose latest checkpoint may change
+            stage_records.append({**spec.to_dict(), "source": loaded.source, "given": spec.source,
+                                  "loaded_weights": loaded.weights, "image_size": loaded.cfg.model.image_size,
+                                  "image": path})
         records.append({"index": r.index, "image": stage_records[-1]["image"], "txt": r.txt, "capt": r.capt,
                         "seed": r.seed, "count": 1, "prompt_index": r.prompt_index, "batch": members,
                         "device": device, "precision": precision, "cpu_threads": torch.get_num_threads(),
