@@ -242,6 +242,9 @@ class TrainConfig:
     sample_prompts: tuple[str, ...] = ("hello", "textdiff", "")  # transcriptions of the sample grid
     sample_captions: tuple[str, ...] = ()  # one caption per prompt (empty: none) for caption models
     sample_ema_rate: Optional[float] = None  # which EMA the grid shows; None: the first of ema.rates
+    # Imagen's dynamic thresholding quantile for the grid's x_0 predictions; None: none (early in training the
+    # unclipped x_0 at the last steps of a cosine schedule blows up to saturated noise)
+    sample_dynamic_threshold: Optional[float] = 0.995
 
     def validate(self) -> None:
         """Raise ConfigError for impossible combinations, naming the key."""
@@ -249,6 +252,8 @@ class TrainConfig:
         _require(self.log_every > 0, "train.log_every", "must be positive")
         _require(self.sample_every >= 0, "train.sample_every", "must be >= 0 (0: no sample grids)")
         _require(self.sample_steps > 0, "train.sample_steps", "must be positive")
+        _require(self.sample_dynamic_threshold is None or 0.0 < self.sample_dynamic_threshold <= 1.0,
+                 "train.sample_dynamic_threshold", "must be a quantile in (0, 1] (e.g. 0.995) or null")
         _require(not self.sample_captions or len(self.sample_captions) == len(self.sample_prompts),
                  "train.sample_captions", f"has {len(self.sample_captions)} captions for "
                  f"{len(self.sample_prompts)} train.sample_prompts; give one each, or none")

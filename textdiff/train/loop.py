@@ -346,7 +346,8 @@ class Trainer:
             low_res = first_batch["low_res"].repeat(repeats, 1, 1, 1)[:n]
         settings = StageSettings(sampler="ddim", steps=str(cfg.sample_steps),
                                  guidance_txt=cfg.sample_guidance_scale_txt,
-                                 guidance_capt=cfg.sample_guidance_scale_capt)
+                                 guidance_capt=cfg.sample_guidance_scale_capt,
+                                 dynamic_threshold=cfg.sample_dynamic_threshold)
         precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
         with torch.no_grad():
             images = sample_stage(loaded, settings, list(cfg.sample_prompts), captions, list(range(n)),
