@@ -128,3 +128,9 @@ def test_sampling_fn_turns_an_x0_prediction_into_eps():
 def test_quartile_means_split_by_timestep_quarter():
     out = quartile_means({"mse": torch.tensor([1.0, 2.0, 3.0, 5.0])}, torch.tensor([0, 24, 25, 99]), 100)
     assert out == {"mse_q0": 1.5, "mse_q1": 3.0, "mse_q3": 5.0}
+
+
+def test_build_diffusion_reads_the_diffusion_section():
+    d = build_diffusion(DiffusionConfig(noise_schedule="linear", diffusion_steps=200), learn_sigma=False)
+    assert (d.num_timesteps, d.learn_sigma) == (200, False)
+    assert d.betas[-1].item() == pytest.approx(0.1)  # linear schedule scaled by 1000 / 200

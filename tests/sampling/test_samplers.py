@@ -158,3 +158,12 @@ def test_bench_ordering_check_reports_a_loss_to_ddim():
             {"case": "c", "sampler": "plms", "steps": 20, "error": 0.02}]
     assert _bench_module().ordering_failures(rows) == [
         "c: plms at 20 steps has error 0.02, worse than ddim at 80 steps (0.01)"]
+
+
+def test_ddim_with_eta_1_is_ddpm_with_the_posterior_variance():
+    fn = CASES["stiff"].model_fn(ABAR)
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ts = sampling_timesteps(1000, "20")
+    ddim = sample("ddim", fn, x, ABAR, ts, eta=1.0, generator=torch.Generator().manual_seed(9))
+    ddpm = sample("ddpm", fn, x, ABAR, ts, fixed_variance="small", generator=torch.Generator().manual_seed(9))
+    assert torch.allclose(ddim, ddpm, atol=1e-9)
