@@ -134,3 +134,19 @@ def test_build_diffusion_reads_the_diffusion_section():
     d = build_diffusion(DiffusionConfig(noise_schedule="linear", diffusion_steps=200), learn_sigma=False)
     assert (d.num_timesteps, d.learn_sigma) == (200, False)
     assert d.betas[-1].item() == pytest.approx(0.1)  # linear schedule scaled by 1000 / 200
+
+
+def test_learned_variance_spans_posterior_variance_to_beta():
+    d = _diffusion()
+    x = torch.zeros(2, 1, dtype=torch.float64)
+    t = torch.tensor([50, 50])
+    out = d.p_mean_variance(torch.tensor([[0.0, -1.0], [0.0, 1.0]], dtype=torch.float64), x, t)
+    assert out["log_variance"][:, 0].exp().tolist() == pytest.approx(
+        [d.posterior_variance[50].item(), d.betas[50].item()], rel=1e-10)
+
+
+def test_x0_prediction_trains_against_x_start():
+    d = _diffusion(learn_sigma=False, predict_xstart=True)
+    x_start = torch.full((2, 3, 2, 2), 0.25)
+    terms = d.training_losses(lambda x, t: x_start.clone(), x_start, torch.tensor([3, 70]))
+    assert terms["mse"].tolist() == [0.0, 0.0]
