@@ -167,3 +167,15 @@ def test_ddim_with_eta_1_is_ddpm_with_the_posterior_variance():
     ddim = sample("ddim", fn, x, ABAR, ts, eta=1.0, generator=torch.Generator().manual_seed(9))
     ddpm = sample("ddpm", fn, x, ABAR, ts, fixed_variance="small", generator=torch.Generator().manual_seed(9))
     assert torch.allclose(ddim, ddpm, atol=1e-9)
+
+
+def test_pseudo_methods_warn_on_the_cosine_schedules_steep_first_integer_step():
+    fn = CASES["smooth"].model_fn(ABAR)
+    x = torch.zeros(2, 2, dtype=torch.float64)
+    for name in ("prk", "plms"):
+        with pytest.warns(UserWarning, match="logsnrN"):
+            sample(name, fn, x, ABAR, sampling_timesteps(1000, "20"))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sample("plms", fn, x, ABAR, sampling_timesteps(1000, "logsnr20", ABAR))

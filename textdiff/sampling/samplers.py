@@ -19,6 +19,7 @@ after each step; noise comes from ``generator`` only, so a seeded generator make
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -155,6 +156,15 @@ def sample_ddpm(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor
     return x
 
 
+def _warn_if_steep(abars: list[float], name: str) -> None:
+    """Warn when a step changes abar more than 100x: the pseudo methods diverge on such steps."""
+    worst = max(b / a for a, b in zip(abars[:-2], abars[1:-1])) if len(abars) > 2 else 1.0
+    if worst > 100:
+        warnings.warn(f"{name}: a sampling step multiplies abar by {worst:.3g}; the pseudo numerical methods "
+                      "diverge on such steps (the cosine schedule's clipped last step does this with integer "
+                      "steps). Use 'logsnrN' steps, e.g. logsnr25; see docs/samplers.md", stacklevel=3)
+
+
 def _prk_step(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, t: float,
               t_next: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pseudo Runge-Kutta (4th order) step; returns ``(x_next, eps at (x, t), pred_xstart)``."""
@@ -188,6 +198,7 @@ def sample_prk(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor,
     has no midpoint and is a DDIM step, so NFE = 4 (S - 1) + 1. ``generator`` is unused (deterministic).
     """
     abars = _abars(alphas_cumprod, timesteps)
+    _warn_if_steep(abars, "prk")
     ts = timesteps.tolist()
     for i, t in _steps(timesteps, disable, "prk"):
         if i + 1 < len(ts):
@@ -208,6 +219,7 @@ def sample_plms(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor
     so NFE = S + 9 for S >= 4. ``generator`` is unused (deterministic).
     """
     abars = _abars(alphas_cumprod, timesteps)
+    _warn_if_steep(abars, "plms")
     ts = timesteps.tolist()
     history: list[torch.Tensor] = []
     for i, t in _steps(timesteps, disable, "plms"):
