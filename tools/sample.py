@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--guidance-capt", type=float, default=1.0, help="guidance scale of the caption (1: off)")
     st.add_argument("--dynamic-threshold", type=float, metavar="P",
                     help="dynamic thresholding: quantile of |x0| per sample, e.g. 0.995 (off by default)")
+    st.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_false",
+                    help="do not clip the x0 prediction to [-1, 1] at each step (every stage; clipped by default)")
 
     up = p.add_argument_group("upsampler stages (each flag once for all, or once per --upsampler)")
     up.add_argument("--upsampler", action="append", default=[], metavar="RUN_OR_FILE",
@@ -119,7 +121,8 @@ def stage_specs(args: argparse.Namespace) -> tuple[list[StageSpec], list[str]]:
     if bool(args.run_dir) == bool(args.weights):
         raise CascadeError("give exactly one of --run-dir RUN_DIR and --weights FILE.safetensors")
     base = StageSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, guidance_txt=args.guidance_txt,
-                         guidance_capt=args.guidance_capt, dynamic_threshold=args.dynamic_threshold)
+                         guidance_capt=args.guidance_capt, dynamic_threshold=args.dynamic_threshold,
+                         clip_denoised=args.clip_denoised)
     weights = "raw" if args.raw else "ema"
     source = args.run_dir or args.weights
     specs = [StageSpec(source, base, weights, args.ema_rate)]
@@ -132,7 +135,8 @@ def stage_specs(args: argparse.Namespace) -> tuple[list[StageSpec], list[str]]:
         raise CascadeError(f"--{stray[0].replace('_', '-')} sets an upsampler stage, but no --upsampler is given")
     columns = {field: _per_upsampler(args, dest, defaults[field]) for dest, field in UP_FLAGS.items()}
     for k, up in enumerate(args.upsampler):
-        settings = StageSettings(**{field: values[k] for field, values in columns.items()})
+        settings = StageSettings(**{field: values[k] for field, values in columns.items()},
+                                 clip_denoised=args.clip_denoised)
         specs.append(StageSpec(up, settings, weights, args.ema_rate))
         names.append(f"--upsampler {up}")
     return specs, names

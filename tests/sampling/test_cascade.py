@@ -1,11 +1,14 @@
 """The cascade: stage sizes checked before work, upsampled sizes, seeds, guidance at scale 1, noise levels."""
 
+import dataclasses
+
 import pytest
 import torch
 
+from textdiff.diffusion import build_diffusion
 from textdiff.sampling.cascade import (CascadeError, StageSettings, check_cascade, per_sample_noise, run_cascade,
                                        sample_stage)
-from textdiff.sampling.loading import load_for_sampling
+from textdiff.sampling.loading import LoadedModel, load_for_sampling
 from textdiff.sampling.samplers import sample, sampling_timesteps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,15 +83,15 @@ def test_stochastic_samplers_draw_each_samples_noise_from_its_seed(base):
 
 
 def test_guidance_scale_one_equals_the_conditional_model(base):
-    settings = StageSettings(sampler="ddim", steps="3", guidance_txt=1.0)
+    settings = StageSettings(sampler="ddim", steps="3", guidance_txt=1.0, clip_denoised=False)
     guided = sample_stage(base, settings, ["ab", "cd"], ["", ""], [4, 5], progress=False)
     cond = base.model.prepare_cond(["ab", "cd"], None)
     plain = sample("ddim", base.diffusion.sampling_fn(lambda x, t: base.model(x, t, **cond)),
                    per_sample_noise([4, 5], (3, 16, 16), 0), base.diffusion.alphas_cumprod,
                    sampling_timesteps(base.diffusion.num_timesteps, "3"), disable=True).clamp(-1, 1)
     assert float((guided - plain).abs().max()) < 1e-5
-    stronger = sample_stage(base, StageSettings(sampler="ddim", steps="3", guidance_txt=4.0), ["ab", "cd"],
-                            ["", ""], [4, 5], progress=False)
+    stronger = sample_stage(base, StageSettings(sampler="ddim", steps="3", guidance_txt=4.0, clip_denoised=False),
+                            ["ab", "cd"], ["", ""], [4, 5], progress=False)
     assert float((stronger - plain).abs().max()) > 1e-3
 
 
@@ -108,3 +111,15 @@ def test_random_streams_of_neighbouring_seeds_do_not_repeat_each_other():
     assert torch.equal(start[0], torch.randn((3, 4, 4), generator=torch.Generator().manual_seed(5)))
     assert not torch.equal(sampler[0], start[1])
     assert float((per_sample_noise([5], (3, 4, 4), 1)[0] - start[0]).abs().max()) > 0.5
+
+
+def test_clipping_the_denoised_image_keeps_an_untrained_eps_model_from_saturating(base):
+    """An untrained eps model on the cosine schedule: its first x_0 estimate is its error / sqrt(abar)."""
+    diffusion_cfg = dataclasses.replace(base.cfg.diffusion, predict_xstart=False)
+    eps_model = LoadedModel(base.model, build_diffusion(diffusion_cfg, learn_sigma=True),
+                            dataclasses.replace(base.cfg, diffusion=diffusion_cfg), "eps", "raw")
+    unclipped = sample_stage(eps_model, StageSettings(steps="3", clip_denoised=False), ["ab", "cd"], ["", ""],
+                             [1, 2], progress=False)
+    clipped = sample_stage(eps_model, StageSettings(steps="3"), ["ab", "cd"], ["", ""], [1, 2], progress=False)
+    assert float((unclipped.abs() == 1.0).float().mean()) > 0.9
+    assert float((clipped.abs() == 1.0).float().mean()) < 0.1

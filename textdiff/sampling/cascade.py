@@ -24,7 +24,7 @@ from textdiff.diffusion.noise_cond import NOISE_COND_STEPS, noise_low_res
 from textdiff.sampling.guidance import guidance_conds, guided_model
 from textdiff.sampling.loading import LoadedModel
 from textdiff.sampling.samplers import SAMPLERS, sample, sampling_timesteps
-from textdiff.sampling.thresholding import dynamic_thresholding
+from textdiff.sampling.thresholding import clipping, dynamic_thresholding
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -36,9 +36,11 @@ class CascadeError(ValueError):
 @dataclass(frozen=True)
 class StageSettings:
     """How one stage samples: sampler name, step spec (``"50"``, ``"ddim25"``, ``"logsnr20"``), DDIM eta,
-    guidance scales, dynamic-thresholding percentile (a quantile in (0, 1], e.g. 0.995; None: off) and, for
-    noise-conditioned upsamplers, the noise level (a step of the 1000-step noise-conditioning schedule;
-    0 = clean low-res image)."""
+    guidance scales, dynamic-thresholding percentile (a quantile in (0, 1], e.g. 0.995; None: off), whether
+    the x_0 prediction is clipped to [-1, 1] at every step when dynamic thresholding is off (the research
+    code's default; without it a barely trained model's samples blow up on the cosine schedule, whose first
+    step divides by sqrt(abar) ~ 1e-4) and, for noise-conditioned upsamplers, the noise level (a step of the
+    1000-step noise-conditioning schedule; 0 = clean low-res image)."""
 
     sampler: str = "ddim"
     steps: str = "50"
@@ -46,6 +48,7 @@ class StageSettings:
     guidance_txt: float = 1.0
     guidance_capt: float = 1.0
     dynamic_threshold: Optional[float] = None
+    clip_denoised: bool = True
     noise_cond_level: int = 0
 
     def to_dict(self) -> dict:
@@ -198,6 +201,8 @@ def sample_stage(loaded: LoadedModel, settings: StageSettings, txt: Sequence[str
         fn = diffusion.sampling_fn(guided_model(net, *conds, settings.guidance_txt, settings.guidance_capt))
         if settings.dynamic_threshold is not None:
             fn = dynamic_thresholding(fn, diffusion.alphas_cumprod, settings.dynamic_threshold)
+        elif settings.clip_denoised:
+            fn = clipping(fn, diffusion.alphas_cumprod)
         generator = torch.Generator().manual_seed(stream_seed(seeds[rows[0]], stage, "sampler"))
         out.append(sample(settings.sampler, fn, x_start[rows], diffusion.alphas_cumprod, timesteps,
                           generator=generator, disable=not progress, **options))
