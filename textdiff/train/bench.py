@@ -9,6 +9,7 @@ The plain step is what a hand-written loop does: the model in fp32 under ``torch
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from typing import Callable
 
@@ -30,18 +31,27 @@ def synthetic_batch(cfg: TextdiffConfig, n: int, generator: torch.Generator) -> 
     return batch
 
 
-def seconds_per_step(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
-    """Mean wall time of ``step()`` over ``steps`` calls after ``warmup`` untimed ones."""
+def step_seconds(steps: dict[str, Callable[[], None]], repeats: int, warmup: int,
+                 device: torch.device) -> dict[str, float]:
+    """Median wall time of each named ``step()``, timed in alternation (A, B, A, B, ...) so that a shared
+    machine's changing load hits both alike; ``warmup`` untimed rounds first."""
+    def timed(step: Callable[[], None]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
     for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / steps
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(timed(step))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _plain_optimizer(params, ds_config: dict) -> torch.optim.Optimizer:
@@ -52,7 +62,8 @@ def _plain_optimizer(params, ds_config: dict) -> torch.optim.Optimizer:
 
 def bench_train(cfg: TextdiffConfig, steps: int = 10, warmup: int = 2, seed: int = 0) -> dict:
     """Time ``steps`` optimizer steps (micro-batch x accumulation images each) through the engine and in
-    plain PyTorch; returns images/s of both and ``overhead`` = engine step time / plain step time."""
+    plain PyTorch, alternately; returns images/s of both (from the median step time) and ``overhead`` =
+    engine step time / plain step time."""
     from textdiff.diffusion import build_diffusion
     from textdiff.diffusion.timesteps import UniformSampler
     from textdiff.models import build_model
@@ -100,8 +111,8 @@ def bench_train(cfg: TextdiffConfig, steps: int = 10, warmup: int = 2, seed: int
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    engine_s = seconds_per_step(engine_step, steps, warmup, device)
-    plain_s = seconds_per_step(plain_step, steps, warmup, device)
+    seconds = step_seconds({"engine": engine_step, "plain": plain_step}, steps, warmup, device)
+    engine_s, plain_s = seconds["engine"], seconds["plain"]
     images = micro * accumulation
     return {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "zero_stage": eng.zero_stage(cfg.deepspeed), "world_size": world, "rank": rank,
