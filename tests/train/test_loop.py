@@ -2,7 +2,9 @@
 
 import os
 import signal
+import uuid
 
+import fsspec
 import pytest
 import torch
 
@@ -65,8 +67,9 @@ def test_nonfinite_loss_is_skipped_only_under_fp16():
     assert nonfinite_action(torch.float32) == "stop"
 
 
-def test_sigterm_saves_a_checkpoint_and_returns(tiny, tmp_path):
-    trainer = Trainer(tiny("train.max_steps=50"), tmp_path / "run")
+def test_sigterm_saves_a_checkpoint_mirrors_it_and_returns(tiny, tmp_path):
+    remote = f"memory://mirror-{uuid.uuid4().hex}"
+    trainer = Trainer(tiny("train.max_steps=50", f"checkpoint.remote_url={remote}"), tmp_path / "run")
 
     def term_after_two(batches):
         for i, batch in enumerate(batches):
@@ -80,6 +83,8 @@ def test_sigterm_saves_a_checkpoint_and_returns(tiny, tmp_path):
     assert summary["stopped"] and summary["step"] == 3
     assert [s for s, _ in complete_checkpoints(tmp_path / "run" / "checkpoints")] == [3]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    mirrored = fsspec.filesystem("memory").ls(f"{remote}/step_00000003", detail=False)
+    assert {p.rsplit("/", 1)[1] for p in mirrored} >= {"COMPLETE", "textdiff.pt", "rank_00000.pt", "config.json"}
 
 
 def test_frozen_caption_encoder_stays_out_of_zero3_and_the_optimizer(tiny, tiny_clip, tmp_path):
