@@ -108,13 +108,15 @@ def sample_ddim(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor
                 disable: Optional[bool] = None) -> torch.Tensor:
     """DDIM (Song et al. 2021); ``eta = 0`` is deterministic (Euler on the probability-flow ODE),
     ``eta = 1`` matches ancestral sampling with the posterior variance. One model call per step."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"DDIM eta is {eta}; it must lie in [0, 1]")
     abars = _abars(alphas_cumprod, timesteps)
     for i, t in _steps(timesteps, disable, "ddim"):
         a, a_next = abars[i], abars[i + 1]
         eps = _eps(model_fn, x, t)
         pred_xstart = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
         sigma = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
-        x = math.sqrt(a_next) * pred_xstart + math.sqrt(1 - a_next - sigma ** 2) * eps
+        x = math.sqrt(a_next) * pred_xstart + math.sqrt(max(0.0, 1 - a_next - sigma ** 2)) * eps
         if sigma > 0:
             x = x + sigma * gaussian_noise(x, generator)
         _report(callback, i, t, x, pred_xstart)
@@ -142,8 +144,7 @@ def sample_ddpm(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor
         eps = out[:, :channels]
         pred_xstart = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
         beta = 1 - a / a_next
-        mean = (beta * math.sqrt(a_next) * pred_xstart + (1 - a_next) * math.sqrt(1 - beta) * x) / (1 - a)
-        x = mean
+        x = (beta * math.sqrt(a_next) * pred_xstart + (1 - a_next) * math.sqrt(1 - beta) * x) / (1 - a)
         if i + 1 < len(timesteps):
             posterior_variance = beta * (1 - a_next) / (1 - a)
             if out.shape[1] == 2 * channels:
@@ -151,7 +152,7 @@ def sample_ddpm(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor
                 std = torch.exp(0.5 * (frac * math.log(beta) + (1 - frac) * math.log(posterior_variance)))
             else:
                 std = math.sqrt(beta if fixed_variance == "large" else posterior_variance)
-            x = mean + std * gaussian_noise(x, generator)
+            x = x + std * gaussian_noise(x, generator)
         _report(callback, i, t, x, pred_xstart)
     return x
 
