@@ -163,7 +163,7 @@ def _warn_if_steep(abars: list[float], name: str) -> None:
     if worst > 100:
         warnings.warn(f"{name}: a sampling step multiplies abar by {worst:.3g}; the pseudo numerical methods "
                       "diverge on such steps (the cosine schedule's clipped last step does this with integer "
-                      "steps). Use 'logsnrN' steps, e.g. logsnr25; see docs/samplers.md", stacklevel=3)
+                      "steps). Use 'logsnrN' steps, e.g. logsnr25; see docs/samplers.md", stacklevel=4)
 
 
 def _prk_step(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, t: float,
