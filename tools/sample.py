@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = p.add_argument_group("sampling (base model)")
     st.add_argument("--sampler", default="ddim", help=f"one of {', '.join(SAMPLERS)}")
-    st.add_argument("--steps", default="50", help="step count (\"50\") or respacing spec (\"ddim50\", \"10,10,10\")")
+    st.add_argument("--steps", default="50", help="step count (\"50\"), respacing spec (\"ddim50\", \"10,10,10\") or log-SNR spacing "
+                    "(\"logsnr20\", for PRK/PLMS on the cosine schedule)")
     st.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     st.add_argument("--guidance-txt", type=float, default=1.0, help="guidance scale of the transcription (1: off)")
     st.add_argument("--guidance-capt", type=float, default=1.0, help="guidance scale of the caption (1: off)")
