@@ -12,5 +12,5 @@ if ! command -v tesseract >/dev/null 2>&1; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
-.venv/bin/python -c "import textdiff, torch, deepspeed, webdataset, open_clip" 2>/dev/null \
+.venv/bin/python -c "import textdiff, torch, deepspeed, webdataset, open_clip" >/dev/null 2>&1 \
     || { echo "setup_env: the install failed; see pip's output above" >&2; exit 1; }
