@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 import uuid
 
 import fsspec
@@ -115,3 +116,27 @@ def test_a_run_dir_with_checkpoints_needs_resume(tiny, tmp_path):
     _run(tiny("train.max_steps=1"), tmp_path / "run")
     with pytest.raises(ConfigError, match="--resume auto"):
         Trainer(tiny("train.max_steps=2"), tmp_path / "run")
+
+
+def test_sigterm_to_the_data_worker_and_the_rank_still_saves(tiny, tmp_path):
+    """What DeepSpeed's launcher does on Ctrl-C or SIGTERM: terminate the data workers, then the rank. Here the
+    worker dies between the two micro-batches of step 3, so step 3 is usually abandoned and step 2 saved."""
+    import psutil
+
+    trainer = Trainer(tiny("train.max_steps=50", "data.num_workers=1", "data.prefetch_factor=1",
+                           "deepspeed.gradient_accumulation_steps=2"), tmp_path / "run")
+
+    def terminate_tree_at_batch_four(batches):
+        for i, batch in enumerate(batches):
+            if i == 4:
+                for worker in psutil.Process().children(recursive=True):
+                    worker.terminate()
+                time.sleep(1)  # the worker is gone before the rank's own signal, as under the launcher
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    trainer.batches = terminate_tree_at_batch_four(trainer.batches)
+    summary = trainer.run()
+    trainer.close()
+    assert summary["stopped"] and summary["step"] in (2, 3)  # 3 only if the worker had queued batch 5 in time
+    assert [s for s, _ in complete_checkpoints(tmp_path / "run" / "checkpoints")] == [summary["step"]]

@@ -42,6 +42,10 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf under bf16/fp32; the message names the step."""
 
 
+class StepAborted(RuntimeError):
+    """A step was given up on every rank (data workers killed by a stop signal); the weights are untouched."""
+
+
 def rng_state() -> dict:
     """Global RNG states of torch (CPU and CUDA), numpy and random, for checkpoints."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
@@ -114,7 +118,7 @@ def grad_norm(params: list[torch.Tensor]) -> float:
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGINT; a second SIGINT interrupts at once."""
+    """Set by SIGTERM/SIGINT; a second one interrupts at once."""
 
     def __init__(self):
         self.requested = False
@@ -124,13 +128,33 @@ class _StopFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
 
+    def defer_worker_errors(self) -> None:
+        """Let a DataLoader worker's death surface at the next batch instead of anywhere.
+
+        DeepSpeed's launcher sends SIGTERM to every process of a rank, data workers first, and PyTorch's
+        SIGCHLD handler would then raise in the middle of whatever the rank is doing. The loader itself still
+        reports a dead worker when it next waits for a batch (within 5 s), where the loop can act on it.
+        """
+        torch_handler = signal.getsignal(signal.SIGCHLD)
+        if not callable(torch_handler) or signal.SIGCHLD in self._previous:
+            return
+        self._previous[signal.SIGCHLD] = torch_handler
+
+        def handler(signum, frame) -> None:
+            try:
+                torch_handler(signum, frame)
+            except RuntimeError as e:
+                log.warning("%s; the next batch will tell whether training can go on", e)
+
+        signal.signal(signal.SIGCHLD, handler)
+
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
+        if self.requested:  # a second signal: the user (or a stuck rank) cannot wait for the save
             raise KeyboardInterrupt
         self.requested = True
         log.warning("got %s: saving a checkpoint after this step, then exiting", signal.Signals(signum).name)
@@ -244,8 +268,15 @@ class Trainer:
         ts, terms = [], {"loss": [], "mse": [], "vb": []}
         for micro in range(self.accumulation):
             t0 = time.perf_counter()
-            batch = next(self.batches)
+            batch = self._next_batch(stop)
             data_time += time.perf_counter() - t0
+            if self._all_reduce([float(batch is None)])[0]:  # every rank gives up this step together
+                if stop is not None:
+                    stop.requested = True
+                raise StepAborted(f"step {self.step + 1} abandoned: data workers were stopped on "
+                                  "some rank while it was stopping; saving the last complete step")
+            if stop is not None:
+                stop.defer_worker_errors()
             if self.first_batch is None:
                 self.first_batch = batch
                 if self.fresh and self.rank == 0 and self.cfg.data.save_first_batch:
@@ -281,7 +312,8 @@ class Trainer:
         gathered = self._all_gather(torch.stack([torch.cat(ts).double()] +
                                                 [torch.cat(v).double() for v in terms.values()]))
         all_t, all_loss, all_mse, all_vb = gathered
-        self.timesteps.update(all_t.long(), all_loss)
+        finite = torch.isfinite(all_loss)  # an fp16 overflow step must not enter the loss-aware history
+        self.timesteps.update(all_t[finite].long(), all_loss[finite])
         step_time = time.perf_counter() - started
         images = self.micro_batch * self.accumulation
         metrics = {"train/loss": float(all_loss.mean()), "train/mse": float(all_mse.mean()),
@@ -290,6 +322,16 @@ class Trainer:
                    **loss_quartiles(all_t, all_loss, self.diffusion.num_timesteps)}
         self.losses.append(metrics["train/loss"])
         return metrics
+
+    def _next_batch(self, stop: Optional[_StopFlag]) -> Optional[dict]:
+        """The next batch, or None when the data workers were killed by a stop signal (this rank is stopping)."""
+        try:
+            return next(self.batches)
+        except RuntimeError as e:
+            if stop is None or not stop.requested or "DataLoader worker" not in str(e):
+                raise
+            log.warning("data workers stopped with the run (%s)", e)
+            return None
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         """Write one step's metrics and the engine's state to TensorBoard (all ranks must call this)."""
@@ -377,7 +419,12 @@ class Trainer:
                         dynamic_ncols=True)
         try:
             while self.step < cfg.max_steps:
-                metrics = self.train_step(stop)
+                try:
+                    metrics = self.train_step(stop)
+                except StepAborted as e:
+                    log.warning("%s", e)
+                    last_saved = self.save()
+                    break
                 progress.update(1)
                 progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or stop.requested:
