@@ -8,8 +8,10 @@ line prefixed with its rank, so a multi-rank console stays readable.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Mapping, Optional
@@ -55,6 +57,27 @@ def save_png(grid: torch.Tensor, path: Path) -> None:
     Image.fromarray(array).save(buf, format="PNG")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buf.getvalue())
+
+
+EVAL_GRID_COLUMNS = 8  # images per row of the eval/samples grid
+EVAL_METRICS = ("cer", "exact_match", "word_accuracy", "false_text_rate")
+
+
+def eval_scalars(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Spelling metrics as TensorBoard tags (``eval/cer`` ...); rates the evaluation left out stay out."""
+    return {f"eval/{k}": float(metrics[k]) for k in EVAL_METRICS if k in metrics}
+
+
+def append_jsonl(path: Path, record: Mapping) -> None:
+    """Append ``record`` as one JSON line in a single write to a file opened for appending, so a reader or a
+    crash never sees half a line."""
+    line = (json.dumps(dict(record)) + "\n").encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
 
 
 def per_rank(name: str, values: list[float]) -> dict[str, float]:

@@ -31,7 +31,8 @@ from textdiff.train import engine as eng
 from textdiff.train.checkpoint import (CheckpointManager, atomic_write_bytes, check_resume_compatible, read_config,
                                        resolve_resume)
 from textdiff.train.ema import EMA
-from textdiff.train.logging import TrainLogger, gpu_memory_gib, image_grid, per_rank, save_png, setup_logging
+from textdiff.train.logging import (EVAL_GRID_COLUMNS, TrainLogger, append_jsonl, eval_scalars, gpu_memory_gib,
+                                    image_grid, per_rank, save_png, setup_logging)
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ class Trainer:
         setup_logging(self.rank)
         self.device = eng.device()
         self.dtype = eng.compute_dtype(cfg.deepspeed)
+        self.eval_prompts = self._setup_eval() if cfg.eval.every else []
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint, self.rank, self.world_size,
                                       dist.barrier)
         resume_from = resolve_resume(resume, self.ckpt.root)
@@ -212,12 +214,31 @@ class Trainer:
         self.logger = TrainLogger(self.run_dir, self.rank)
         self.fresh = resume_from is None
         self._sampler_model: Optional[torch.nn.Module] = None
+        self._sampler_step = -1  # the step whose EMA weights _sampler_model holds
         self.first_batch: Optional[dict] = None
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             text = json.dumps(cfg.to_dict(), indent=2)
             atomic_write_bytes(self.run_dir / "config.json", (text + "\n").encode())
             self.logger.text("config", self.step, f"```json\n{text}\n```")
+
+    def _setup_eval(self) -> list:
+        """Before any training work: rank 0 finds Tesseract and reads the evaluation prompts, and every rank
+        stops together with a ConfigError if that failed (a run must not find out at its first evaluation)."""
+        from textdiff.eval.ocr import TesseractMissingError, find_tesseract
+        from textdiff.eval.prompts import eval_prompts
+
+        prompts, error = [], None
+        if self.rank == 0:
+            size = self.cfg.model.low_res_size or self.cfg.model.image_size  # upsamplers are given renders of it
+            try:
+                find_tesseract(self.cfg.eval.tesseract_cmd)
+                prompts = eval_prompts(self.cfg.eval, size=size)
+            except (TesseractMissingError, ValueError) as e:  # PromptFileError is a ValueError
+                error = f"eval.every is {self.cfg.eval.every} but {e}; or set eval.every=0 to train without it"
+        if self._all_reduce([float(error is not None)])[0]:
+            raise ConfigError(error or "rank 0 could not set up the spelling evaluation (eval.*); see its error")
+        return prompts
 
     def _load(self, path: Path) -> Optional[dict]:
         for warning in check_resume_compatible(read_config(path), self.cfg.to_dict(), str(path)):
@@ -363,41 +384,104 @@ class Trainer:
             object.__setattr__(model.get_submodule(parent) if parent else model, attr, self.frozen[name])
         return model.to(self.device).eval()
 
+    def _ema_sampler(self):
+        """Rank 0: a LoadedModel holding the EMA weights of the current step (loaded once per step)."""
+        from textdiff.sampling.loading import LoadedModel, load_weights
+
+        rate = self.cfg.train.sample_ema_rate if self.cfg.train.sample_ema_rate is not None else self.cfg.ema.rates[0]
+        if self._sampler_model is None:
+            self._sampler_model = self._ema_model()
+        if self._sampler_step != self.step:
+            load_weights(self._sampler_model, self.ema.named_averages(rate), f"EMA {rate} at step {self.step}")
+            self._sampler_step = self.step
+        return LoadedModel(self._sampler_model, self.diffusion, self.cfg, str(self.run_dir), f"ema:{rate}")
+
+    def _sample_ema(self, txt: list[str], capt: list[str], seeds: list[int], steps: int,
+                    low_res: Optional[torch.Tensor]) -> torch.Tensor:
+        """Rank 0: DDIM-sample the EMA weights with the sample grid's guidance and thresholding.
+
+        txt, capt, seeds: N each; low_res: [N, C, s, s] in [-1, 1] for upsamplers. Returns [N, C, S, S] in [-1, 1].
+        """
+        from textdiff.sampling.cascade import StageSettings, sample_stage
+
+        cfg = self.cfg.train
+        settings = StageSettings(sampler="ddim", steps=str(steps), guidance_txt=cfg.sample_guidance_scale_txt,
+                                 guidance_capt=cfg.sample_guidance_scale_capt,
+                                 dynamic_threshold=cfg.sample_dynamic_threshold)
+        precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+        with torch.no_grad():
+            return sample_stage(self._ema_sampler(), settings, txt, capt, seeds, low_res=low_res,
+                                precision=precision, progress=False)
+
     def sample_grid(self, first_batch: Optional[dict]) -> Optional[torch.Tensor]:
         """Rank 0: sample ``train.sample_prompts`` with the EMA weights and guidance; write the grid to
         TensorBoard (``samples/ema``) and ``RUN_DIR/samples/step_N.png``. Returns it ([3, H, W]), None elsewhere.
 
         Upsamplers take their low-res inputs from the first training batch (the same images every time).
         """
-        from textdiff.sampling.cascade import StageSettings, sample_stage
-        from textdiff.sampling.loading import LoadedModel, load_weights
-
         if self.ema is None:
             return None
         cfg = self.cfg.train
-        if self._sampler_model is None:
-            self._sampler_model = self._ema_model()
-        rate = cfg.sample_ema_rate if cfg.sample_ema_rate is not None else self.cfg.ema.rates[0]
-        load_weights(self._sampler_model, self.ema.named_averages(rate), f"EMA {rate} at step {self.step}")
-        loaded = LoadedModel(self._sampler_model, self.diffusion, self.cfg, str(self.run_dir), f"ema:{rate}")
         n = len(cfg.sample_prompts)
         captions = list(cfg.sample_captions) or [""] * n
         low_res = None
         if self.cfg.model.low_res_size:
             repeats = -(-n // first_batch["low_res"].shape[0])
             low_res = first_batch["low_res"].repeat(repeats, 1, 1, 1)[:n]
-        settings = StageSettings(sampler="ddim", steps=str(cfg.sample_steps),
-                                 guidance_txt=cfg.sample_guidance_scale_txt,
-                                 guidance_capt=cfg.sample_guidance_scale_capt,
-                                 dynamic_threshold=cfg.sample_dynamic_threshold)
-        precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
-        with torch.no_grad():
-            images = sample_stage(loaded, settings, list(cfg.sample_prompts), captions, list(range(n)),
-                                  low_res=low_res, precision=precision, progress=False)
+        images = self._sample_ema(list(cfg.sample_prompts), captions, list(range(n)), cfg.sample_steps, low_res)
         grid = image_grid(images, nrow=n)
         self.logger.image("samples/ema", self.step, grid)
         save_png(grid, self.run_dir / "samples" / f"step_{self.step:08d}.png")
         return grid
+
+    def evaluate(self) -> Optional[dict]:
+        """Spelling evaluation (all ranks call this; only rank 0 works, the others wait at a barrier).
+
+        Rank 0 samples ``self.eval_prompts`` with the EMA weights at ``eval.steps`` DDIM steps, reads them with
+        Tesseract, logs ``eval/*`` scalars and the ``eval/samples`` grid, and appends one line to
+        ``RUN_DIR/eval.jsonl``. Returns that line's dict on rank 0, None elsewhere or when Tesseract failed
+        (a warning is logged and training goes on: one OCR timeout on a busy machine must not end a run).
+        """
+        from textdiff.eval.ocr import TesseractError, TesseractMissingError
+        from textdiff.eval.spelling import evaluate_spelling
+
+        record = None
+        if self.ema is not None:
+            started = time.perf_counter()
+            shown: list[torch.Tensor] = []
+            try:
+                metrics = evaluate_spelling(lambda txt, capt, seed: self._eval_sample_fn(txt, capt, seed, shown),
+                                            self.eval_prompts, self.cfg.eval)
+            except (TesseractError, TesseractMissingError) as e:
+                log.warning("spelling evaluation at step %d failed, training goes on: %s", self.step, e)
+            else:
+                record = {"step": self.step, **metrics, "seconds": round(time.perf_counter() - started, 3)}
+                scalars = eval_scalars(record)
+                self.logger.scalars(self.step, scalars)
+                images = torch.cat(shown)
+                self.logger.image("eval/samples", self.step, image_grid(images, min(EVAL_GRID_COLUMNS, len(images))))
+                append_jsonl(self.run_dir / "eval.jsonl", record)
+                log.info("eval at step %d (%.1f s): %s", self.step, record["seconds"],
+                         ", ".join(f"{k} {v:.3f}" for k, v in scalars.items()))
+        dist.barrier()
+        return record
+
+    def _eval_sample_fn(self, txt: list[str], capt: list[str], seed: int, shown: list[torch.Tensor]) -> torch.Tensor:
+        """evaluate_spelling's sample_fn: image j gets seed ``seed + j`` (as tools/sample.py numbers a prompt's
+        images); upsamplers upscale the synthetic render of each transcription. Returns uint8 [N, S, S, 3]."""
+        from textdiff.data.synthetic import render_sample
+        from textdiff.eval.prompts import render_rng
+
+        seeds = [seed + j for j in range(len(txt))]
+        low_res = None
+        if self.cfg.model.low_res_size:
+            size = self.cfg.model.low_res_size
+            renders = [np.asarray(render_sample(t, render_rng(s, 0), size).image.convert("RGB"))
+                       for t, s in zip(txt, seeds)]
+            low_res = torch.from_numpy(np.stack(renders)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        images = self._sample_ema(txt, capt, seeds, self.cfg.eval.steps, low_res)
+        shown.append(images.cpu())
+        return ((images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu()
 
     def save(self) -> Path:
         """Checkpoint the current step (all ranks must call this)."""
@@ -431,6 +515,9 @@ class Trainer:
                     self.log_metrics(metrics)
                 if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.max_steps):
                     self.sample_grid(self.first_batch)
+                every = self.cfg.eval.every  # skipped when stopping: the launcher kills a rank 30 s after SIGTERM
+                if every and (self.step % every == 0 or self.step == cfg.max_steps) and not stop.requested:
+                    self.evaluate()
                 if self.step % self.cfg.checkpoint.save_every == 0 or self.step == cfg.max_steps or stop.requested:
                     last_saved = self.save()
                 if stop.requested:

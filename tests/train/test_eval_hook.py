@@ -1,0 +1,66 @@
+"""Spelling evaluation during training: eval/* scalars and the JSONL, the Tesseract check at start, off at 0."""
+
+import json
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from textdiff.config import ConfigError
+from textdiff.train.loop import Trainer
+
+EVAL = ("eval.every=2", "eval.num_prompts=5", "eval.steps=2")  # 4 text prompts and 1 text-free (every 5th)
+
+
+def _run(cfg, run_dir):
+    trainer = Trainer(cfg, run_dir)
+    summary = trainer.run()
+    trainer.close()
+    return summary
+
+
+def _tags(run_dir):
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    return events, events.Tags()
+
+
+def test_every_two_steps_logs_spelling_scalars_grid_and_jsonl(tiny, tmp_path):
+    _run(tiny("train.max_steps=4", *EVAL), tmp_path / "run")
+    events, tags = _tags(tmp_path / "run")
+    for name in ("cer", "exact_match", "word_accuracy", "false_text_rate"):
+        points = events.Scalars(f"eval/{name}")
+        assert [p.step for p in points] == [2, 4], name
+        assert all(p.value >= 0 for p in points), name
+        if name != "cer":  # CER exceeds 1 when OCR reads extra characters
+            assert all(p.value <= 1 for p in points), name
+    grids = events.Images("eval/samples")
+    assert [g.step for g in grids] == [2, 4]
+    assert (grids[0].width, grids[0].height) == (5 * 18 + 2, 18 + 2)  # 5 images of 16 px, one row, 2 px gaps
+    lines = (tmp_path / "run" / "eval.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(r["n"] == 5 and r["n_text"] == 4 and r["n_empty"] == 1 and r["cer"] >= 0 for r in records)
+    assert records[0]["cer"] == events.Scalars("eval/cer")[0].value
+
+
+def test_the_same_seeds_give_the_same_eval_for_the_same_weights(tiny, tmp_path):
+    trainer = Trainer(tiny("train.max_steps=1", *EVAL), tmp_path / "run")
+    trainer.train_step()
+    first, second = trainer.evaluate(), trainer.evaluate()
+    trainer.close()
+    first.pop("seconds"), second.pop("seconds")
+    assert first == second and first["step"] == 1
+
+
+def test_a_missing_tesseract_stops_before_step_one_naming_the_key(tiny, tmp_path):
+    with pytest.raises(ConfigError, match=r"eval.tesseract_cmd.*not found"):
+        Trainer(tiny(*EVAL, f"eval.tesseract_cmd={tmp_path / 'no-such-tesseract'}"), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "tb").exists()
+
+
+def test_eval_every_zero_evaluates_nothing(tiny, tmp_path):
+    _run(tiny("train.max_steps=2", "eval.every=0", "eval.tesseract_cmd=/no/such/tesseract"), tmp_path / "run")
+    _, tags = _tags(tmp_path / "run")
+    assert "train/loss" in tags["scalars"]
+    assert not [t for t in tags["scalars"] + tags["images"] if t.startswith("eval/")]
+    assert not (tmp_path / "run" / "eval.jsonl").exists()
