@@ -6,6 +6,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from textdiff.config import ConfigError
+from textdiff.eval.prompts import eval_prompts
 from textdiff.train.loop import Trainer
 
 EVAL = ("eval.every=2", "eval.num_prompts=5", "eval.steps=2")  # 4 text prompts and 1 text-free (every 5th)
@@ -64,3 +65,17 @@ def test_eval_every_zero_evaluates_nothing(tiny, tmp_path):
     assert "train/loss" in tags["scalars"]
     assert not [t for t in tags["scalars"] + tags["images"] if t.startswith("eval/")]
     assert not (tmp_path / "run" / "eval.jsonl").exists()
+
+
+def test_an_upsampler_is_evaluated_on_renders_of_the_prompts_at_its_low_res_size(tiny, tmp_path):
+    cfg = tiny("model.image_size=32", "model.low_res_size=16", "model.noise_cond=true",
+               "model.attention_resolutions=[16]", "model.txt_resolutions=[16]", "train.max_steps=1", *EVAL)
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.eval_prompts == eval_prompts(cfg.eval, size=16)  # words drawn to fit the 16 px renders
+    trainer.train_step()
+    record = trainer.evaluate()
+    trainer.close()
+    assert record["n"] == 5 and record["cer"] >= 0
+    events, _ = _tags(tmp_path / "run")
+    grid = events.Images("eval/samples")[0]
+    assert (grid.width, grid.height) == (5 * 34 + 2, 34 + 2)  # five 32 px upsampled images
