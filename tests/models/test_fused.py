@@ -53,10 +53,10 @@ def test_unknown_impl_names_the_config_key():
         group_norm_silu(x, weight, bias, 32, impl="triton")
 
 
-# Compiling costs ~30 s on this CPU (Inductor C++), so the compiled kernel is checked on CUDA, or on CPU
-# when TEXTDIFF_TEST_COMPILE=1 is set.
-@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TEXTDIFF_TEST_COMPILE") == "1"),
-                    reason="compiling the fused kernel needs CUDA or TEXTDIFF_TEST_COMPILE=1 (~30 s on CPU)")
+# The compiled kernel is what silu_impl="fused" runs on CUDA. On a CPU-only machine (CI) Inductor compiles
+# the same graph to C++ in ~30 s, which still checks the fused graph's numerics; TEXTDIFF_SKIP_COMPILE=1
+# skips it for quick local runs.
+@pytest.mark.skipif(os.environ.get("TEXTDIFF_SKIP_COMPILE") == "1", reason="TEXTDIFF_SKIP_COMPILE=1")
 def test_compiled_kernel_equals_the_reference():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x, weight, bias, scale, shift = (a.to(device) for a in operands(4))
