@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
-import signal
 import time
 from collections import deque
 from pathlib import Path
@@ -30,6 +28,7 @@ from textdiff.config import ConfigError, TextdiffConfig
 from textdiff.train import engine as eng
 from textdiff.train.checkpoint import (CheckpointManager, atomic_write_bytes, check_resume_compatible, read_config,
                                        resolve_resume)
+from textdiff.train.control import StopFlag, rng_state, seed_everything, set_rng_state
 from textdiff.train.ema import EMA
 from textdiff.train.logging import (EVAL_GRID_COLUMNS, TrainLogger, append_jsonl, eval_scalars, gpu_memory_gib,
                                     image_grid, per_rank, save_png, setup_logging)
@@ -45,32 +44,6 @@ class TrainingDiverged(RuntimeError):
 
 class StepAborted(RuntimeError):
     """A step was given up on every rank (data workers killed by a stop signal); the weights are untouched."""
-
-
-def rng_state() -> dict:
-    """Global RNG states of torch (CPU and CUDA), numpy and random, for checkpoints."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` returned."""
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["random"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int, rank: int) -> torch.Generator:
-    """Seed the global RNGs for this rank and return the loop's own generator (noise, timesteps, dropout)."""
-    rank_seed = seed * 1000 + rank
-    torch.manual_seed(rank_seed)
-    np.random.seed(rank_seed % 2 ** 32)
-    random.seed(rank_seed)
-    return torch.Generator().manual_seed(rank_seed + 7919)
 
 
 def nonfinite_action(dtype: torch.dtype) -> str:
@@ -116,49 +89,6 @@ def grad_norm(params: list[torch.Tensor]) -> float:
     """L2 norm of all gradients of ``params`` together (before clipping)."""
     norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return float(torch.stack(norms).norm()) if norms else 0.0
-
-
-class _StopFlag:
-    """Set by SIGTERM/SIGINT; a second one interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def defer_worker_errors(self) -> None:
-        """Let a DataLoader worker's death surface at the next batch instead of anywhere.
-
-        DeepSpeed's launcher sends SIGTERM to every process of a rank, data workers first, and PyTorch's
-        SIGCHLD handler would then raise in the middle of whatever the rank is doing. The loader itself still
-        reports a dead worker when it next waits for a batch (within 5 s), where the loop can act on it.
-        """
-        torch_handler = signal.getsignal(signal.SIGCHLD)
-        if not callable(torch_handler) or signal.SIGCHLD in self._previous:
-            return
-        self._previous[signal.SIGCHLD] = torch_handler
-
-        def handler(signum, frame) -> None:
-            try:
-                torch_handler(signum, frame)
-            except RuntimeError as e:
-                log.warning("%s; the next batch will tell whether training can go on", e)
-
-        signal.signal(signal.SIGCHLD, handler)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second signal: the user (or a stuck rank) cannot wait for the save
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("got %s: saving a checkpoint after this step, then exiting", signal.Signals(signum).name)
 
 
 class Trainer:
@@ -279,7 +209,7 @@ class Trainer:
         cond = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in cond.items()}
         return self.engine(x.to(self.dtype), t, **cond).float()
 
-    def train_step(self, stop: Optional[_StopFlag] = None) -> dict[str, float]:
+    def train_step(self, stop: Optional[StopFlag] = None) -> dict[str, float]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns its metrics.
 
         Raises TrainingDiverged (all ranks at once) on a NaN/inf loss under bf16/fp32.
@@ -344,7 +274,7 @@ class Trainer:
         self.losses.append(metrics["train/loss"])
         return metrics
 
-    def _next_batch(self, stop: Optional[_StopFlag]) -> Optional[dict]:
+    def _next_batch(self, stop: Optional[StopFlag]) -> Optional[dict]:
         """The next batch, or None when the data workers were killed by a stop signal (this rank is stopping)."""
         try:
             return next(self.batches)
@@ -496,7 +426,7 @@ class Trainer:
     def run(self) -> dict:
         """Train until ``train.max_steps`` or a stop signal; returns {"step", "losses", "checkpoint", "stopped"}."""
         cfg = self.cfg.train
-        stop = _StopFlag()
+        stop = StopFlag()
         stop.install()
         last_saved = None
         progress = tqdm(total=cfg.max_steps, initial=self.step, disable=self.rank != 0, desc="train",
