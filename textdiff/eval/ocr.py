@@ -47,7 +47,8 @@ def find_tesseract(tesseract_cmd: str = "tesseract") -> str:
         raise TesseractMissingError(
             f"the Tesseract OCR program {tesseract_cmd!r} (eval.tesseract_cmd) was not found on PATH; spelling "
             "evaluation needs it: install the tesseract-ocr package (Debian/Ubuntu: apt-get install tesseract-ocr, "
-            "or run tools/setup_env.sh as root), or set eval.tesseract_cmd / --tesseract to the program's path")
+            "or run tools/setup_env.sh as root), or give the program's path: --set eval.tesseract_cmd=PATH for training, --tesseract PATH for "
+            "tools/eval_text.py")
     return path
 
 
