@@ -7,7 +7,7 @@ import torch
 
 from textdiff.config import DiffusionConfig
 from textdiff.diffusion import build_diffusion
-from textdiff.diffusion.gaussian import GaussianDiffusion, quartile_means
+from textdiff.diffusion.gaussian import GaussianDiffusion, gaussian_noise, quartile_means
 from textdiff.diffusion.schedules import cosine_betas, linear_betas
 
 
@@ -150,3 +150,13 @@ def test_x0_prediction_trains_against_x_start():
     x_start = torch.full((2, 3, 2, 2), 0.25)
     terms = d.training_losses(lambda x, t: x_start.clone(), x_start, torch.tensor([3, 70]))
     assert terms["mse"].tolist() == [0.0, 0.0]
+
+
+def test_one_generator_per_row_draws_what_a_batch_of_one_would():
+    like = torch.zeros(3, 2, 4, 4)
+    rows = gaussian_noise(like, [torch.Generator().manual_seed(s) for s in (5, 6, 7)])
+    for i, s in enumerate((5, 6, 7)):
+        alone = gaussian_noise(like[:1], torch.Generator().manual_seed(s))
+        assert torch.equal(rows[i:i + 1], alone)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        gaussian_noise(like, [torch.Generator(), torch.Generator()])

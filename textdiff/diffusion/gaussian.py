@@ -12,7 +12,7 @@ variance (v = -1) and beta_t (v = +1).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -28,10 +28,21 @@ def _per_sample(arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch
     return out.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def gaussian_noise(like: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Standard normal noise shaped like ``like``, drawn on ``generator``'s device, moved to ``like``'s."""
-    device = generator.device if generator is not None else like.device
-    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+def gaussian_noise(like: torch.Tensor,
+                   generator: Optional[torch.Generator | Sequence[torch.Generator]] = None) -> torch.Tensor:
+    """Standard normal noise shaped like ``like`` ``[N, ...]``, drawn on the generator's device, moved to ``like``'s.
+
+    ``generator`` may be one generator for the whole batch or a sequence of N, one per row: row i then draws
+    exactly what a batch of one would draw from generator i, so a batch of independently seeded chains runs
+    as one batch.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        device = generator.device if generator is not None else like.device
+        return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+    if len(generator) != like.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {like.shape[0]}; give one per row")
+    rows = [torch.randn((1, *like.shape[1:]), generator=g, device=g.device, dtype=like.dtype) for g in generator]
+    return torch.cat(rows).to(like.device)
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,8 @@ stage k-1's ``image_size``. :func:`check_cascade` says so, before any weight is 
 Determinism: every random draw of sample i at stage k comes from its own generators, seeded by
 ``stream_seed(seed_i, k, stream)`` for the starting noise, the noise-conditioning noise and the sampler's own
 noise, so a sample depends on its seed and settings, not on which other samples share its batch.
-Stochastic samplers (``ddpm``, ``ddim`` with ``eta > 0``) draw their noise from one generator per call, so
-they run one chain at a time to keep that.
+Stochastic samplers (``ddpm``, ``ddim`` with ``eta > 0``) are given one generator per row, so the whole
+batch still runs as one batch.
 """
 
 from __future__ import annotations
@@ -191,22 +191,18 @@ def sample_stage(loaded: LoadedModel, settings: StageSettings, txt: Sequence[str
     options = {"eta": settings.eta} if settings.sampler == "ddim" else {}
     net = network_fn(loaded, precision)
     x_start = per_sample_noise(seeds, shape, stage).to(device)
-    chains = [list(range(n))] if not settings.is_stochastic() else [[i] for i in range(n)]
-    out = []
-    for rows in chains:
-        conds = guidance_conds(loaded.model.prepare_cond, [txt[i] for i in rows],
-                               [capt[i] for i in rows] if cfg.using_capt else None,
-                               low_res=None if low_res is None else low_res[rows],
-                               noise_cond_t=None if noise_cond_t is None else noise_cond_t[rows])
-        fn = diffusion.sampling_fn(guided_model(net, *conds, settings.guidance_txt, settings.guidance_capt))
-        if settings.dynamic_threshold is not None:
-            fn = dynamic_thresholding(fn, diffusion.alphas_cumprod, settings.dynamic_threshold)
-        elif settings.clip_denoised:
-            fn = clipping(fn, diffusion.alphas_cumprod)
-        generator = torch.Generator().manual_seed(stream_seed(seeds[rows[0]], stage, "sampler"))
-        out.append(sample(settings.sampler, fn, x_start[rows], diffusion.alphas_cumprod, timesteps,
-                          generator=generator, disable=not progress, **options))
-    return torch.cat(out).clamp(-1, 1)
+    conds = guidance_conds(loaded.model.prepare_cond, list(txt), list(capt) if cfg.using_capt else None,
+                           low_res=low_res, noise_cond_t=noise_cond_t)
+    fn = diffusion.sampling_fn(guided_model(net, *conds, settings.guidance_txt, settings.guidance_capt))
+    if settings.dynamic_threshold is not None:
+        fn = dynamic_thresholding(fn, diffusion.alphas_cumprod, settings.dynamic_threshold)
+    elif settings.clip_denoised:
+        fn = clipping(fn, diffusion.alphas_cumprod)
+    # one generator per row: a stochastic sampler's noise for sample i depends on its seed alone
+    generators = [torch.Generator().manual_seed(stream_seed(s, stage, "sampler")) for s in seeds]
+    images = sample(settings.sampler, fn, x_start, diffusion.alphas_cumprod, timesteps, generator=generators,
+                    disable=not progress, **options)
+    return images.clamp(-1, 1)
 
 
 def run_cascade(stages: Sequence[LoadedModel], settings: Sequence[StageSettings], txt: Sequence[str],

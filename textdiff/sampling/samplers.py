@@ -14,6 +14,7 @@ callback=None, disable=None, **options)``:
 
 All samplers return the clean sample ``[N, C, ...]``; ``callback`` gets ``{"i", "t", "x", "pred_xstart"}``
 after each step; noise comes from ``generator`` only, so a seeded generator makes a run reproducible.
+``generator`` may also be a list of N generators, one per row (independently seeded samples in one batch).
 """
 
 from __future__ import annotations
