@@ -76,23 +76,33 @@ def parse_prompt(obj: object, where: str) -> Prompt:
                   seed=_field(obj, "seed", int, 0, where), count=count, image=image)
 
 
+def read_jsonl(path: str | Path) -> list[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line of a JSON Lines file.
+
+    Raises FileNotFoundError for a missing file and ValueError naming ``path:line`` for a line that is not JSON.
+    """
+    path = Path(path)
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    return rows
+
+
 def read_prompts(path: str | Path) -> list[Prompt]:
     """Read a JSONL prompt file (blank lines skipped); errors name the file and line."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        rows = read_jsonl(path)
     except FileNotFoundError:
         raise PromptFileError(f"prompt file {path} does not exist (--prompts / eval.prompts_file)") from None
-    prompts = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PromptFileError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one object "
-                                  "like {\"txt\": \"hello\", \"seed\": 0}") from None
-        prompts.append(parse_prompt(obj, f"{path}:{lineno}"))
+    except ValueError as e:
+        raise PromptFileError(f"{e}; each line must be one object like {{\"txt\": \"hello\", \"seed\": 0}}") from None
+    prompts = [parse_prompt(obj, f"{path}:{lineno}") for lineno, obj in rows]
     if not prompts:
         raise PromptFileError(f"prompt file {path} holds no prompts; write one JSON object per line")
     return prompts

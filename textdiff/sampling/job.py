@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from textdiff.config import ModelConfig
 from textdiff.diffusion import build_diffusion
 from textdiff.data.preview import batch_grid, to_uint8
-from textdiff.eval.prompts import Prompt
+from textdiff.eval.prompts import Prompt, read_jsonl
 from textdiff.sampling.cascade import CascadeError, StageSettings, check_cascade, run_cascade
 from textdiff.sampling.loading import LoadedModel, load_for_sampling, read_source_config
 from textdiff.train.checkpoint import atomic_write_bytes
@@ -210,19 +210,12 @@ def write_batch(out_dir: Path, stages: Sequence[StageSpec], models: Sequence[Loa
 
 def read_records(path: str | Path) -> list[dict]:
     """The records of a ``samples.jsonl``; errors name the file and line."""
-    path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        return [record for _, record in read_jsonl(path)]
     except FileNotFoundError:
         raise CascadeError(f"--from-jsonl {path} does not exist; pass the samples.jsonl of a sampling run") from None
-    records = []
-    for lineno, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise CascadeError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-    return records
+    except ValueError as e:
+        raise CascadeError(str(e)) from None
 
 
 def replay(jsonl: str | Path, index: int, out_dir: str | Path, device: Optional[str] = None,
