@@ -96,8 +96,8 @@ class ModelConfig:
     all_pdrop: float = 0.0
     # null transcription: "learned" = the null token through the encoder; "empty" = cross-attention adds nothing
     txt_null: Literal["learned", "empty"] = "learned"
-    # null caption: "placeholder" = the fixed placeholder caption through CLIP; "learned" = a learned token and
-    # pooled vector stand in for CLIP's outputs; "empty" = the caption adds nothing
+    # null caption: "placeholder" = the seed's fixed stand-in caption ("unknown") through CLIP; "learned" = a
+    # learned token and pooled vector stand in for CLIP's outputs; "empty" = the caption adds nothing
     capt_null: Literal["placeholder", "learned", "empty"] = "placeholder"
 
     def validate(self) -> None:

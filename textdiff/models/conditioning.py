@@ -1,8 +1,9 @@
 """Conditioning dropout for classifier-free guidance.
 
 A dropped transcription becomes ``None`` (the null transcription, distinct from ``""`` = "this image has no
-text"); a dropped caption becomes ``None`` too, which the model turns into its null caption (the fixed
-placeholder caption, or nothing with ``model.capt_null="empty"``).
+text"); a dropped caption becomes ``None`` too, which the model turns into its null caption as
+``model.capt_null`` says: the seed's fixed stand-in caption "unknown" through CLIP (``"placeholder"``), a learned
+token (``"learned"``), or nothing (``"empty"``).
 """
 
 from __future__ import annotations
