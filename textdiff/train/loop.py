@@ -270,6 +270,7 @@ class Trainer:
         metrics = {"train/loss": float(all_loss.mean()), "train/mse": float(all_mse.mean()),
                    "train/vb": float(all_vb.mean()), "_images_per_s": images / step_time,
                    "_samples_per_s": images / max(data_time, 1e-9), "_skipped": float(skipped),
+                   "_stop": float(bool(stop_votes)),
                    **loss_quartiles(all_t, all_loss, self.diffusion.num_timesteps)}
         self.losses.append(metrics["train/loss"])
         return metrics
@@ -396,9 +397,11 @@ class Trainer:
         dist.barrier()
         return record
 
-    def _eval_sample_fn(self, txt: list[str], capt: list[str], seed: int, shown: list[torch.Tensor]) -> torch.Tensor:
+    def _eval_sample_fn(self, txt: list[str], capt: list[str], seed: int, shown: list[torch.Tensor]) -> np.ndarray:
         """evaluate_spelling's sample_fn: image j gets seed ``seed + j`` (as tools/sample.py numbers a prompt's
         images); upsamplers upscale the synthetic render of each transcription. Returns uint8 [N, S, S, 3]."""
+        from textdiff.data.augment import to_tensor
+        from textdiff.data.preview import to_uint8
         from textdiff.data.synthetic import render_sample
         from textdiff.eval.prompts import render_rng
 
@@ -406,12 +409,11 @@ class Trainer:
         low_res = None
         if self.cfg.model.low_res_size:
             size = self.cfg.model.low_res_size
-            renders = [np.asarray(render_sample(t, render_rng(s, 0), size).image.convert("RGB"))
-                       for t, s in zip(txt, seeds)]
-            low_res = torch.from_numpy(np.stack(renders)).permute(0, 3, 1, 2).float() / 127.5 - 1
+            low_res = torch.stack([to_tensor(np.asarray(render_sample(t, render_rng(s, 0), size).image.convert("RGB")))
+                                   for t, s in zip(txt, seeds)])
         images = self._sample_ema(txt, capt, seeds, self.cfg.eval.steps, low_res)
         shown.append(images.cpu())
-        return ((images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu()
+        return to_uint8(images)
 
     def save(self) -> Path:
         """Checkpoint the current step (all ranks must call this)."""
@@ -428,7 +430,7 @@ class Trainer:
         cfg = self.cfg.train
         stop = StopFlag()
         stop.install()
-        last_saved = None
+        last_saved, stopping = None, False
         progress = tqdm(total=cfg.max_steps, initial=self.step, disable=self.rank != 0, desc="train",
                         dynamic_ncols=True)
         try:
@@ -437,27 +439,30 @@ class Trainer:
                     metrics = self.train_step(stop)
                 except StepAborted as e:
                     log.warning("%s", e)
-                    last_saved = self.save()
+                    last_saved, stopping = self.save(), True
                     break
+                # the ranks' agreed vote, not this rank's live flag: a signal landing after the vote must not
+                # send one rank into save() while the others start the next step (it counts next step)
+                stopping = bool(metrics["_stop"])
                 progress.update(1)
                 progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or stop.requested:
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or stopping:
                     self.log_metrics(metrics)
                 if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.max_steps):
                     self.sample_grid(self.first_batch)
                 every = self.cfg.eval.every  # skipped when stopping: the launcher kills a rank 30 s after SIGTERM
-                if every and (self.step % every == 0 or self.step == cfg.max_steps) and not stop.requested:
+                if every and (self.step % every == 0 or self.step == cfg.max_steps) and not stopping:
                     self.evaluate()
-                if self.step % self.cfg.checkpoint.save_every == 0 or self.step == cfg.max_steps or stop.requested:
+                if self.step % self.cfg.checkpoint.save_every == 0 or self.step == cfg.max_steps or stopping:
                     last_saved = self.save()
-                if stop.requested:
+                if stopping:
                     break
         finally:
             stop.restore()
             progress.close()
             self.logger.flush()
         return {"step": self.step, "losses": list(self.losses), "checkpoint": last_saved,
-                "stopped": stop.requested}
+                "stopped": stopping}
 
     def close(self) -> None:
         """Close the event file."""
