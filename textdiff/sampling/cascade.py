@@ -75,10 +75,6 @@ class StageSettings:
             raise CascadeError(f"{where}: noise-conditioning level {self.noise_cond_level} must lie in "
                                f"[0, {NOISE_COND_STEPS - 1}]")
 
-    def is_stochastic(self) -> bool:
-        """Whether the sampler draws noise after the start (ddpm; ddim with eta > 0)."""
-        return self.sampler == "ddpm" or (self.sampler == "ddim" and self.eta > 0)
-
 
 def image_channels(cfg: ModelConfig) -> int:
     """Channels of the images a model makes and takes: 1 for a monochrome U-net without the RGB adapter."""
@@ -177,7 +173,7 @@ def sample_stage(loaded: LoadedModel, settings: StageSettings, txt: Sequence[str
     """
     cfg = loaded.cfg.model
     device = next(loaded.model.parameters()).device
-    n, size = len(txt), cfg.image_size
+    size = cfg.image_size
     shape = (image_channels(cfg), size, size)
     noise_cond_t = None
     if cfg.low_res_size:
