@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from PIL import Image
@@ -26,6 +24,7 @@ from textdiff.config import ConfigError, EvalConfig, load_config
 from textdiff.eval.ocr import TesseractError, TesseractMissingError
 from textdiff.eval.prompts import PromptFileError, expand, heldout_prompts, pair_images, read_prompts, render_prompts
 from textdiff.eval.spelling import evaluate_images
+from textdiff.files import atomic_write_bytes
 
 SUMMARY_KEYS = ("cer", "exact_match", "word_accuracy", "false_text_rate", "n", "n_text", "n_empty", "normalize")
 
@@ -91,10 +90,7 @@ def collect(args: argparse.Namespace, cfg: EvalConfig, size: int) -> tuple[list,
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(obj, indent=1, ensure_ascii=False).encode("utf-8"))
 
 
 def print_summary(report: dict) -> None:

@@ -8,14 +8,15 @@ conditioning image below it when the batch has one, and three label lines: key, 
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from textdiff.files import atomic_write_bytes
 
 TILE_MIN = 128  # px: small training images are enlarged to at least this for viewing
 LABEL_LINES = 3
@@ -81,24 +82,15 @@ def batch_record(batch: dict) -> dict:
     return record
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_batch_preview(batch: dict, out_dir: str | Path, name: str = "first_batch") -> tuple[Path, Path]:
     """Write ``OUT_DIR/NAME.png`` (labelled grid) and ``OUT_DIR/NAME.json`` atomically; return both paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png, js = out_dir / f"{name}.png", out_dir / f"{name}.json"
     grid = batch_grid(batch)
-    _write_atomic(png, lambda tmp: grid.save(tmp, format="PNG"))
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    atomic_write_bytes(png, buf.getvalue())
     text = json.dumps(batch_record(batch), indent=1, ensure_ascii=False)
-    _write_atomic(js, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+    atomic_write_bytes(js, (text + "\n").encode("utf-8"))
     return png, js

@@ -34,6 +34,7 @@ from textdiff.data import sources
 from textdiff.data.sources import (BAD_INPUT_KINDS, ImageJob, KeyIndex, Problem, ShardSample, SourceError,
                                    SourceOptions)
 from textdiff.data.synthetic import MIN_SIZE as MIN_SYNTHETIC_SIZE, synthetic_sample
+from textdiff.files import atomic_write_bytes
 
 SHARD_NAME = "shard-{:06d}.tar"
 PARTIAL_SUFFIX = ".partial"
@@ -119,9 +120,7 @@ def brace_pattern(out_dir: Path, count: int) -> str:
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     """Write ``obj`` as indented JSON to ``path`` via a temporary name and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def build_manifest(out_dir: Path, shards: list[ShardInfo], written: Counter, problems: list[Problem],

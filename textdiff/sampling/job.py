@@ -33,7 +33,7 @@ from textdiff.data.preview import batch_grid, to_uint8
 from textdiff.eval.prompts import Prompt, read_jsonl
 from textdiff.sampling.cascade import CascadeError, StageSettings, check_cascade, run_cascade
 from textdiff.sampling.loading import LoadedModel, load_for_sampling, read_source_config
-from textdiff.train.checkpoint import atomic_write_bytes
+from textdiff.files import atomic_write_bytes
 
 RECORDS_FILE = "samples.jsonl"
 GRID_FILE = "grid.png"

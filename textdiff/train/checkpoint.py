@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from textdiff.config import ConfigError
+from textdiff.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +53,6 @@ def checkpoint_name(step: int) -> str:
 def rank_file(rank: int) -> str:
     """File name of one rank's textdiff state inside a checkpoint."""
     return f"rank_{rank:05d}.pt"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary name and a rename (readers never see half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

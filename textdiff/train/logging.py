@@ -50,7 +50,7 @@ def save_png(grid: torch.Tensor, path: Path) -> None:
     """Write a [3, H, W] grid in [0, 1] as a PNG, atomically."""
     from PIL import Image
 
-    from textdiff.train.checkpoint import atomic_write_bytes
+    from textdiff.files import atomic_write_bytes
 
     array = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     buf = io.BytesIO()

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from textdiff.config import ConfigError, TextdiffConfig
 from textdiff.train import engine as eng
-from textdiff.train.checkpoint import (CheckpointManager, atomic_write_bytes, check_resume_compatible, read_config,
+from textdiff.files import atomic_write_bytes
+from textdiff.train.checkpoint import (CheckpointManager, check_resume_compatible, read_config,
                                        resolve_resume)
 from textdiff.train.control import StopFlag, rng_state, seed_everything, set_rng_state
 from textdiff.train.ema import EMA
