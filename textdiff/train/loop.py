@@ -25,8 +25,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from textdiff.config import ConfigError, TextdiffConfig
-from textdiff.train import engine as eng
+from textdiff.diffusion.gaussian import quartile_means
 from textdiff.files import atomic_write_bytes
+from textdiff.train import engine as eng
 from textdiff.train.checkpoint import (CheckpointManager, check_resume_compatible, read_config,
                                        resolve_resume)
 from textdiff.train.control import StopFlag, rng_state, seed_everything, set_rng_state
@@ -50,12 +51,6 @@ class StepAborted(RuntimeError):
 def nonfinite_action(dtype: torch.dtype) -> str:
     """What a NaN/inf loss does: ``"skip"`` under fp16 (the loss scaler drops the step), else ``"stop"``."""
     return "skip" if dtype == torch.float16 else "stop"
-
-
-def loss_quartiles(t: torch.Tensor, loss: torch.Tensor, num_timesteps: int) -> dict[str, float]:
-    """Mean loss per timestep quartile: t, loss: [N] -> {"train/loss_q0": ..}; empty quartiles left out."""
-    quartile = (4 * t.long() // num_timesteps).clamp(max=3)
-    return {f"train/loss_q{q}": float(loss[quartile == q].mean()) for q in range(4) if bool((quartile == q).any())}
 
 
 def diffusion_loss(model: torch.nn.Module, model_fn, diffusion, timesteps, batch: dict, cfg: TextdiffConfig,
@@ -272,7 +267,7 @@ class Trainer:
                    "train/vb": float(all_vb.mean()), "_images_per_s": images / step_time,
                    "_samples_per_s": images / max(data_time, 1e-9), "_skipped": float(skipped),
                    "_stop": float(bool(stop_votes)),
-                   **loss_quartiles(all_t, all_loss, self.diffusion.num_timesteps)}
+                   **quartile_means({"train/loss": all_loss}, all_t, self.diffusion.num_timesteps)}
         self.losses.append(metrics["train/loss"])
         return metrics
 
