@@ -25,7 +25,8 @@ class UniformSampler:
 
     def sample(self, batch_size: int, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps ``[N]`` long and importance weights ``[N]`` float32, on the CPU (``generator``: a CPU one)."""
-        p = self.weights() / self.weights().sum()
+        w = self.weights()
+        p = w / w.sum()
         t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
         return t, (1.0 / (len(p) * p[t])).float()
 

@@ -61,9 +61,8 @@ def guided_model(model: Callable[..., torch.Tensor], cond: Cond, cond_txt_only: 
     ``cond``: full conditioning; ``cond_txt_only``: transcription with the null caption (``None`` when the
     model has no caption conditioning, then ``scale_capt`` is ignored); ``cond_null``: both dropped.
     """
-    w_null, w_txt, w_full = guidance_weights(scale_txt, scale_capt)
-    if cond_txt_only is None:
-        w_null, w_txt, w_full = 1.0 - scale_txt, 0.0, scale_txt
+    # without caption conditioning the caption scale is the transcription's, so the txt-only branch weighs 0
+    w_null, w_txt, w_full = guidance_weights(scale_txt, scale_txt if cond_txt_only is None else scale_capt)
     branches = [(w, c) for w, c in ((w_null, cond_null), (w_txt, cond_txt_only), (w_full, cond)) if w != 0.0]
     batched = concat_conds([c for _, c in branches])
 
