@@ -26,6 +26,7 @@ from textdiff.diffusion import GaussianDiffusion, build_diffusion
 from textdiff.models import build_model
 from textdiff.train.checkpoint import COMPLETE, CONFIG_FILE, TEXTDIFF_STATE, latest_checkpoint
 from textdiff.train.ema import rate_key
+from textdiff.train.engine import zero_stage
 from textdiff.train.export import fit_shapes, read_export, read_export_config
 
 WEIGHTS = ("ema", "raw")
@@ -122,6 +123,15 @@ def raw_state_dict(ckpt: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
 
 
+def checkpoint_weights(ckpt: Path, cfg: TextdiffConfig, weights: str, ema_rate: Optional[float] = None
+                       ) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, label) of checkpoint ``ckpt``: ``weights`` ``"ema"`` (label ``ema:RATE``) or ``"raw"``."""
+    if weights == "ema":
+        state, key = ema_state_dict(ckpt, ema_rate)
+        return state, f"ema:{key}"
+    return raw_state_dict(ckpt, zero_stage(cfg.deepspeed)), "raw"
+
+
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Copy ``state`` into ``model``; every parameter the optimizer trains must be there, and nothing else.
 
@@ -161,11 +171,7 @@ def load_for_sampling(source: str | Path, weights: str = "ema", ema_rate: Option
         ckpt = resolve_checkpoint(source)
         cfg = read_source_config(ckpt)
         where = str(ckpt)
-        if weights == "ema":
-            state, key = ema_state_dict(ckpt, ema_rate)
-            label = f"ema:{key}"
-        else:
-            state, label = raw_state_dict(ckpt, int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))), "raw"
+        state, label = checkpoint_weights(ckpt, cfg, weights, ema_rate)
     model = build_model(cfg.model)
     load_weights(model, state, where)
     diffusion = build_diffusion(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)

@@ -48,20 +48,16 @@ def export_checkpoint(source: str | Path, out: str | Path, weights: str = "ema",
     """
     from safetensors.torch import save_file
 
-    from textdiff.sampling.loading import ema_state_dict, raw_state_dict, read_source_config, resolve_checkpoint
+    from textdiff.sampling.loading import checkpoint_weights, read_source_config, resolve_checkpoint
 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"export target {out} must end in .safetensors")
+    if weights not in ("ema", "raw"):
+        raise ConfigError(f"weights is {weights!r}; choose ema or raw")
     ckpt = resolve_checkpoint(source)
     cfg = read_source_config(ckpt)
-    if weights == "ema":
-        state, key = ema_state_dict(ckpt, ema_rate)
-        label = f"ema:{key}"
-    elif weights == "raw":
-        state, label = raw_state_dict(ckpt, int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))), "raw"
-    else:
-        raise ConfigError(f"weights is {weights!r}; choose ema or raw")
+    state, label = checkpoint_weights(ckpt, cfg, weights, ema_rate)
     state = fit_shapes({k: v.detach().float().contiguous() for k, v in state.items()}, model_shapes(cfg))
     meta = {CONFIG_KEY: json.dumps(cfg.to_dict()), "weights": label, "source": str(ckpt),
             "step": ckpt.name.removeprefix("step_").lstrip("0") or "0"}
