@@ -24,7 +24,7 @@ import torch
 from textdiff.config import ConfigError, TextdiffConfig, config_from_dict
 from textdiff.diffusion import GaussianDiffusion, build_diffusion
 from textdiff.models import build_model
-from textdiff.train.checkpoint import COMPLETE, CONFIG_FILE, TEXTDIFF_STATE, latest_checkpoint
+from textdiff.train.checkpoint import COMPLETE, CONFIG_FILE, TEXTDIFF_STATE, find_complete_checkpoint
 from textdiff.train.ema import rate_key
 from textdiff.train.engine import zero_stage
 from textdiff.train.export import fit_shapes, read_export, read_export_config
@@ -52,12 +52,9 @@ class LoadedModel:
 def resolve_checkpoint(source: str | Path) -> Path:
     """The complete checkpoint directory a run directory, checkpoints folder or checkpoint path stands for."""
     path = Path(source)
-    if (path / COMPLETE).is_file():
-        return path
-    for root in (path / "checkpoints", path):
-        found = latest_checkpoint(root)
-        if found is not None:
-            return found
+    found = find_complete_checkpoint(path)
+    if found is not None:
+        return found
     if not path.exists():
         raise LoadError(f"model source {path} does not exist; pass a run directory, a checkpoint directory "
                         f"(step_NNNNNNNN) or an exported *{SAFETENSORS_SUFFIX} file")

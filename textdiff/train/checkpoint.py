@@ -81,6 +81,15 @@ def latest_checkpoint(root: str | Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+def find_complete_checkpoint(path: str | Path) -> Optional[Path]:
+    """The complete checkpoint ``path`` stands for: itself, or the latest below it (a checkpoints folder) or
+    below its ``checkpoints/`` (a run directory); None when there is none."""
+    path = Path(path)
+    if (path / COMPLETE).is_file():
+        return path
+    return latest_checkpoint(path) or latest_checkpoint(path / "checkpoints")
+
+
 def steps_to_delete(steps: Iterable[int], keep_last: int, keep_every: int) -> list[int]:
     """Which of ``steps`` retention removes: all but the last ``keep_last`` and multiples of ``keep_every``
     (0: none kept for that reason)."""
@@ -98,13 +107,9 @@ def resolve_resume(resume: Optional[str], root: str | Path) -> Optional[Path]:
         return None
     if resume == "auto":
         return latest_checkpoint(root)
-    path = Path(resume)
-    if (path / COMPLETE).is_file():
-        return path
-    if path.is_dir() and latest_checkpoint(path) is not None:  # a checkpoints/ folder or a run dir
-        return latest_checkpoint(path)
-    if path.is_dir() and latest_checkpoint(path / "checkpoints") is not None:
-        return latest_checkpoint(path / "checkpoints")
+    found = find_complete_checkpoint(resume)
+    if found is not None:
+        return found
     raise ConfigError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE} file in it) and no complete "
                       "checkpoint below it; pass a step_NNNNNNNN directory, a run directory, or --resume auto")
 
