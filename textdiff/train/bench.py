@@ -80,9 +80,7 @@ def bench_train(cfg: TextdiffConfig, steps: int = 10, warmup: int = 2, seed: int
     batch = synthetic_batch(cfg, micro, torch.Generator().manual_seed(seed))
     generator = torch.Generator().manual_seed(seed)
 
-    def engine_fn(x, t, **cond):
-        cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
-        return engine(x.to(dtype), t, **cond).float()
+    engine_fn = eng.engine_forward(engine, dtype)
 
     def engine_step():
         for _ in range(accumulation):

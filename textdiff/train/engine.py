@@ -72,6 +72,15 @@ def compute_dtype(ds_config: dict) -> torch.dtype:
     return torch.float32
 
 
+def engine_forward(engine: nn.Module, dtype: torch.dtype):
+    """``fn(x, t, **cond)`` running the engine in its compute ``dtype`` (floating inputs cast to it) and
+    returning float32, as the diffusion losses expect."""
+    def fn(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+        return engine(x.to(dtype), t, **cond).float()
+    return fn
+
+
 def zero_stage(ds_config: dict) -> int:
     """``zero_optimization.stage`` of a DeepSpeed config (0 when absent)."""
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))

@@ -114,6 +114,7 @@ class Trainer:
         self.generator = seed_everything(cfg.train.seed, self.rank)
         model = build_model(cfg.model, load_capt_weights=load_capt_weights)
         self.engine, self.frozen, promoted = eng.build_engine(model, cfg, self.world_size)
+        self.engine_fn = eng.engine_forward(self.engine, self.dtype)
         self.diffusion = build_diffusion(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
         self.timesteps = build_timestep_sampler(cfg.diffusion.schedule_sampler, self.diffusion.num_timesteps)
         # DeepSpeed reports no gradient norm for an fp32 ZeRO-0 engine; the loop measures it then
@@ -201,10 +202,6 @@ class Trainer:
         dist.all_gather(out, t)
         return torch.cat(out, dim=-1).cpu()
 
-    def _model_fn(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        cond = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in cond.items()}
-        return self.engine(x.to(self.dtype), t, **cond).float()
-
     def train_step(self, stop: Optional[StopFlag] = None) -> dict[str, float]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns its metrics.
 
@@ -230,7 +227,7 @@ class Trainer:
                     from textdiff.data.preview import save_batch_preview
 
                     save_batch_preview(batch, self.run_dir)
-            loss, t, micro_terms = diffusion_loss(self.engine.module, self._model_fn, self.diffusion, self.timesteps,
+            loss, t, micro_terms = diffusion_loss(self.engine.module, self.engine_fn, self.diffusion, self.timesteps,
                                                   batch, self.cfg, self.generator, self.device)
             bad, stop_votes = self._all_reduce([0.0 if bool(torch.isfinite(loss)) else 1.0,
                                                 float(stop is not None and stop.requested)])
