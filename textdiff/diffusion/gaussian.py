@@ -22,7 +22,7 @@ from textdiff.diffusion.schedules import alpha_bar_at, interp_at
 ModelFn = Callable[..., torch.Tensor]
 
 
-def _per_sample(arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_sample(arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``arr[t]`` as ``[N, 1, 1, ...]`` broadcastable against ``like``, in ``like``'s dtype and device."""
     out = arr.to(like.device)[t.to(like.device).long()].to(like.dtype)
     return out.reshape(-1, *([1] * (like.ndim - 1)))
@@ -107,23 +107,23 @@ class GaussianDiffusion:
     # -- forward process --------------------------------------------------------------------------------
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Noise ``x_start`` ``[N, ...]`` to steps ``t`` ``[N]``: ``sqrt(abar) x_0 + sqrt(1 - abar) noise``."""
-        abar = _per_sample(self.alphas_cumprod, t, x_start)
+        abar = per_sample(self.alphas_cumprod, t, x_start)
         return abar.sqrt() * x_start + (1 - abar).sqrt() * noise
 
     def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and clipped log variance of q(x_{t-1} | x_t, x_0): ``[N, ...]`` and ``[N, 1, ...]``."""
-        mean = (_per_sample(self.posterior_mean_coef1, t, x_t) * x_start
-                + _per_sample(self.posterior_mean_coef2, t, x_t) * x_t)
-        return mean, _per_sample(self.posterior_log_variance_clipped, t, x_t)
+        mean = (per_sample(self.posterior_mean_coef1, t, x_t) * x_start
+                + per_sample(self.posterior_mean_coef2, t, x_t) * x_t)
+        return mean, per_sample(self.posterior_log_variance_clipped, t, x_t)
 
     def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_0 implied by ``eps`` at ``x_t``: ``(x_t - sqrt(1 - abar) eps) / sqrt(abar)``."""
-        abar = _per_sample(self.alphas_cumprod, t, x_t)
+        abar = per_sample(self.alphas_cumprod, t, x_t)
         return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
 
     def predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, x_start: torch.Tensor) -> torch.Tensor:
         """eps implied by ``x_start`` at ``x_t``: ``(x_t - sqrt(abar) x_0) / sqrt(1 - abar)``."""
-        abar = _per_sample(self.alphas_cumprod, t, x_t)
+        abar = per_sample(self.alphas_cumprod, t, x_t)
         return (x_t - abar.sqrt() * x_start) / (1 - abar).sqrt()
 
     # -- reverse process --------------------------------------------------------------------------------
@@ -149,11 +149,11 @@ class GaussianDiffusion:
                 raise ValueError(f"learn_sigma expects {2 * channels} output channels, got {model_output.shape[1]}")
             pred, v = model_output.split(channels, dim=1)
             frac = (v + 1) / 2
-            log_variance = (frac * _per_sample(self.betas.log(), t, x_t)
-                            + (1 - frac) * _per_sample(self.posterior_log_variance_clipped, t, x_t))
+            log_variance = (frac * per_sample(self.betas.log(), t, x_t)
+                            + (1 - frac) * per_sample(self.posterior_log_variance_clipped, t, x_t))
         else:
             pred = model_output
-            log_variance = _per_sample(self.fixed_log_variance, t, x_t)
+            log_variance = per_sample(self.fixed_log_variance, t, x_t)
         if self.predict_xstart:
             pred_xstart, eps = pred, self.predict_eps_from_xstart(x_t, t, pred)
         else:

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from textdiff.diffusion.gaussian import gaussian_noise
+from textdiff.diffusion.gaussian import gaussian_noise, per_sample
 from textdiff.diffusion.schedules import alphas_cumprod, cosine_betas
 
 NOISE_COND_STEPS = 1000
@@ -43,6 +43,5 @@ def noise_low_res(low_res: torch.Tensor, steps: torch.Tensor, generator: Optiona
                          f"[0, {NOISE_COND_STEPS - 1}]; got shape {tuple(steps.shape)}")
     if noise is None:
         noise = gaussian_noise(low_res, generator)
-    abar = noise_cond_alphas_cumprod().to(low_res.device)[steps.to(low_res.device)].to(low_res.dtype)
-    abar = abar.reshape(-1, *([1] * (low_res.ndim - 1)))
+    abar = per_sample(noise_cond_alphas_cumprod(), steps, low_res)
     return abar.sqrt() * low_res + (1 - abar).sqrt() * noise
