@@ -98,7 +98,7 @@ def test_batch_composition_does_not_change_a_sample(base, sampler):
 def test_in_float32_batch_composition_moves_a_sample_only_by_rounding(base, sampler):
     """The float32 batch-vs-alone difference is the same kind of error as float32's own rounding of this
     chain (float32 vs float64 network): |e_batch - e_alone| <= |e_batch| + |e_alone|, about 2x the rounding
-    of one run (1.0x measured on one Intel and one AMD machine); 8x leaves margin for another CPU's kernels."""
+    of one run (0.85-1.0x measured on an AMD EPYC); 8x leaves margin for another CPU's kernels."""
     settings = StageSettings(sampler=sampler, steps="3")
     rounding = float((sample_stage(base, settings, ["cd"], [""], [2], progress=False)
                       - sample_stage(_in_fp64(base), settings, ["cd"], [""], [2], progress=False)).abs().max())
