@@ -33,9 +33,14 @@ class ModelConfig:
     image_size: int = 64
     in_channels: int = 3
     num_channels: int = 256
+    num_groups: int = 32  # GroupNorm groups (the seed's 32); block widths must be multiples of it
+    # space-to-depth stem: pixel-unshuffle p x p blocks into channels before the first conv (and shuffle back
+    # after the last), so the U-net's first level runs at image_size / p; 1: none (the seed's)
+    stem_patch: int = 1
     num_res_blocks: int = 2
     channel_mult: tuple[int, ...] = (1, 2, 2, 4, 4)
-    # feature-map sizes in pixels, as in the seed (64px base: attention at 16, 8, 4 px)
+    # feature-map sizes, as in the seed (64px base: attention at 16, 8, 4 px); with a stem the first map is
+    # image_size / stem_patch
     attention_resolutions: tuple[int, ...] = (4, 8, 16)
     num_heads: int = 16  # middle block
     channels_per_head: int = 64  # everywhere else
@@ -61,6 +66,8 @@ class ModelConfig:
     txt_ff_glu: bool = False
     txt_rezero: bool = False
     txt_t5: bool = True
+    # the research code's TextEncoder adds an embedding of the diffusion time to every token
+    txt_timestep_emb: bool = True
     txt_resolutions: tuple[int, ...] = ()
     cross_attn_channels_per_head: int = -1  # -1: same as channels_per_head
     cross_attn_q_t_emb: bool = False
@@ -100,12 +107,23 @@ class ModelConfig:
     # learned token and pooled vector stand in for CLIP's outputs; "empty" = the caption adds nothing
     capt_null: Literal["placeholder", "learned", "empty"] = "placeholder"
 
+    @property
+    def feature_size(self) -> int:
+        """Side of the U-net's first feature map: ``image_size / stem_patch``."""
+        return self.image_size // self.stem_patch
+
     def validate(self) -> None:
         """Raise ConfigError for impossible combinations, naming the key."""
         _require(self.image_size > 0, "model.image_size", "must be positive")
-        _require(self.num_channels % 32 == 0, "model.num_channels",
-                 f"is {self.num_channels}; GroupNorm(32) needs a multiple of 32")
-        reached = {self.image_size // 2 ** i for i in range(len(self.channel_mult))}
+        _require(self.num_groups > 0, "model.num_groups", "must be positive (the seed's GroupNorm uses 32)")
+        for m in self.channel_mult:
+            _require((self.num_channels * m) % self.num_groups == 0, "model.num_channels",
+                     f"is {self.num_channels}, so a level is {self.num_channels * m} channels wide, which "
+                     f"GroupNorm({self.num_groups}) cannot split; give a multiple of model.num_groups "
+                     f"or change model.num_groups")
+        _require(self.stem_patch >= 1 and self.image_size % self.stem_patch == 0, "model.stem_patch",
+                 f"is {self.stem_patch}; give a factor >= 1 that divides model.image_size={self.image_size}")
+        reached = {self.feature_size // 2 ** i for i in range(len(self.channel_mult))}
         for key in ("attention_resolutions", "txt_resolutions"):
             for res in getattr(self, key):
                 _require(res in reached, f"model.{key}",
@@ -163,6 +181,13 @@ class DiffusionConfig:
     timestep_respacing: str = ""  # e.g. "250" or "ddim50"; empty: all steps
     use_kl: bool = False
     predict_xstart: bool = False
+    # the network predicts v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022) instead of eps
+    predict_v: bool = False
+    # weight of the simple loss per step, stated on the x_0 error (textdiff/diffusion/gaussian.py): "none" (the
+    # seed's), "min_snr" (min(SNR, min_snr_gamma), Hang et al. 2023), "snr_plus_one" and "v" (the research code's
+    # RESCALED_MSE_SNR_PLUS_ONE and RESCALED_MSE_V losses)
+    loss_weighting: Literal["none", "min_snr", "snr_plus_one", "v"] = "none"
+    min_snr_gamma: float = 5.0
     rescale_timesteps: bool = True
     rescale_learned_sigmas: bool = True
     schedule_sampler: Literal["uniform", "loss-second-moment"] = "uniform"
@@ -170,6 +195,9 @@ class DiffusionConfig:
     def validate(self) -> None:
         """Raise ConfigError for impossible combinations, naming the key."""
         _require(self.diffusion_steps > 1, "diffusion.diffusion_steps", "must be at least 2")
+        _require(not (self.predict_xstart and self.predict_v), "diffusion.predict_v",
+                 "and diffusion.predict_xstart are both true; the network predicts one target, choose one")
+        _require(self.min_snr_gamma > 0, "diffusion.min_snr_gamma", "must be positive (Hang et al. use 5)")
         if self.timestep_respacing:
             from textdiff.diffusion.respace import space_timesteps  # late: only a respaced config needs the diffusion package
             try:

@@ -57,7 +57,7 @@ def test_weave_updates_the_text_stream_for_its_own_block_only(tiny):
     cond = model.prepare_cond(["hello", ""], None)
     with torch.no_grad():
         model(x, t, **cond)
-        encoded = model.text_encoder(cond["txt_ids"], cond["txt_mask"])
+        encoded = model.text_encoder(cond["txt_ids"], cond["txt_mask"], t)
     assert len(seen) == 4 and all(torch.equal(s, encoded) for s in seen)
     assert all((w - encoded).abs().max() > 1e-3 for w in weave_out)
 

@@ -75,3 +75,18 @@ def test_padding_positions_do_not_change_the_encoding_of_real_tokens():
     out_a, out_b = enc(ids, mask), enc(other, mask)
     assert torch.allclose(out_a[0, :3], out_b[0, :3], atol=1e-6)
     assert not torch.allclose(enc(ids, torch.ones_like(mask))[0, :3], out_a[0, :3], atol=1e-3)
+
+
+def test_the_timestep_aware_encoder_gives_other_features_at_another_noise_level():
+    """The research code adds dim**-0.5 * Linear(SiLU(sinusoid(t))) to every token; without it t is ignored."""
+    torch.manual_seed(0)
+    ids, mask = torch.tensor([[3, 10, 11, 12]]), torch.ones(1, 4, dtype=torch.bool)
+    aware = TextEncoder(vocab_size=50, max_seq_len=8, dim=32, depth=1, ff_mult=2, ff_glu=False, rezero=False,
+                        t5=True, timestep_emb=True)
+    plain = TextEncoder(vocab_size=50, max_seq_len=8, dim=32, depth=1, ff_mult=2, ff_glu=False, rezero=False,
+                        t5=True, timestep_emb=False)
+    with torch.no_grad():
+        early, late = (aware(ids, mask, torch.tensor([s])) for s in (50.0, 900.0))
+        assert float((early - late).abs().max()) > 1e-2
+        assert torch.equal(plain(ids, mask, torch.tensor([50.0])), plain(ids, mask, torch.tensor([900.0])))
+    assert sum(p.numel() for p in aware.time_proj.parameters()) == 32 * 32 + 32

@@ -7,6 +7,7 @@ import torch
 
 from textdiff.config import load_config
 from textdiff.models import build_model
+from textdiff.models.fused import GroupNormSiLU
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,3 +104,29 @@ def test_model_cast_to_bfloat16_takes_float32_inputs(tiny):
     with torch.no_grad():
         out = model(x, t, **cond)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_space_to_depth_stem_runs_the_first_level_at_half_size_and_returns_full_size(tiny):
+    cfg = tiny.cfg(image_size=32, stem_patch=2, attention_resolutions=(8,), learn_sigma=True)
+    model = tiny.model(cfg)
+    x, t = tiny.inputs(size=32)
+    seen = []
+    model.input_steps[1].register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        out = model(x, t)
+        shifted = model(x.roll(1, dims=-1), t)
+    assert model.input_steps[0].layers[0].in_channels == 3 * 2 * 2 and seen[0] == (2, 32, 16, 16)
+    assert out.shape == (2, 6, 32, 32)
+    # every output pixel of the 2x2 blocks comes from its own shuffled channel: neighbours are not copies
+    assert float((out[:, :, 0::2] - out[:, :, 1::2]).abs().mean()) > 1e-3
+    assert float((out - shifted).abs().max()) > 1e-3
+
+
+def test_group_count_is_a_model_option_so_widths_like_48_work(tiny):
+    model = tiny.model(tiny.cfg(num_channels=48, num_groups=16, channels_per_head=16, num_heads=3))
+    x, t = tiny.inputs()
+    with torch.no_grad():
+        assert model(x, t).shape == (2, 3, 16, 16)
+    fused = {m.groups for m in model.modules() if isinstance(m, GroupNormSiLU)}
+    plain = {m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert fused == {16} and plain == {16}

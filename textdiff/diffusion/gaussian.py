@@ -4,9 +4,17 @@ Notation (Ho et al. 2020; Nichol & Dhariwal 2021): ``x_t = sqrt(abar_t) x_0 + sq
 ``abar_t = alphas_cumprod[t]``; indices ``t`` run over the K steps of this (possibly respaced) process, and
 ``timestep_map[t]`` is the step of the original training process that index stands for.
 
-The network's raw output is ``[N, C, ...]`` (eps, or x_0 with ``predict_xstart``) or, with ``learn_sigma``,
-``[N, 2C, ...]`` whose second half ``v`` in [-1, 1] interpolates the log variance between the posterior
-variance (v = -1) and beta_t (v = +1).
+The network's raw output is ``[N, C, ...]`` (eps; x_0 with ``predict_xstart``; or the velocity
+``v = sqrt(abar) eps - sqrt(1 - abar) x_0`` with ``predict_v``, Salimans & Ho 2022) or, with ``learn_sigma``,
+``[N, 2C, ...]`` whose second half in [-1, 1] interpolates the log variance between the posterior variance
+(-1) and beta_t (+1).
+
+The simple loss is the MSE of that prediction, times a weight per step (``loss_weighting``): none (the
+seed's), min-SNR-gamma (Hang et al. 2023: the x_0 error weighted by ``min(SNR, gamma)``), ``snr_plus_one``
+(the research code's eps MSE times ``max(1 - abar, 0.01)``, normalised to mean 1 over the steps, i.e.
+``1 / (SNR + 1)`` clipped) and ``v`` (the research code's eps MSE measured in v units: the x_0 error weighted by
+``SNR + 1``). Each weight is stated for the x_0 error and converted to the network's own target, so a
+weighting means the same objective for every parameterisation.
 """
 
 from __future__ import annotations
@@ -70,6 +78,49 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_minus, middle))
 
 
+def xstart_and_eps(target: str, pred: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_0, eps) implied by a prediction of ``target`` (``"eps"``, ``"x0"`` or ``"v"``) at ``x_t``.
+
+    pred, x_t: ``[N, C, ...]``; abar: broadcastable (``[N, 1, ...]``). With
+    ``x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps`` and ``v = sqrt(abar) eps - sqrt(1 - abar) x_0``:
+    ``x_0 = sqrt(abar) x_t - sqrt(1 - abar) v`` and ``eps = sqrt(1 - abar) x_t + sqrt(abar) v``.
+    """
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    if target == "eps":
+        return (x_t - s * pred) / a, pred
+    if target == "x0":
+        return pred, (x_t - a * pred) / s
+    if target == "v":
+        return a * x_t - s * pred, s * x_t + a * pred
+    raise ValueError(f"prediction target {target!r} is unknown; choose eps, x0 or v")
+
+
+LOSS_WEIGHTINGS = ("none", "min_snr", "snr_plus_one", "v")
+
+
+def mse_weights(alphas_cumprod: torch.Tensor, target: str, weighting: str, gamma: float = 5.0) -> torch.Tensor:
+    """Per-step factor ``[K]`` float64 on the MSE of the network's own ``target`` for a ``weighting``.
+
+    Each weighting is a weight w_x0(SNR) on the x_0 error; since at fixed x_t the squared errors relate as
+    ``|eps err|^2 = SNR |x0 err|^2`` and ``|v err|^2 = (SNR + 1) |x0 err|^2``, the factor on the own target's
+    MSE is ``w_x0 / k`` with k = SNR (eps), 1 (x0), SNR + 1 (v). ``none`` is 1 for every target.
+    """
+    abar = alphas_cumprod.to(torch.float64)
+    snr = abar / (1 - abar)
+    k = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1}[target]
+    if weighting == "none":
+        return torch.ones_like(snr)
+    if weighting == "min_snr":
+        return snr.clamp(max=gamma) / k
+    if weighting == "snr_plus_one":
+        eps_weight = (1 - abar).clamp(min=1e-2)
+        return eps_weight / eps_weight.mean() * snr / k
+    if weighting == "v":
+        return (snr + 1) / k
+    raise ValueError(f"loss weighting {weighting!r} is unknown; choose one of {', '.join(LOSS_WEIGHTINGS)}")
+
+
 class GaussianDiffusion:
     """A discrete Gaussian diffusion process of K steps; immutable after construction.
 
@@ -79,14 +130,20 @@ class GaussianDiffusion:
 
     def __init__(self, betas: torch.Tensor, learn_sigma: bool, predict_xstart: bool = False,
                  use_kl: bool = False, rescale_learned_sigmas: bool = False, rescale_timesteps: bool = False,
-                 timestep_map: Optional[torch.Tensor] = None, num_train_steps: Optional[int] = None):
+                 timestep_map: Optional[torch.Tensor] = None, num_train_steps: Optional[int] = None,
+                 predict_v: bool = False, loss_weighting: str = "none", min_snr_gamma: float = 5.0):
         betas = betas.to(torch.float64)
         if betas.ndim != 1 or not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must be a 1-D tensor with every entry in (0, 1]")
+        if predict_xstart and predict_v:
+            raise ValueError("predict_xstart and predict_v exclude each other; the network predicts one target")
         self.betas = betas
         self.num_timesteps = len(betas)
         self.learn_sigma = learn_sigma
         self.predict_xstart = predict_xstart
+        self.predict_v = predict_v
+        self.loss_weighting = loss_weighting
+        self.min_snr_gamma = min_snr_gamma
         self.use_kl = use_kl
         self.rescale_learned_sigmas = rescale_learned_sigmas
         self.rescale_timesteps = rescale_timesteps
@@ -103,6 +160,18 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - self.alphas_cumprod)
         # fixed variance when the model does not learn it: beta_t ("fixed large"), with t = 0 as above
         self.fixed_log_variance = torch.cat([floor.reshape(1), betas[1:]]).log()
+        self.loss_weights = mse_weights(self.alphas_cumprod, self.target, loss_weighting, min_snr_gamma)
+
+    @property
+    def target(self) -> str:
+        """What the network predicts: ``"eps"``, ``"x0"`` or ``"v"``."""
+        return "x0" if self.predict_xstart else "v" if self.predict_v else "eps"
+
+    def options(self) -> dict:
+        """The constructor's keywords besides the steps (betas, timestep_map, num_train_steps), for respacing."""
+        return dict(learn_sigma=self.learn_sigma, predict_xstart=self.predict_xstart, use_kl=self.use_kl,
+                    rescale_learned_sigmas=self.rescale_learned_sigmas, rescale_timesteps=self.rescale_timesteps,
+                    predict_v=self.predict_v, loss_weighting=self.loss_weighting, min_snr_gamma=self.min_snr_gamma)
 
     # -- forward process --------------------------------------------------------------------------------
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -115,16 +184,6 @@ class GaussianDiffusion:
         mean = (per_sample(self.posterior_mean_coef1, t, x_t) * x_start
                 + per_sample(self.posterior_mean_coef2, t, x_t) * x_t)
         return mean, per_sample(self.posterior_log_variance_clipped, t, x_t)
-
-    def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """x_0 implied by ``eps`` at ``x_t``: ``(x_t - sqrt(1 - abar) eps) / sqrt(abar)``."""
-        abar = per_sample(self.alphas_cumprod, t, x_t)
-        return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
-
-    def predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, x_start: torch.Tensor) -> torch.Tensor:
-        """eps implied by ``x_start`` at ``x_t``: ``(x_t - sqrt(abar) x_0) / sqrt(1 - abar)``."""
-        abar = per_sample(self.alphas_cumprod, t, x_t)
-        return (x_t - abar.sqrt() * x_start) / (1 - abar).sqrt()
 
     # -- reverse process --------------------------------------------------------------------------------
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
@@ -154,10 +213,8 @@ class GaussianDiffusion:
         else:
             pred = model_output
             log_variance = per_sample(self.fixed_log_variance, t, x_t)
-        if self.predict_xstart:
-            pred_xstart, eps = pred, self.predict_eps_from_xstart(x_t, t, pred)
-        else:
-            pred_xstart, eps = self.predict_xstart_from_eps(x_t, t, pred), pred
+        abar = per_sample(self.alphas_cumprod, t, x_t)
+        pred_xstart, eps = xstart_and_eps(self.target, pred, x_t, abar)
         mean, _ = self.q_posterior(pred_xstart, x_t, t)
         return {"mean": mean, "log_variance": log_variance, "pred_xstart": pred_xstart, "eps": eps}
 
@@ -180,8 +237,8 @@ class GaussianDiffusion:
                         generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         """Per-sample loss terms for a batch: ``{"loss", "mse", "vb"}``, each ``[N]``.
 
-        ``model(x_t, model_time(t), **model_kwargs)`` is called once. ``mse`` is the simple loss (eps, or
-        x_0 with ``predict_xstart``). ``vb`` is the VLB term in bits with the predicted mean detached, so
+        ``model(x_t, model_time(t), **model_kwargs)`` is called once. ``mse`` is the simple loss (the MSE of
+        eps, x_0 or v, times ``loss_weights[t]``). ``vb`` is the VLB term in bits with the predicted mean detached, so
         its gradient only trains the variance (Nichol & Dhariwal's hybrid loss). ``loss`` is
         ``mse + lambda * vb`` with learned sigmas (lambda = K / 1000 with ``rescale_learned_sigmas``,
         else 1), ``vb * K`` with ``use_kl``, and ``mse`` otherwise (then ``vb`` is only logged).
@@ -192,8 +249,10 @@ class GaussianDiffusion:
         output = model(x_t, self.model_time(t).to(x_start.device), **(model_kwargs or {}))
         channels = x_start.shape[1]
         pred = output[:, :channels]
-        target = x_start if self.predict_xstart else noise
-        mse = mean_flat((target - pred) ** 2)
+        abar = per_sample(self.alphas_cumprod, t, x_start)
+        target = {"x0": x_start, "eps": noise, "v": abar.sqrt() * noise - (1 - abar).sqrt() * x_start}[self.target]
+        weight = self.loss_weights.to(x_start.device)[t.to(x_start.device).long()].to(pred.dtype)  # [N]
+        mse = mean_flat((target - pred) ** 2) * weight
         if self.use_kl:
             vb = self.vb_terms(output, x_start, x_t, t)
             return {"loss": vb * self.num_timesteps, "mse": mse.detach(), "vb": vb}
@@ -208,16 +267,16 @@ class GaussianDiffusion:
                     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Adapt ``model_fn(x, model_time)`` to the samplers' ``fn(x, t)`` over this process's indices.
 
-        ``t`` ``[N]`` may be fractional; the result always predicts eps in its first C channels (x_0
+        ``t`` ``[N]`` may be fractional; the result always predicts eps in its first C channels (x_0 and v
         predictions are converted), with the variance half passed through unchanged.
         """
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             out = model_fn(x, self.model_time(t).to(x.device))
-            if not self.predict_xstart:
+            if self.target == "eps":
                 return out
             channels = x.shape[1]
             abar = alpha_bar_at(self.alphas_cumprod, t).to(x).reshape(-1, *([1] * (x.ndim - 1)))
-            eps = (x - abar.sqrt() * out[:, :channels]) / (1 - abar).sqrt()
+            _, eps = xstart_and_eps(self.target, out[:, :channels], x, abar)
             return torch.cat([eps, out[:, channels:]], dim=1)
         return fn
 

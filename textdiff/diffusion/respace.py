@@ -64,8 +64,6 @@ def respace(diffusion: GaussianDiffusion, kept: list[int]) -> GaussianDiffusion:
     if not kept or sorted(set(kept)) != list(kept) or kept[0] < 0 or kept[-1] >= diffusion.num_timesteps:
         raise ValueError(f"kept steps must be increasing, unique and in [0, {diffusion.num_timesteps})")
     index = torch.tensor(kept, dtype=torch.long)
-    return GaussianDiffusion(
-        betas_from_alphas_cumprod(diffusion.alphas_cumprod[index]),
-        learn_sigma=diffusion.learn_sigma, predict_xstart=diffusion.predict_xstart, use_kl=diffusion.use_kl,
-        rescale_learned_sigmas=diffusion.rescale_learned_sigmas, rescale_timesteps=diffusion.rescale_timesteps,
-        timestep_map=diffusion.timestep_map[index], num_train_steps=diffusion.num_train_steps)
+    return GaussianDiffusion(betas_from_alphas_cumprod(diffusion.alphas_cumprod[index]),
+                             timestep_map=diffusion.timestep_map[index], num_train_steps=diffusion.num_train_steps,
+                             **diffusion.options())

@@ -77,10 +77,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, emb_dim: int, out_channels: int, dropout: float = 0.0,
                  use_scale_shift_norm: bool = True, up: bool = False, down: bool = False,
-                 silu_impl: str = "torch"):
+                 silu_impl: str = "torch", groups: int = 32):
         super().__init__()
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.in_norm = GroupNormSiLU(channels, silu_impl)
+        self.in_norm = GroupNormSiLU(channels, silu_impl, groups)
         self.in_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
         if up:
             self.h_resample, self.x_resample = Upsample(channels, False), Upsample(channels, False)
@@ -90,7 +90,7 @@ class ResBlock(nn.Module):
             self.h_resample = self.x_resample = nn.Identity()
         self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_channels if use_scale_shift_norm
                                                             else out_channels))
-        self.out_norm = GroupNormSiLU(out_channels, silu_impl)
+        self.out_norm = GroupNormSiLU(out_channels, silu_impl, groups)
         self.dropout = nn.Dropout(dropout)
         self.out_conv = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
@@ -137,10 +137,10 @@ class AttentionBlock(nn.Module):
     forward(x [N, C, H, W], capt_tokens [N, Lc, Dc] or None, capt_mask [N, Lc] bool or None) -> x's shape.
     """
 
-    def __init__(self, channels: int, heads: int, capt_dim: int = 0):
+    def __init__(self, channels: int, heads: int, capt_dim: int = 0, groups: int = 32):
         super().__init__()
         self.heads = heads
-        self.norm = nn.GroupNorm(min(32, channels), channels)
+        self.norm = nn.GroupNorm(min(groups, channels), channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.capt_kv = nn.Linear(capt_dim, 2 * channels) if capt_dim else None
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from textdiff.models.blocks import attention
+from textdiff.models.blocks import attention, timestep_embedding
 
 PAD_ID, UNKNOWN_ID, NULL_ID, START_ID = 0, 1, 2, 3
 # Fixed alphabet so token ids never change between runs: newline, printable ASCII, Latin-1, common typography.
@@ -146,26 +146,34 @@ class EncoderLayer(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Token ids -> per-token features.
+    """Token ids (and the diffusion time) -> per-token features.
 
-    forward(ids [N, L] long, mask [N, L] bool) -> [N, L, dim]; padded positions hold values that every
-    consumer masks out.
+    forward(ids [N, L] long, mask [N, L] bool, t [N] or None) -> [N, L, dim]; padded positions hold values
+    that every consumer masks out. With ``timestep_emb`` (the research code's TextEncoder) every token gets
+    ``dim**-0.5 * Linear(SiLU(sinusoid(t, dim)))`` added before the layers, so the features can differ by
+    noise level: what the image needs from the text at t = 900 (layout) is not what it needs at t = 50.
     """
 
     def __init__(self, vocab_size: int, max_seq_len: int, dim: int, depth: int, ff_mult: int, ff_glu: bool,
-                 rezero: bool, t5: bool):
+                 rezero: bool, t5: bool, timestep_emb: bool = False):
         super().__init__()
         heads = max(1, dim // 64)
         self.heads = heads
+        self.dim = dim
         self.token_emb = nn.Embedding(vocab_size, dim)
         self.pos_emb = nn.Parameter(torch.randn(max_seq_len, dim) * dim ** -0.5)
+        self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim)) if timestep_emb else None
         self.rel_bias = T5RelativePositionBias(heads) if t5 else None
         self.layers = nn.ModuleList(EncoderLayer(dim, heads, ff_mult, ff_glu, rezero) for _ in range(depth))
         self.norm = nn.Identity() if rezero else nn.LayerNorm(dim)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, t: Optional[torch.Tensor] = None) -> torch.Tensor:
         length = ids.shape[1]
         x = self.token_emb(ids) + self.pos_emb[:length]
+        if self.time_proj is not None:
+            if t is None:
+                raise ValueError("this text encoder is timestep-aware (model.txt_timestep_emb); pass t [N]")
+            x = x + self.dim ** -0.5 * self.time_proj(timestep_embedding(t, self.dim).to(x.dtype))[:, None]
         bias = self.rel_bias(length) if self.rel_bias is not None else None
         for layer in self.layers:
             x = layer(x, mask, bias)

@@ -85,8 +85,9 @@ class TextdiffUNet(nn.Module):
         if cfg.txt:
             self.tokenizer = CharTokenizer(cfg.max_seq_len)
             self.text_encoder = TextEncoder(self.tokenizer.vocab_size, cfg.max_seq_len, cfg.txt_dim, cfg.txt_depth,
-                                            cfg.txt_ff_mult, cfg.txt_ff_glu, cfg.txt_rezero, cfg.txt_t5)
-            widths = {cfg.image_size // 2 ** i: nc * m for i, m in enumerate(cfg.channel_mult)}
+                                            cfg.txt_ff_mult, cfg.txt_ff_glu, cfg.txt_rezero, cfg.txt_t5,
+                                            cfg.txt_timestep_emb)
+            widths = {cfg.feature_size // 2 ** i: nc * m for i, m in enumerate(cfg.channel_mult)}
             self.pos_tables = nn.ModuleDict({str(r): AxialPositionTable(r, widths[r]) for r in cfg.txt_resolutions})
         self.capt_encoder = self.capt_emb_proj = self.null_capt_token = self.null_capt_pooled = None
         capt_dim = 0
@@ -107,23 +108,26 @@ class TextdiffUNet(nn.Module):
             self.rgb_in.weight.data[:] = torch.tensor(LUMA[: cfg.in_channels])[None, :, None, None]
             self.rgb_out = nn.Conv2d(out_mult, out_mult * cfg.in_channels, 1, bias=False)
             self.rgb_out.weight.data[:] = torch.eye(out_mult).repeat_interleave(cfg.in_channels, 0)[:, :, None, None]
-        in_ch = self.image_channels * (2 if cfg.low_res_size else 1)
+        # space-to-depth stem: p x p pixel blocks become channels, so the first level runs at image_size / p
+        in_ch = self.image_channels * (2 if cfg.low_res_size else 1) * cfg.stem_patch ** 2
 
         def text_block(ch: int, res: int, decoder: bool) -> list[nn.Module]:
             wanted = cfg.txt and res in cfg.txt_resolutions and (decoder or not cfg.txt_output_layers_only)
             return [TextCrossAttnBlock(ch, emb_dim, cfg)] if wanted else []
 
         def attn_block(ch: int, res: int, per_head: int) -> list[nn.Module]:
-            return [AttentionBlock(ch, _heads(ch, per_head), capt_dim)] if res in cfg.attention_resolutions else []
+            wanted = res in cfg.attention_resolutions
+            return [AttentionBlock(ch, _heads(ch, per_head), capt_dim, cfg.num_groups)] if wanted else []
 
         def extras(ch: int, res: int, per_head: int, decoder: bool) -> list[nn.Module]:
             txt, attn = text_block(ch, res, decoder), attn_block(ch, res, per_head)
             return txt + attn if cfg.txt_attn_before_attn else attn + txt
 
         def res_block(ch: int, out: int, **kw) -> ResBlock:
-            return ResBlock(ch, emb_dim, out, cfg.dropout, cfg.use_scale_shift_norm, silu_impl=cfg.silu_impl, **kw)
+            return ResBlock(ch, emb_dim, out, cfg.dropout, cfg.use_scale_shift_norm, silu_impl=cfg.silu_impl,
+                            groups=cfg.num_groups, **kw)
 
-        ch, res = nc * cfg.channel_mult[0], cfg.image_size
+        ch, res = nc * cfg.channel_mult[0], cfg.feature_size
         self.input_steps = nn.ModuleList([Step(nn.Conv2d(in_ch, ch, 3, padding=1), res=res)])
         skips = [ch]
         for level, mult in enumerate(cfg.channel_mult):
@@ -138,7 +142,8 @@ class TextdiffUNet(nn.Module):
                 res //= 2
                 self.input_steps.append(Step(down, res=res))
                 skips.append(ch)
-        self.middle = Step(res_block(ch, ch), AttentionBlock(ch, cfg.num_heads, capt_dim), res_block(ch, ch), res=res)
+        self.middle = Step(res_block(ch, ch), AttentionBlock(ch, cfg.num_heads, capt_dim, cfg.num_groups),
+                           res_block(ch, ch), res=res)
         up_per_head = cfg.channels_per_head if cfg.channels_per_head_upsample == -1 else cfg.channels_per_head_upsample
         self.output_steps = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -151,8 +156,8 @@ class TextdiffUNet(nn.Module):
                 self.output_steps.append(Step(*layers, res=res))
                 if level and i == cfg.num_res_blocks:
                     res *= 2
-        self.out_norm = GroupNormSiLU(ch, cfg.silu_impl)
-        self.out_conv = zero_module(nn.Conv2d(ch, self.image_channels * out_mult, 3, padding=1))
+        self.out_norm = GroupNormSiLU(ch, cfg.silu_impl, cfg.num_groups)
+        self.out_conv = zero_module(nn.Conv2d(ch, self.image_channels * out_mult * cfg.stem_patch ** 2, 3, padding=1))
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters the optimizer should update (excludes a frozen caption encoder)."""
@@ -226,7 +231,7 @@ class TextdiffUNet(nn.Module):
             emb = emb + self.noise_cond_embed(noise_cond_t)
         ctx = Context(emb=emb, pos=self.pos_tables)
         if cfg.txt:
-            ctx.txt, ctx.txt_mask = self.text_encoder(txt_ids, txt_mask), txt_mask
+            ctx.txt, ctx.txt_mask = self.text_encoder(txt_ids, txt_mask, t), txt_mask
         if cfg.using_capt:
             tokens, mask, pooled = self._caption(capt_ids, capt_keep.bool())
             if cfg.glide_style_capt_attn:
@@ -238,6 +243,8 @@ class TextdiffUNet(nn.Module):
         if cfg.low_res_size:
             lr = low_res.to(emb.dtype) if self.rgb_in is None else self.rgb_in(low_res.to(emb.dtype))
             h = torch.cat([h, F.interpolate(lr, size=h.shape[-2:], mode="bilinear", align_corners=False)], dim=1)
+        if cfg.stem_patch > 1:
+            h = F.pixel_unshuffle(h, cfg.stem_patch)
         skips = []
         for step in self.input_steps:
             h = step(h, ctx)
@@ -246,6 +253,8 @@ class TextdiffUNet(nn.Module):
         for step in self.output_steps:
             h = step(torch.cat([h, skips.pop()], dim=1), ctx)
         out = self.out_conv(self.out_norm(h))
+        if cfg.stem_patch > 1:
+            out = F.pixel_shuffle(out, cfg.stem_patch)
         return out if self.rgb_out is None else self.rgb_out(out)
 
 

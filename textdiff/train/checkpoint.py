@@ -42,7 +42,7 @@ _NAME = re.compile(r"^step_(\d{8,})$")
 # model keys that change no weight shape or meaning: changing them on resume is allowed without a warning
 _MODEL_KEYS_FREE = {"txt_pdrop", "capt_pdrop", "all_pdrop", "dropout", "silu_impl", "clip_weights_path"}
 # diffusion keys that change what the network's output means: changing them on resume is an error
-_DIFFUSION_KEYS_FIXED = {"diffusion_steps", "noise_schedule", "predict_xstart", "rescale_timesteps"}
+_DIFFUSION_KEYS_FIXED = {"diffusion_steps", "noise_schedule", "predict_xstart", "predict_v", "rescale_timesteps"}
 
 
 def checkpoint_name(step: int) -> str:
