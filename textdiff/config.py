@@ -292,6 +292,9 @@ class EMAConfig:
     """EMA of the weights that starts as an arithmetic average."""
 
     rates: tuple[float, ...] = (0.9999,)
+    # how the average starts (textdiff/train/ema.py): "arithmetic" (the seed's) mean of the weights so far until
+    # the rate takes over, or "ramp": decay min(rate, (1 + n) / (10 + n)), which forgets the random start fast
+    warmup: Literal["arithmetic", "ramp"] = "arithmetic"
     arithmetic_avg_from_step: int = 0
     arithmetic_avg_extra_shift: int = 0
 
@@ -303,6 +306,9 @@ class EMAConfig:
             _require(0.0 < r < 1.0, "ema.rates", f"holds {r}; every rate must lie in (0, 1)")
         _require(self.arithmetic_avg_from_step >= 0, "ema.arithmetic_avg_from_step", "must be >= 0")
         _require(self.arithmetic_avg_extra_shift >= 0, "ema.arithmetic_avg_extra_shift", "must be >= 0")
+        _require(self.warmup == "arithmetic" or (self.arithmetic_avg_from_step == 0
+                                                 and self.arithmetic_avg_extra_shift == 0),
+                 "ema.arithmetic_avg_from_step", "only applies to ema.warmup=\"arithmetic\"; leave it 0 with \"ramp\"")
 
 
 @dataclass

@@ -72,3 +72,22 @@ def test_loading_other_rates_names_the_config_key():
     saved = EMA(["w"], [torch.zeros(1)], EMAConfig(rates=(0.9,))).state_dict()
     with pytest.raises(ValueError, match="ema.rates"):
         EMA(["w"], [torch.zeros(1)], EMAConfig(rates=(0.99,))).load_state_dict(saved)
+
+
+def test_ramp_warmup_decay_is_one_tenth_then_rises_to_the_rate():
+    assert [ema_decay(0.999, n, 0, 0, "ramp") for n in (0, 10, 90)] == [pytest.approx(0.1), pytest.approx(0.55),
+                                                                        pytest.approx(0.91)]
+    assert ema_decay(0.999, 10 ** 6, 0, 0, "ramp") == 0.999
+
+
+def test_ramp_warmup_follows_the_recent_weights_where_the_arithmetic_mean_keeps_the_early_ones():
+    """300 updates at rate 0.999 of weights moving linearly from 1/300 to 1 (w_n = n / 300): the arithmetic
+    mean is (301 / 2) / 300 = 0.5017, half of it early weights; the ramp averages about the last 10% of the
+    run: sum_n (1 - d_n) w_n prod_{m > n} d_m = 0.9000."""
+    arith = EMA(["w"], [torch.zeros(1)], EMAConfig(rates=(0.999,)))
+    ramp = EMA(["w"], [torch.zeros(1)], EMAConfig(rates=(0.999,), warmup="ramp"))
+    for n in range(1, 301):
+        arith.update([torch.full((1,), n / 300)])
+        ramp.update([torch.full((1,), n / 300)])
+    assert float(arith.named_averages(0.999)["w"]) == pytest.approx(301 / 600, abs=1e-6)
+    assert float(ramp.named_averages(0.999)["w"]) == pytest.approx(0.9, abs=1e-5)

@@ -5,6 +5,13 @@ as an arithmetic mean removes that warm-up: update n (counted from ``ema.arithme
 decay ``min(rate, 1 - 1/(n + 1 + arithmetic_avg_extra_shift))``, so the first 1/(1-rate) updates give the
 exact mean of the weights seen so far, after which the decay is the rate itself.
 
+``ema.warmup = "ramp"`` instead uses decay ``min(rate, (1 + n) / (10 + n))`` (the warm-up of TensorFlow's
+ExponentialMovingAverage with num_updates): after n updates it averages about the last n/10, where the
+arithmetic mean weights every step since the start alike (after 300 steps at rate 0.999, half of it is the
+first 150 steps' barely trained weights, which sample as noise). Use "arithmetic" (the
+seed's) for long runs, where the mean's exactness over the first 1/(1-rate) steps matters, and "ramp" for
+short runs that sample the EMA after a few thousand steps.
+
 The update count lives in the EMA's state and so in every checkpoint: a resumed run continues the average
 where it stopped (the seed needed ``arithmetic_avg_extra_shift`` raised by hand after each restart).
 Averages are kept in fp32 on the rank that holds them (rank 0 in training).
@@ -19,9 +26,12 @@ import torch
 from textdiff.config import EMAConfig
 
 
-def ema_decay(rate: float, update: int, from_step: int, extra_shift: int) -> float:
+def ema_decay(rate: float, update: int, from_step: int, extra_shift: int, warmup: str = "arithmetic") -> float:
     """Decay for the 0-based ``update``: ``rate`` before ``from_step``, then ``min(rate, 1 - 1/(n + 1 + shift))``
-    with n = update - from_step (n = 0 gives decay 0: the average restarts at the current weights)."""
+    with n = update - from_step (n = 0 gives decay 0: the average restarts at the current weights).
+    With ``warmup="ramp"``: ``min(rate, (1 + update) / (10 + update))``."""
+    if warmup == "ramp":
+        return min(rate, (1.0 + update) / (10.0 + update))
     if update < from_step:
         return rate
     n = update - from_step
@@ -54,7 +64,7 @@ class EMA:
             raise ValueError(f"EMA.update got {len(params)} tensors for {len(self.names)} parameters")
         for rate in self.cfg.rates:
             decay = ema_decay(rate, self.num_updates, self.cfg.arithmetic_avg_from_step,
-                              self.cfg.arithmetic_avg_extra_shift)
+                              self.cfg.arithmetic_avg_extra_shift, self.cfg.warmup)
             for avg, p in zip(self.averages[rate_key(rate)], params):
                 avg.mul_(decay).add_(p.detach().to(avg.device, torch.float32), alpha=1.0 - decay)
         self.num_updates += 1
