@@ -341,8 +341,24 @@ class EvalConfig:
     ocr_lang: str = "eng"
     psm: int = 7  # Tesseract page segmentation mode; 7: one line of text
     ocr_height: int = 192  # upscale images by a whole factor to about this height before OCR (64 px: x3)
+    # upscale instead so the text's ink is about this tall (px), at most to ocr_height; 0: ocr_height alone
+    ocr_glyph_height: int = 0
+    # the only characters Tesseract may read (e.g. "0123456789" for digit strings); "": any
+    whitelist: str = ""
     ocr_binarize: bool = True  # Otsu threshold before OCR
     ocr_timeout_s: float = 5.0  # per image
+    # compare with every whitespace character removed (strings without spaces, e.g. digit codes, which
+    # Tesseract may split into words)
+    drop_spaces: bool = False
+    # transcription guidance scales to evaluate at, each its own eval/g<scale>/* tags; the first is also
+    # eval/cer ...; empty: train.sample_guidance_scale_txt alone
+    guidance_scales: tuple[float, ...] = ()
+    # also sample every prompt with the null transcription and score it against the prompt (eval/cer_null):
+    # the control that shows the CER comes from the transcription, not from the data's prior
+    null_control: bool = False
+    sampler: str = "ddim"
+    # write each evaluation's images to RUN_DIR/eval/step_N/ (grid.png, <condition>/NNN.png) for re-scoring
+    save_images: bool = True
     # a text-free image counts as showing text when OCR reads a word this long with this confidence (0..100)
     false_text_min_chars: int = 2
     false_text_min_conf: float = 50.0
@@ -354,8 +370,16 @@ class EvalConfig:
         _require(self.num_prompts > 0, "eval.num_prompts", "must be positive")
         _require(0 <= self.psm <= 13, "eval.psm", f"is {self.psm}; Tesseract's modes are 0..13 (7: one line)")
         _require(16 <= self.ocr_height <= 4096, "eval.ocr_height", "must lie in [16, 4096] px")
+        _require(self.ocr_glyph_height == 0 or 8 <= self.ocr_glyph_height <= 512, "eval.ocr_glyph_height",
+                 "must be 0 (scale to eval.ocr_height) or lie in [8, 512] px (Tesseract reads 30-50 px glyphs best)")
+        _require(not any(c.isspace() or c in "\"'\\" for c in self.whitelist), "eval.whitelist",
+                 "holds whitespace or a quote; list the characters OCR may read, e.g. 0123456789")
         _require(self.ocr_timeout_s > 0, "eval.ocr_timeout_s", "must be positive")
         _require(self.false_text_min_chars >= 1, "eval.false_text_min_chars", "must be at least 1")
+        _require(all(g >= 0 for g in self.guidance_scales), "eval.guidance_scales",
+                 f"is {list(self.guidance_scales)}; guidance scales are >= 0 (1: no guidance)")
+        _require(len(set(self.guidance_scales)) == len(self.guidance_scales), "eval.guidance_scales",
+                 "holds a scale twice")
         _require(0 <= self.false_text_min_conf <= 100, "eval.false_text_min_conf", "must lie in [0, 100]")
 
 

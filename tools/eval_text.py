@@ -45,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tesseract", help="Tesseract program (default: eval.tesseract_cmd, 'tesseract')")
     p.add_argument("--psm", type=int, help="Tesseract page segmentation mode (default: eval.psm)")
     p.add_argument("--ocr-height", type=int, help="upscale to about this height before OCR (default: eval.ocr_height)")
+    p.add_argument("--ocr-glyph-height", type=int,
+                   help="upscale so the text's ink is about this tall, at most to --ocr-height; 0: off "
+                        "(default: eval.ocr_glyph_height)")
+    p.add_argument("--whitelist", help="the only characters OCR may read, e.g. 0123456789 (default: eval.whitelist)")
     p.add_argument("--binarize", action=argparse.BooleanOptionalAction, default=None,
                    help="Otsu-threshold images before OCR (default: eval.ocr_binarize, on)")
     p.add_argument("--report", type=Path, help="write the full report (per-prompt rows and readings) as JSON here")
@@ -58,7 +62,8 @@ def eval_config(args: argparse.Namespace) -> tuple[EvalConfig, int]:
     base = cfg.eval if cfg else EvalConfig()
     changes = {"normalize": False} if args.no_normalize else {}
     for flag, key in (("tesseract", "tesseract_cmd"), ("psm", "psm"), ("ocr_height", "ocr_height"), ("seed", "seed"),
-                      ("binarize", "ocr_binarize")):
+                      ("binarize", "ocr_binarize"), ("ocr_glyph_height", "ocr_glyph_height"),
+                      ("whitelist", "whitelist")):
         if getattr(args, flag) is not None:
             changes[key] = getattr(args, flag)
     out = dataclasses.replace(base, **changes)

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = p.add_argument_group("prompts")
     pr.add_argument("--txt", action="append", default=[], help="a transcription (repeatable; \"\" = no text)")
+    pr.add_argument("--null-txt", action="store_true",
+                    help="also sample the null transcription: the dropped condition of classifier-free guidance "
+                         "(the model's unconditional image); a prompt file says it with \"txt\": null")
     pr.add_argument("--capt", action="append", default=[],
                     help="a caption: once for every --txt, or once per --txt in order (\"\" = none)")
     pr.add_argument("--prompts", help="JSONL file of {\"txt\", \"capt\", \"seed\", \"count\"} (instead of --txt)")
@@ -87,20 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
 def cli_prompts(args: argparse.Namespace) -> list[Prompt]:
     """Prompts from --prompts, or from --txt/--capt/--seed/--count."""
     if args.prompts:
-        if args.txt or args.capt:
-            raise CascadeError("give prompts either with --prompts FILE or with --txt/--capt, not both")
+        if args.txt or args.capt or args.null_txt:
+            raise CascadeError("give prompts either with --prompts FILE or with --txt/--capt/--null-txt, not both")
         return read_prompts(args.prompts)
-    if not args.txt:
-        raise CascadeError("no prompts: give --txt (repeatable; --txt \"\" for an image without text) or --prompts")
+    if not args.txt and not args.null_txt:
+        raise CascadeError("no prompts: give --txt (repeatable; --txt \"\" for an image without text), --null-txt "
+                           "or --prompts")
     if args.count < 1:
         raise CascadeError(f"--count {args.count} must be at least 1")
+    txts = list(args.txt) + ([None] if args.null_txt else [])
     capts = args.capt or [""]
     if len(capts) == 1:
-        capts = capts * len(args.txt)
-    if len(capts) != len(args.txt):
-        raise CascadeError(f"{len(args.capt)} --capt for {len(args.txt)} --txt; give one caption for all, or one per "
-                           "--txt")
-    return [Prompt(txt=t, capt=c, seed=args.seed, count=args.count) for t, c in zip(args.txt, capts)]
+        capts = capts * len(txts)
+    if len(capts) != len(txts):
+        raise CascadeError(f"{len(args.capt)} --capt for {len(txts)} --txt/--null-txt; give one caption for all, or "
+                           "one per prompt")
+    return [Prompt(txt=t, capt=c, seed=args.seed, count=args.count) for t, c in zip(txts, capts)]
 
 
 def _per_upsampler(args: argparse.Namespace, dest: str, default) -> list:

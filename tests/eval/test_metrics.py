@@ -87,3 +87,10 @@ def test_aggregate_leaves_rates_without_images_as_nan():
     m = aggregate([score("abc", "abc", True)])
     assert math.isnan(m["false_text_rate"])
     assert m["cer"] == 0.0
+
+
+def test_drop_spaces_scores_a_reading_split_into_words_as_one_string():
+    assert score("12 3", "123", normalize=True).char_errors == 1
+    dropped = score("12 3", "123", normalize=True, drop_spaces=True)
+    assert (dropped.char_errors, dropped.exact) == (0, True)
+    assert normalize_text(" 4 7\n1 ", normalize=False, drop_spaces=True) == "471"

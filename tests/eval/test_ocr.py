@@ -5,7 +5,8 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from textdiff.config import EvalConfig
-from textdiff.eval.ocr import TesseractMissingError, ocr_image, ocr_images, preprocess, to_pil, upscale_factor
+from textdiff.eval.ocr import (TesseractMissingError, glyph_upscale_factor, ink_height, ocr_image, ocr_images, preprocess,
+                              to_pil, upscale_factor)
 
 
 def render(text: str, size: int = 64, font_px: int = 12, bg=(230, 225, 200), fg=(20, 30, 60)) -> Image.Image:
@@ -84,3 +85,28 @@ def test_psm_6_reads_two_lines_that_psm_7_cannot():
     ImageDraw.Draw(image).text((3, 44), "otter", fill=(20, 30, 60), font=ImageFont.load_default(size=12))
     assert ocr_image(image, EvalConfig(psm=6)).text == "river\notter"
     assert ocr_image(image, EvalConfig(psm=7)).text != "river\notter"
+
+
+def test_ink_height_spans_the_inked_rows_and_ignores_a_speck():
+    gray = np.full((32, 32), 255, np.uint8)
+    gray[10:20, 4:28] = 0  # a 10-row bar of 24 px per row
+    gray[2, 3] = 0  # one dark pixel: under 5% of the fullest row
+    assert ink_height(gray) == 10
+    assert ink_height(np.full((8, 8), 255, np.uint8)) == 0
+
+
+def test_glyph_upscale_brings_the_ink_to_the_glyph_height_capped_by_ocr_height():
+    gray = np.full((32, 32), 255, np.uint8)
+    gray[11:21, 4:28] = 0  # 10 px ink
+    assert glyph_upscale_factor(gray, EvalConfig(ocr_glyph_height=40, ocr_height=192)) == 4  # 40 / 10
+    assert glyph_upscale_factor(gray, EvalConfig(ocr_glyph_height=40, ocr_height=96)) == 3  # 96 / 32 caps it
+    assert glyph_upscale_factor(gray, EvalConfig(ocr_glyph_height=0, ocr_height=192)) == 6  # off: 192 / 32
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32)).astype(np.uint8)  # ink in every row
+    assert glyph_upscale_factor(noise, EvalConfig(ocr_glyph_height=40, ocr_height=192)) == 6
+
+
+def test_the_whitelist_keeps_tesseract_to_the_listed_characters():
+    image = render("4711", size=64, font_px=20)
+    assert ocr_image(image, EvalConfig(whitelist="0123456789", ocr_glyph_height=40)).text == "4711"
+    restricted = ocr_image(image, EvalConfig(whitelist="abc", ocr_glyph_height=40)).text
+    assert not any(c.isdigit() for c in restricted)

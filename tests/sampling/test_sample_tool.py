@@ -102,3 +102,14 @@ def test_a_too_long_transcription_is_cut_with_a_warning(runs, tmp_path, capsys):
 def test_upsampler_flags_without_an_upsampler_are_an_error(runs, tmp_path, capsys):
     assert _run("--run-dir", runs.base, "--txt", "ab", "--up-steps", 3, "--out", tmp_path / "o") == 2
     assert "--up-steps sets an upsampler stage, but no --upsampler is given" in capsys.readouterr().err
+
+
+def test_null_txt_samples_the_null_transcription_unlike_no_text(runs, tmp_path):
+    """--null-txt is the dropped condition (the NULL token), --txt "" an image without text (START alone):
+    two different inputs to the model, recorded as JSON null and "" and replayed from the records."""
+    assert _run("--run-dir", runs.base, "--raw", "--txt", "", "--null-txt", "--steps", 3, "--out", tmp_path) == 0
+    records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [r["txt"] for r in records] == ["", None]
+    empty, null = (_pixels(tmp_path / "samples" / f"{i:06d}.png").astype(int) for i in (0, 1))
+    assert np.abs(empty - null).max() > 10
+    assert [p.txt for p in read_prompts(tmp_path / "samples.jsonl")] == ["", None]

@@ -79,3 +79,32 @@ def test_an_upsampler_is_evaluated_on_renders_of_the_prompts_at_its_low_res_size
     events, _ = _tags(tmp_path / "run")
     grid = events.Images("eval/samples")[0]
     assert (grid.width, grid.height) == (5 * 34 + 2, 34 + 2)  # five 32 px upsampled images
+
+
+def test_several_guidance_scales_and_the_null_control_are_logged_and_their_images_saved(tiny, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    trainer = Trainer(tiny("train.max_steps=1", *EVAL, "eval.guidance_scales=[1, 3]", "eval.null_control=true"),
+                      tmp_path / "run")
+    trainer.train_step()
+    asked = []
+    sample = trainer._sample_ema
+    trainer._sample_ema = lambda txt, *a, **kw: asked.append((list(txt), a[4])) or sample(txt, *a, **kw)
+    record = trainer.evaluate()
+    trainer.close()
+    prompts = [p.txt for p in trainer.eval_prompts]
+    # each condition samples every prompt once (one seed: one call); the null control gives None for each
+    assert asked == [(prompts, 1.0), (prompts, 3.0), ([None] * 5, 1.0)]
+    assert list(record["conditions"]) == ["g1", "g3", "null"]
+    assert record["cer"] == record["conditions"]["g1"]["cer"] and record["cer_null"] == record["conditions"]["null"]["cer"]
+    events, tags = _tags(tmp_path / "run")
+    for tag in ("eval/cer", "eval/g1/cer", "eval/g3/cer", "eval/null/cer", "eval/cer_null"):
+        assert [p.step for p in events.Scalars(tag)] == [1], tag
+    grid = events.Images("eval/samples")[0]
+    assert (grid.width, grid.height) == (5 * 18 + 2, 3 * 18 + 2)  # one row of 5 per condition
+    out = tmp_path / "run" / "eval" / "step_00000001"
+    pixels = {c: [np.asarray(Image.open(out / c / f"{i:03d}.png")).astype(int) for i in range(5)]
+              for c in ("g1", "g3", "null")}
+    assert (out / "grid.png").exists() and all(len(v) == 5 for v in pixels.values())
+    assert all(a.shape == (16, 16, 3) for v in pixels.values() for a in v)

@@ -19,14 +19,17 @@ from rapidfuzz.distance import Levenshtein
 _WHITESPACE = re.compile(r"\s+")
 
 
-def normalize_text(text: str, normalize: bool) -> str:
-    """The text compared by the metrics: with ``normalize``, case-folded with whitespace runs made one space.
+def normalize_text(text: str, normalize: bool, drop_spaces: bool = False) -> str:
+    """The text compared by the metrics: with ``normalize``, case-folded with whitespace runs made one space;
+    with ``drop_spaces``, every whitespace character removed.
 
     Leading and trailing whitespace is always removed (Tesseract ends its readings with a newline).
     """
     text = text.strip()
     if normalize:
         text = _WHITESPACE.sub(" ", text.casefold())
+    if drop_spaces:
+        text = _WHITESPACE.sub("", text)
     return text
 
 
@@ -81,16 +84,17 @@ class Score:
         return self.char_errors / self.target_chars if self.target_chars else 0.0
 
 
-def score(pred: str, target: str, normalize: bool, text_seen: Optional[bool] = None) -> Score:
+def score(pred: str, target: str, normalize: bool, text_seen: Optional[bool] = None,
+          drop_spaces: bool = False) -> Score:
     """Score one OCR reading against its target transcription.
 
     ``text_seen`` says whether the image shows text (see :func:`shows_text`); it counts only for a
     text-free target, and when None it is judged from ``pred`` alone with every word taken as confident.
     """
-    pred, target = normalize_text(pred, normalize), normalize_text(target, normalize)
+    if not target.strip() and text_seen is None:  # judged on the words, before spaces are dropped
+        text_seen = shows_text([(w, 100.0) for w in normalize_text(pred, normalize).split()])
+    pred, target = normalize_text(pred, normalize, drop_spaces), normalize_text(target, normalize, drop_spaces)
     if not target:
-        if text_seen is None:
-            text_seen = shows_text([(w, 100.0) for w in pred.split()])
         return Score(target, pred, 0, 0, 0, 0, exact=not text_seen, false_text=text_seen)
     return Score(target, pred, char_errors(pred, target), len(target), words_matched(pred, target),
                  len(target.split()), exact=pred == target, false_text=False)

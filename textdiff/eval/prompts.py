@@ -36,9 +36,14 @@ class PromptFileError(ValueError):
 
 @dataclass(frozen=True)
 class Prompt:
-    """One evaluation prompt: ``count`` images of transcription ``txt`` ("" = no text) and caption ``capt``."""
+    """One evaluation prompt: ``count`` images of transcription ``txt`` and caption ``capt``.
 
-    txt: str
+    ``txt`` ``""`` asks for an image without text (a trained condition only where the data has text-free
+    images); ``None`` (JSON ``null``) is the null transcription, the dropped condition that classifier-free
+    guidance contrasts against (``model.txt_pdrop``): the model's unconditional image.
+    """
+
+    txt: Optional[str]
     capt: str = ""
     seed: int = 0
     count: int = 1
@@ -72,7 +77,8 @@ def parse_prompt(obj: object, where: str) -> Prompt:
     image = next((obj[k] for k in IMAGE_KEYS if k in obj), None)
     if image is not None and not isinstance(image, str):
         raise PromptFileError(f"{where}: the image path is {image!r}; expected a string")
-    return Prompt(txt=_field(obj, "txt", str, "", where), capt=_field(obj, "capt", str, "", where) or "",
+    txt = None if obj["txt"] is None else _field(obj, "txt", str, "", where)
+    return Prompt(txt=txt, capt=_field(obj, "capt", str, "", where) or "",
                   seed=_field(obj, "seed", int, 0, where), count=count, image=image)
 
 

@@ -66,7 +66,8 @@ def evaluate_images(images: Sequence[ImageLike], prompts: Sequence[Prompt], cfg:
                          "(expand(prompts) repeats each by its count)")
     readings = ocr_images(images, cfg, workers=workers, progress=progress)
     scores = [score(r.text, p.txt, cfg.normalize,
-                    text_seen=shows_text(r.words, cfg.false_text_min_chars, cfg.false_text_min_conf))
+                    text_seen=shows_text(r.words, cfg.false_text_min_chars, cfg.false_text_min_conf),
+                    drop_spaces=cfg.drop_spaces)
               for r, p in zip(readings, prompts)]
     return SpellingReport(aggregate(scores), _per_prompt(prompts, readings, scores), cfg.normalize)
 
@@ -111,3 +112,24 @@ def evaluate_spelling(sample_fn: SampleFn, prompts: Sequence[Prompt], cfg: EvalC
     images = sample_prompts(sample_fn, prompts, batch_size)
     report = evaluate_images(images, expand(prompts), cfg, workers=workers, progress=False)
     return {k: v for k, v in report.metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+@dataclass(frozen=True)
+class EvalCondition:
+    """How the prompts are sampled for one evaluation pass: transcription guidance ``guidance_txt``, and
+    ``null_txt`` (sample the null transcription, scored against the prompt: the control)."""
+
+    name: str
+    guidance_txt: float
+    null_txt: bool = False
+
+
+def eval_conditions(cfg: EvalConfig, default_scale: float) -> list[EvalCondition]:
+    """The passes of one evaluation: ``g<scale>`` for each of ``cfg.guidance_scales`` (or ``default_scale``
+    alone when that is empty), then ``null`` with ``cfg.null_control`` (guidance is moot there: the guided
+    and unguided predictions coincide)."""
+    scales = list(cfg.guidance_scales) or [default_scale]
+    out = [EvalCondition(f"g{s:g}", float(s)) for s in scales]
+    if cfg.null_control:
+        out.append(EvalCondition("null", 1.0, null_txt=True))
+    return out

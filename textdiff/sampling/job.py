@@ -67,7 +67,7 @@ class SampleRequest:
     """One image to make: sample ``index`` of the job, from prompt ``prompt_index``, with its own ``seed``."""
 
     index: int
-    txt: str
+    txt: Optional[str]  # None: the null transcription
     capt: str
     seed: int
     prompt_index: int
@@ -93,8 +93,8 @@ def prompt_warnings(requests: Sequence[SampleRequest], cfgs: Sequence[ModelConfi
     are cut), transcriptions or captions given to a model that ignores them."""
     out = []
     for cfg, name in zip(cfgs, names):
-        long = sorted({r.txt for r in requests
-                       if cfg.txt and fit_transcription(r.txt, cfg) != unicodedata.normalize("NFC", r.txt)})
+        long = sorted({r.txt for r in requests if cfg.txt and r.txt is not None
+                       and fit_transcription(r.txt, cfg) != unicodedata.normalize("NFC", r.txt)})
         for txt in long:
             out.append(f"transcription {txt!r} ({len(txt)} characters) is longer than {name} reads "
                        f"(model.max_seq_len={cfg.max_seq_len} tokens, start token included); it was cut to "

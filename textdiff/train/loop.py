@@ -12,6 +12,7 @@ rank finish the current step, save a checkpoint, and return normally.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -320,16 +321,19 @@ class Trainer:
             self._sampler_step = self.step
         return LoadedModel(self._sampler_model, self.diffusion, self.cfg, str(self.run_dir), f"ema:{rate}")
 
-    def _sample_ema(self, txt: list[str], capt: list[str], seeds: list[int], steps: int,
-                    low_res: Optional[torch.Tensor]) -> torch.Tensor:
-        """Rank 0: DDIM-sample the EMA weights with the sample grid's guidance and thresholding.
+    def _sample_ema(self, txt: list[Optional[str]], capt: list[str], seeds: list[int], steps: int,
+                    low_res: Optional[torch.Tensor], guidance_txt: Optional[float] = None,
+                    sampler: str = "ddim") -> torch.Tensor:
+        """Rank 0: sample the EMA weights with the sample grid's guidance (or ``guidance_txt``) and thresholding.
 
-        txt, capt, seeds: N each; low_res: [N, C, s, s] in [-1, 1] for upsamplers. Returns [N, C, S, S] in [-1, 1].
+        txt (None: the null transcription), capt, seeds: N each; low_res: [N, C, s, s] in [-1, 1] for
+        upsamplers. Returns [N, C, S, S] in [-1, 1].
         """
         from textdiff.sampling.cascade import StageSettings, sample_stage
 
         cfg = self.cfg.train
-        settings = StageSettings(sampler="ddim", steps=str(steps), guidance_txt=cfg.sample_guidance_scale_txt,
+        settings = StageSettings(sampler=sampler, steps=str(steps),
+                                 guidance_txt=cfg.sample_guidance_scale_txt if guidance_txt is None else guidance_txt,
                                  guidance_capt=cfg.sample_guidance_scale_capt,
                                  dynamic_threshold=cfg.sample_dynamic_threshold)
         precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
@@ -361,38 +365,75 @@ class Trainer:
     def evaluate(self) -> Optional[dict]:
         """Spelling evaluation (all ranks call this; only rank 0 works, the others wait at a barrier).
 
-        Rank 0 samples ``self.eval_prompts`` with the EMA weights at ``eval.steps`` DDIM steps, reads them with
-        Tesseract, logs ``eval/*`` scalars and the ``eval/samples`` grid, and appends one line to
-        ``RUN_DIR/eval.jsonl``. Returns that line's dict on rank 0, None elsewhere or when Tesseract failed
-        (a warning is logged and training goes on: one OCR timeout on a busy machine must not end a run).
+        Rank 0 samples ``self.eval_prompts`` with the EMA weights (``eval.sampler`` at ``eval.steps``) under
+        each condition of :func:`eval_conditions` (guidance scales, and the null transcription with
+        ``eval.null_control``), reads them with Tesseract, logs ``eval/*`` scalars (the first condition as
+        ``eval/cer`` ..., each as ``eval/<condition>/cer`` ..., the null control as ``eval/cer_null``) and
+        the ``eval/samples`` grid (one row block per condition), writes the images under
+        ``RUN_DIR/eval/step_N/`` with ``eval.save_images``, and appends one line to ``RUN_DIR/eval.jsonl``.
+        Returns that line's dict on rank 0, None elsewhere or when Tesseract failed (a warning is logged and
+        training goes on: one OCR timeout on a busy machine must not end a run).
         """
         from textdiff.eval.ocr import TesseractError, TesseractMissingError
-        from textdiff.eval.spelling import evaluate_spelling
+        from textdiff.eval.spelling import eval_conditions, evaluate_spelling
 
         record = None
         if self.ema is not None:
             started = time.perf_counter()
-            shown: list[torch.Tensor] = []
+            conditions = eval_conditions(self.cfg.eval, self.cfg.train.sample_guidance_scale_txt)
+            shown: dict[str, list[torch.Tensor]] = {c.name: [] for c in conditions}
             try:
-                metrics = evaluate_spelling(lambda txt, capt, seed: self._eval_sample_fn(txt, capt, seed, shown),
-                                            self.eval_prompts, self.cfg.eval)
+                results = {c.name: evaluate_spelling(
+                    lambda txt, capt, seed, c=c: self._eval_sample_fn(txt, capt, seed, shown[c.name], c),
+                    self.eval_prompts, self.cfg.eval) for c in conditions}
             except (TesseractError, TesseractMissingError) as e:
                 log.warning("spelling evaluation at step %d failed, training goes on: %s", self.step, e)
             else:
-                record = {"step": self.step, **metrics, "seconds": round(time.perf_counter() - started, 3)}
-                scalars = eval_scalars(record)
+                first = results[conditions[0].name]
+                record = {"step": self.step, **first, "conditions": results}
+                if "null" in results:
+                    record["cer_null"] = results["null"].get("cer")
+                record["seconds"] = round(time.perf_counter() - started, 3)
+                scalars = eval_scalars(first)
+                for name, metrics in results.items():
+                    scalars.update({k.replace("eval/", f"eval/{name}/", 1): v for k, v in eval_scalars(metrics).items()})
+                if "null" in results and "cer" in results["null"]:
+                    scalars["eval/cer_null"] = float(results["null"]["cer"])
                 self.logger.scalars(self.step, scalars)
-                images = torch.cat(shown)
-                self.logger.image("eval/samples", self.step, image_grid(images, min(EVAL_GRID_COLUMNS, len(images))))
+                images = torch.cat([torch.cat(shown[c.name]) for c in conditions])
+                per_condition = len(images) // len(conditions)  # one row per condition up to 2 x 8 images
+                columns = per_condition if per_condition <= 2 * EVAL_GRID_COLUMNS else EVAL_GRID_COLUMNS
+                grid = image_grid(images, columns)
+                self.logger.image("eval/samples", self.step, grid)
+                if self.cfg.eval.save_images:
+                    self._save_eval_images(grid, shown)
                 append_jsonl(self.run_dir / "eval.jsonl", record)
                 log.info("eval at step %d (%.1f s): %s", self.step, record["seconds"],
-                         ", ".join(f"{k} {v:.3f}" for k, v in scalars.items()))
+                         ", ".join(f"{k} {v:.3f}" for k, v in scalars.items() if k.count("/") == 1))
         dist.barrier()
         return record
 
-    def _eval_sample_fn(self, txt: list[str], capt: list[str], seed: int, shown: list[torch.Tensor]) -> np.ndarray:
-        """evaluate_spelling's sample_fn: image j gets seed ``seed + j`` (as tools/sample.py numbers a prompt's
-        images); upsamplers upscale the synthetic render of each transcription. Returns uint8 [N, S, S, 3]."""
+    def _save_eval_images(self, grid: torch.Tensor, shown: dict[str, list[torch.Tensor]]) -> None:
+        """RUN_DIR/eval/step_N/grid.png and <condition>/NNN.png (prompt order of expand(eval prompts))."""
+        from PIL import Image
+
+        from textdiff.data.preview import to_uint8
+
+        out = self.run_dir / "eval" / f"step_{self.step:08d}"
+        save_png(grid, out / "grid.png")
+        for name, batches in shown.items():
+            for i, array in enumerate(to_uint8(torch.cat(batches))):
+                buf = io.BytesIO()
+                Image.fromarray(array).save(buf, format="PNG")
+                (out / name).mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(out / name / f"{i:03d}.png", buf.getvalue())
+
+    def _eval_sample_fn(self, txt: list[str], capt: list[str], seed: int, shown: list[torch.Tensor],
+                        condition) -> np.ndarray:
+        """evaluate_spelling's sample_fn under one eval condition: image j gets seed ``seed + j`` (as
+        tools/sample.py numbers a prompt's images); the null control samples the null transcription in place
+        of each prompt's; upsamplers upscale the synthetic render of each transcription. Returns uint8
+        [N, S, S, 3]."""
         from textdiff.data.augment import to_tensor
         from textdiff.data.preview import to_uint8
         from textdiff.data.synthetic import render_sample
@@ -404,7 +445,9 @@ class Trainer:
             size = self.cfg.model.low_res_size
             low_res = torch.stack([to_tensor(np.asarray(render_sample(t, render_rng(s, 0), size).image.convert("RGB")))
                                    for t, s in zip(txt, seeds)])
-        images = self._sample_ema(txt, capt, seeds, self.cfg.eval.steps, low_res)
+        asked = [None] * len(txt) if condition.null_txt else list(txt)
+        images = self._sample_ema(asked, capt, seeds, self.cfg.eval.steps, low_res, condition.guidance_txt,
+                                  self.cfg.eval.sampler)
         shown.append(images.cpu())
         return to_uint8(images)
 
