@@ -261,6 +261,9 @@ class TrainConfig:
     """The training loop (DeepSpeed owns batch sizes, optimizer, scheduler, precision)."""
 
     max_steps: int = 1000
+    # wall-clock budget of one invocation in minutes (0: none): training stops after the step that passes it,
+    # saving a checkpoint, so a later --resume auto continues
+    max_minutes: float = 0.0
     seed: int = 0
     log_every: int = 10
     sample_every: int = 500  # EMA sample grid to TensorBoard and RUN_DIR/samples/ every N steps; 0: never
@@ -277,6 +280,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ConfigError for impossible combinations, naming the key."""
         _require(self.max_steps > 0, "train.max_steps", "must be positive")
+        _require(self.max_minutes >= 0, "train.max_minutes", "must be >= 0 (0: no time limit)")
         _require(self.log_every > 0, "train.log_every", "must be positive")
         _require(self.sample_every >= 0, "train.sample_every", "must be >= 0 (0: no sample grids)")
         _require(self.sample_steps > 0, "train.sample_steps", "must be positive")

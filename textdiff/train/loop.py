@@ -390,7 +390,8 @@ class Trainer:
                 log.warning("spelling evaluation at step %d failed, training goes on: %s", self.step, e)
             else:
                 first = results[conditions[0].name]
-                record = {"step": self.step, **first, "conditions": results}
+                record = {"step": self.step, "samples_seen": self.step * self.micro_batch * self.accumulation
+                          * self.world_size, "time": round(time.time(), 3), **first, "conditions": results}
                 if "null" in results:
                     record["cer_null"] = results["null"].get("cer")
                 record["seconds"] = round(time.perf_counter() - started, 3)
@@ -462,15 +463,22 @@ class Trainer:
         return path
 
     def run(self) -> dict:
-        """Train until ``train.max_steps`` or a stop signal; returns {"step", "losses", "checkpoint", "stopped"}."""
+        """Train until ``train.max_steps``, a stop signal or ``train.max_minutes`` of this run's wall time (the
+        ranks then stop together, as on a signal, after saving); returns {"step", "losses", "checkpoint",
+        "stopped"}."""
         cfg = self.cfg.train
         stop = StopFlag()
         stop.install()
+        deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else None
         last_saved, stopping = None, False
         progress = tqdm(total=cfg.max_steps, initial=self.step, disable=self.rank != 0, desc="train",
                         dynamic_ncols=True)
         try:
             while self.step < cfg.max_steps:
+                if deadline is not None and time.monotonic() > deadline and not stop.requested:
+                    log.info("train.max_minutes=%g reached at step %d: stopping after this step", cfg.max_minutes,
+                             self.step)
+                    stop.requested = True  # voted on in the step, so every rank stops with this one
                 try:
                     metrics = self.train_step(stop)
                 except StepAborted as e:

@@ -1,0 +1,310 @@
+"""The spelling experiment of tools/prove_spelling.py: does transcription conditioning teach a model to write?
+
+One call of :func:`run_experiment` does it end to end inside a wall-clock budget:
+
+1. data: every string of the task (:mod:`textdiff.data.spelling_set`) is split into training and held-out
+   strings; the training strings are rendered into a folder and packed by ``tools/make_shards.py``, so the
+   held-out strings are never in a shard;
+2. training: ``deepspeed --num_gpus 1 launch.sh`` with the recipe (``ds_configs/spell_cpu.json``) and
+   ``train.max_minutes`` set to what the budget leaves after the reserve for evaluation; the training-time
+   spelling evaluation (``eval.every``) draws the curve into ``RUN/eval.jsonl`` and TensorBoard. A rerun
+   with the same ``--out`` resumes from the last checkpoint;
+3. evaluation: the EMA weights sample every held-out string with transcription guidance (the model's
+   answer) and with the null transcription (the control: same weights and seeds, condition dropped), and
+   Tesseract reads both under the recipe's ``eval`` settings (alphabet whitelist, upscale from the glyph
+   size). Beside them: the OCR ceiling (the same reader on real renders of the held-out strings) and chance
+   (each held-out label scored against the others', shuffled, with the same CER).
+
+Everything it writes lies under ``--out``: ``data/``, ``run/`` (checkpoints, TensorBoard, eval.jsonl),
+``eval/`` (every image it scored, ``samples.jsonl`` with reading and CER, ``grids.png``) and
+``result.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+from textdiff.config import EvalConfig, TextdiffConfig, load_config
+from textdiff.data import spelling_set
+from textdiff.eval.metrics import aggregate, score
+from textdiff.eval.ocr import ocr_images
+from textdiff.files import atomic_write_bytes
+
+REPO = Path(__file__).resolve().parents[2]
+RESULT_KEYS = ("cer_txt", "exact_txt", "cer_null", "cer_ceiling", "cer_chance", "steps", "samples_seen", "minutes",
+               "n_eval")
+STARTUP_MINUTES = 0.75  # DeepSpeed start, model and engine build before train.max_minutes starts counting
+
+
+class ExperimentError(ValueError):
+    """The experiment cannot run as asked; the message names the flag or file."""
+
+
+@dataclass(frozen=True)
+class Design:
+    """The task and how it is scored (recorded in result.json; a rerun into the same --out must match)."""
+
+    alphabet: str = spelling_set.DIGITS
+    lengths: tuple[int, ...] = (2, 3)
+    heldout_frac: float = 0.1
+    renders: int = 16  # training images per training string
+    size: int = 32
+    seed: int = 0
+    guidance: float = 3.0  # transcription guidance of the headline figure
+    sampler: str = "ddim"
+    steps: int = 25
+    eval_per_string: int = 2  # samples per held-out string in the final evaluation
+    curve_prompts: int = 40  # held-out strings of the training-time evaluation
+    recipe: str = "ds_configs/spell_cpu.json"
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+
+
+def eval_minutes(design: Design, n_heldout: int) -> float:
+    """Minutes reserved for the final evaluation: sampling (guided and null), OCR of samples and renders.
+
+    Measured on the 2-core machine with the spell_cpu.json model: about 0.35 s per guided sample at 25
+    steps, half that for a null one, 0.02 s per image of OCR; doubled for safety, plus half a minute to
+    load and write.
+    """
+    n = n_heldout * design.eval_per_string
+    seconds = n * (0.35 + 0.175) * design.steps / 25 + 3 * n * 0.02
+    return 0.5 + 2 * seconds / 60
+
+
+def prepare_data(out: Path, design: Design, progress: bool = True) -> tuple[Path, list[str], list[str]]:
+    """Render, shard and write the prompt files once (reused when ``out/data/design.json`` matches).
+
+    Returns (manifest path, training strings, held-out strings).
+    """
+    data = out / "data"
+    train, heldout = spelling_set.split_strings(spelling_set.all_strings(design.alphabet, design.lengths),
+                                                design.heldout_frac, design.seed)
+    stamp = {k: v for k, v in asdict(design).items()
+             if k in ("alphabet", "lengths", "heldout_frac", "renders", "size", "seed")}
+    stamp["lengths"] = list(design.lengths)
+    manifest = data / "shards" / "manifest.json"
+    stamp_file = data / "design.json"
+    if stamp_file.exists():
+        saved = json.loads(stamp_file.read_text())
+        if saved != stamp:
+            raise ExperimentError(f"{out} holds an experiment with another data design ({saved}); pass a new --out "
+                                  "or the same --renders/--seed")
+    if not (stamp_file.exists() and manifest.exists()):
+        images = data / "images"
+        if images.exists():
+            shutil.rmtree(images)
+        spelling_set.write_folder(images, train, design.renders, design.seed, design.size, progress=progress)
+        cmd = [sys.executable, str(REPO / "tools" / "make_shards.py"), str(images), str(data / "shards"),
+               "--safeboxes", str(images / "safeboxes.json"), "--overwrite", "--seed", str(design.seed)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ExperimentError(f"make_shards failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        shutil.rmtree(images)  # the shards hold everything; the folder is three files per image
+        atomic_write_bytes(stamp_file, json.dumps(stamp).encode())
+    curve = heldout[:: max(1, len(heldout) // design.curve_prompts)][: design.curve_prompts]
+    lines = "".join(json.dumps({"txt": s, "seed": 1000 + i}) + "\n" for i, s in enumerate(curve))
+    atomic_write_bytes(data / "curve_prompts.jsonl", lines.encode())
+    return manifest, train, heldout
+
+
+def train(out: Path, design: Design, manifest: Path, minutes: float) -> subprocess.CompletedProcess:
+    """Train (or resume) ``out/run`` with the recipe through the DeepSpeed launcher for ``minutes``."""
+    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
+    if deepspeed is None:
+        raise ExperimentError("the deepspeed launcher is not installed beside this Python; run tools/setup_env.sh")
+    sets = [f"data.shards={manifest}", f"train.max_minutes={minutes:.3f}",
+            f"eval.prompts_file={out / 'data' / 'curve_prompts.jsonl'}", f"eval.sampler={design.sampler}",
+            f"eval.steps={design.steps}", f"eval.guidance_scales=[{design.guidance}]", *design.overrides]
+    cmd = [deepspeed, "--num_gpus", "1", "--master_port", str(_free_port()), str(REPO / "launch.sh"),
+           "--config", str(REPO / design.recipe), "--run-dir", str(out / "run"), "--resume", "auto"]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("OMP_NUM_THREADS", None)  # the run owns the machine: textdiff gives the rank every core
+    return subprocess.run(cmd, cwd=REPO, env=env)
+
+
+def _free_port() -> int:
+    from textdiff.train.engine import free_port
+
+    return free_port()
+
+
+def _sample(loaded, strings: Sequence[Optional[str]], seeds: Sequence[int], design: Design, guidance: float,
+            desc: str, batch: int = 64) -> list[np.ndarray]:
+    """uint8 [S, S, 3] images of ``strings`` (None: the null transcription), one per seed."""
+    from textdiff.data.preview import to_uint8
+    from textdiff.sampling.cascade import StageSettings, sample_stage
+
+    settings = StageSettings(sampler=design.sampler, steps=str(design.steps), guidance_txt=guidance)
+    out: list[np.ndarray] = []
+    for i in tqdm(range(0, len(strings), batch), desc=desc, unit="batch"):
+        with torch.no_grad():
+            images = sample_stage(loaded, settings, list(strings[i:i + batch]), [""] * len(strings[i:i + batch]),
+                                  list(seeds[i:i + batch]), progress=False)
+        out.extend(to_uint8(images))
+    return out
+
+
+def cer_of(readings: Sequence[str], targets: Sequence[str], cfg: EvalConfig) -> tuple[float, float, list]:
+    """(CER, exact match, per-image scores) of readings against targets, with the eval section's
+    normalisation (the one CER definition every figure of the experiment uses)."""
+    scores = [score(r, t, cfg.normalize, drop_spaces=cfg.drop_spaces) for r, t in zip(readings, targets)]
+    metrics = aggregate(scores)
+    return metrics["cer"], metrics["exact_match"], scores
+
+
+def chance_cer(targets: Sequence[str], cfg: EvalConfig, rounds: int = 50, seed: int = 0) -> float:
+    """CER of each target read as another target (a random derangement), averaged over ``rounds``: what a
+    model that writes well-formed strings of the task, unrelated to its prompt, scores."""
+    rng = random.Random(seed)
+    values = []
+    for _ in range(rounds):
+        while True:
+            order = list(range(len(targets)))
+            rng.shuffle(order)
+            if all(i != j for i, j in enumerate(order)) or len(targets) < 2:
+                break
+        values.append(cer_of([targets[j] for j in order], targets, cfg)[0])
+    return float(np.mean(values))
+
+
+def labelled_grid(images: Sequence[np.ndarray], labels: Sequence[str], title: str, columns: int = 8,
+                  scale: int = 3) -> Image.Image:
+    """A grid of images enlarged ``scale`` x (nearest), each with its label below, and a title on top."""
+    size = images[0].shape[0] * scale
+    rows = -(-len(images) // columns)
+    line = 14
+    grid = Image.new("RGB", (columns * (size + 4) + 4, 20 + rows * (size + line + 4)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=12)
+    draw.text((4, 3), title, fill=(0, 0, 0), font=font)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        x, y = 4 + (i % columns) * (size + 4), 20 + (i // columns) * (size + line + 4)
+        grid.paste(Image.fromarray(image).resize((size, size), Image.NEAREST), (x, y))
+        draw.text((x, y + size + 1), label, fill=(0, 0, 0), font=font)
+    return grid
+
+
+def side_by_side(left: Image.Image, right: Image.Image, gap: int = 16) -> Image.Image:
+    """Two images next to each other on white."""
+    out = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), (255, 255, 255))
+    out.paste(left, (0, 0))
+    out.paste(right, (left.width + gap, 0))
+    return out
+
+
+def _png(image: Image.Image | np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    (Image.fromarray(image) if isinstance(image, np.ndarray) else image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def evaluate(out: Path, design: Design, heldout: Sequence[str], cfg: TextdiffConfig) -> dict:
+    """Score the EMA weights of ``out/run`` on the held-out strings; writes ``out/eval/``. Returns the
+    figures of result.json (without the time and training counts)."""
+    from textdiff.sampling.loading import load_for_sampling
+
+    loaded = load_for_sampling(out / "run", "ema")
+    targets = [s for s in heldout for _ in range(design.eval_per_string)]
+    seeds = [design.seed * 100_000 + i for i in range(len(targets))]
+    with_txt = _sample(loaded, targets, seeds, design, design.guidance, "sample held-out")
+    null = _sample(loaded, [None] * len(targets), seeds, design, 1.0, "sample null control")
+    renders = [np.asarray(spelling_set.render_string(t, spelling_set.render_rng(design.seed + 7919, t, i),
+                                                     design.size)[0]) for i, t in enumerate(targets)]
+    ocr_cfg = cfg.eval
+    readings = [r.text for r in ocr_images(with_txt + null + renders, ocr_cfg, workers=2)]
+    n = len(targets)
+    cer_txt, exact_txt, s_txt = cer_of(readings[:n], targets, ocr_cfg)
+    cer_null, exact_null, s_null = cer_of(readings[n:2 * n], targets, ocr_cfg)
+    cer_ceiling, exact_ceiling, _ = cer_of(readings[2 * n:], targets, ocr_cfg)
+
+    ev = out / "eval"
+    records = []
+    for kind, images, scores, asked in (("txt", with_txt, s_txt, targets), ("null", null, s_null, [None] * n)):
+        for i, (image, s) in enumerate(zip(images, scores)):
+            path = f"{kind}/{i:04d}.png"
+            (ev / kind).mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(ev / path, _png(image))
+            records.append({"image": path, "condition": kind, "txt": asked[i], "target": targets[i],
+                            "seed": seeds[i], "reading": s.pred, "cer": s.cer})
+    atomic_write_bytes(ev / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+    shown = min(32, n)
+    grids = side_by_side(
+        labelled_grid(with_txt[:shown], [f"{t}>{s.pred or '-'}" for t, s in zip(targets, s_txt)],
+                      f"with the transcription (guidance {design.guidance:g}): CER {cer_txt:.2f}"),
+        labelled_grid(null[:shown], [f"{t}>{s.pred or '-'}" for t, s in zip(targets, s_null)],
+                      f"null transcription (control): CER {cer_null:.2f}"))
+    atomic_write_bytes(ev / "grids.png", _png(grids))
+    return {"cer_txt": cer_txt, "exact_txt": exact_txt, "cer_null": cer_null, "exact_null": exact_null,
+            "cer_ceiling": cer_ceiling, "exact_ceiling": exact_ceiling,
+            "cer_chance": chance_cer(targets, ocr_cfg), "n_eval": n, "weights": loaded.weights}
+
+
+def curve(out: Path, started_unix: Optional[float]) -> list[dict]:
+    """The training-time evaluations of ``out/run/eval.jsonl``: step, samples seen, minutes since the
+    run's first start (when known), CER with the transcription and of the null control."""
+    path = out / "run" / "eval.jsonl"
+    if not path.exists():
+        return []
+    points = []
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        point = {"step": r["step"], "samples_seen": r.get("samples_seen"), "cer": r.get("cer"),
+                 "cer_null": r.get("cer_null"), "exact_match": r.get("exact_match")}
+        if started_unix is not None and "time" in r:
+            point["minutes"] = round((r["time"] - started_unix) / 60, 2)
+        points.append(point)
+    return points
+
+
+def run_experiment(out: str | Path, minutes: float, design: Design = Design(), progress: bool = True) -> dict:
+    """The whole experiment within ``minutes`` of wall time from this call (see the module docstring);
+    returns result.json's object (also written to ``out/result.json``)."""
+    started, started_unix = time.monotonic(), time.time()
+    out = Path(out)
+    cfg = load_config(REPO / design.recipe, list(design.overrides))
+    if design.eval_per_string < 1 or design.renders < 1:
+        raise ExperimentError("--eval-per-string and --renders must be at least 1")
+    manifest, train_strings, heldout = prepare_data(out, design, progress)
+    first_start = out / "run" / "started_unix"
+    if not first_start.exists():
+        (out / "run").mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(first_start, f"{started_unix}\n".encode())
+    run_started = float(first_start.read_text())
+    left = minutes - (time.monotonic() - started) / 60 - eval_minutes(design, len(heldout)) - STARTUP_MINUTES
+    if left < 0.25:
+        raise ExperimentError(f"--minutes {minutes:g} leaves {left:.2f} min for training after the data and the "
+                              f"evaluation reserve ({eval_minutes(design, len(heldout)):.1f} min); give more minutes")
+    proc = train(out, design, manifest, left)
+    if proc.returncode != 0:
+        raise ExperimentError(f"training exited with status {proc.returncode}; see its output above")
+    figures = evaluate(out, design, heldout, cfg)
+    from textdiff.train.checkpoint import complete_checkpoints
+
+    step = complete_checkpoints(out / "run" / "checkpoints")[-1][0]
+    per_step = cfg.deepspeed.get("train_micro_batch_size_per_gpu", 1) * cfg.deepspeed.get(
+        "gradient_accumulation_steps", 1)
+    result = {**figures, "steps": step, "samples_seen": step * per_step,
+              "minutes": round((time.monotonic() - started) / 60, 2),
+              "heldout_strings": len(heldout), "train_strings": len(train_strings),
+              "curve": curve(out, run_started), "design": {**asdict(design), "lengths": list(design.lengths)},
+              "machine": {"cpus": os.cpu_count(), "torch": torch.__version__}}
+    atomic_write_bytes(out / "result.json", (json.dumps(result, indent=1) + "\n").encode())
+    return result
