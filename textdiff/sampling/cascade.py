@@ -43,7 +43,7 @@ class StageSettings:
     1000-step noise-conditioning schedule; 0 = clean low-res image)."""
 
     sampler: str = "ipndm"  # the most accurate sampler at every step count measured (docs/samplers.md)
-    steps: str = "trailing50"
+    steps: str = "quad50"
     eta: float = 0.0
     guidance_txt: float = 1.0
     guidance_capt: float = 1.0
