@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samplers", default=",".join(SAMPLERS), help=f"comma list of {', '.join(SAMPLERS)}")
     parser.add_argument("--steps", default="5,10,20,50,80,200", help="comma list of step counts "
                         "(80 and 200 are added for the DDIM comparison)")
-    parser.add_argument("--spacing", choices=("default", "logsnr", "karras", "trailing", "leading", "uniform"),
+    parser.add_argument("--spacing", choices=("default", "quad", "logsnr", "karras", "trailing", "leading", "uniform"),
                         default="default", help="timestep grid: each sampler's default_grid, a named grid, or "
                         "even integer steps (respacing)")
     parser.add_argument("--peer", action="store_true", help="textdiff next to diffusers' same method at steps "
