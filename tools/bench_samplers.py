@@ -1,11 +1,11 @@
 """Sampler benchmark on Gaussian mixtures whose optimal eps is known in closed form.
 
-For each case (``smooth``; ``stiff``: two components of std 0.05) and each sampler and step count, prints
-the error, the model evaluations (NFE) and the wall time. Error definitions:
+For each case (``smooth``; ``stiff``: two components of std 0.05; ``blobs8``: 8 dimensions, stds 0.05-0.3) and
+each sampler and step count, prints the error, the model evaluations (NFE) and the wall time. Error definitions:
 
-- deterministic samplers (ddim, prk, plms, dpmpp_2m): ``ode_rms`` = RMS over the start points of the
-  Euclidean distance to the exact probability-flow ODE solution from the same start (RK4 reference on
-  ``--ref-steps`` Karras steps, ending with the exact x_0 prediction at the last step, as every sampler);
+- deterministic samplers: ``ode_rms`` = RMS over the start points of the Euclidean distance to the exact
+  probability-flow ODE solution from the same start noise at the grid's first step (RK4 reference on
+  ``--ref-steps`` Karras steps down to clean data, ``sigma = 0``);
 - ddpm (stochastic): ``sw2`` = sliced 2-Wasserstein distance to fresh draws from the mixture.
 
 Every row also carries ``sw2`` and the case's ``floor`` (sliced W2 between two independent draws, the
@@ -13,6 +13,13 @@ distance's own noise). Exits 1 when PRK or PLMS at 20 and 50 steps is worse than
 
     python tools/bench_samplers.py                # table
     python tools/bench_samplers.py --json         # one JSON object per line
+    python tools/bench_samplers.py --peer         # textdiff next to diffusers' schedulers (needs '.[bench]')
+
+``--peer`` runs each method (``PEERS``) on textdiff's default grid for it (``default_grid``) and the same
+method in diffusers with its default timestep spacing, from the same start noise, with the same 1000-step
+cosine betas (diffusers' ``trained_betas``), the exact mixture eps as the model, and ``set_alpha_to_one``
+so every sampler ends at clean data. diffusers' leading spacing starts below the top (t = 900 at 10 steps);
+each row's error is measured against the ODE solution from its own start, which the table shows.
 """
 
 from __future__ import annotations
@@ -24,14 +31,51 @@ import time
 
 import torch
 
-from textdiff.diffusion.mixture import CASES, make_case, sliced_wasserstein
-from textdiff.diffusion.schedules import alphas_cumprod, betas_for
-from textdiff.sampling.samplers import SAMPLERS, sample, sampling_timesteps
+from textdiff.diffusion.mixture import CASES, make_case, pf_ode_reference, sliced_wasserstein
+from textdiff.diffusion.schedules import alpha_bar_at, alphas_cumprod, betas_for
+from textdiff.sampling.samplers import SAMPLERS, default_grid, sample, sampling_timesteps
+
+# method -> (textdiff sampler, diffusers scheduler class, its options); diffusers' PNDM without PRK steps is
+# PLMS with lower-order warm-up, textdiff's ipndm; with them it is the research code's PRK + PLMS, textdiff's plms
+PEERS = {
+    "DDIM": ("ddim", "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": True}),
+    "PLMS": ("ipndm", "PNDMScheduler", {"skip_prk_steps": True, "set_alpha_to_one": True}),
+    "PRK+PLMS": ("plms", "PNDMScheduler", {"skip_prk_steps": False, "set_alpha_to_one": True}),
+    "DPM-Solver++ 2M": ("dpmpp_2m", "DPMSolverMultistepScheduler", {"solver_order": 2}),
+    "DPM-Solver++ 3M": ("dpmpp_3m", "DPMSolverMultistepScheduler", {"solver_order": 3}),
+    "UniPC": ("unipc", "UniPCMultistepScheduler", {}),
+    "DEIS": ("deis", "DEISMultistepScheduler", {}),
+}
+PEER_STEPS = (10, 20, 50, 80, 200)
 
 ORDER_CHECK = ((20, 80), (50, 200))  # (PRK/PLMS steps, DDIM steps)
 
 
-def run_row(case, name: str, steps: int, abar: torch.Tensor, spacing: str) -> dict:
+def _spec(name: str, steps: int, spacing: str) -> str:
+    if spacing == "default":
+        return default_grid(name, str(steps))
+    return str(steps) if spacing == "uniform" else f"{spacing}{steps}"
+
+
+class References:
+    """Exact PF-ODE solutions from one case's start noise, one per start level (cached)."""
+
+    def __init__(self, case, abar: torch.Tensor, ref_steps: int):
+        self.case, self.abar, self.ref_steps = case, abar, ref_steps
+        self.cache = {float(len(abar) - 1): case.reference}  # make_case solved from the top
+
+    def at(self, t_start: float) -> torch.Tensor:
+        if t_start not in self.cache:
+            abar_start = float(alpha_bar_at(self.abar, torch.tensor(float(t_start))))
+            self.cache[t_start] = pf_ode_reference(self.case.mixture, self.case.x, abar_start, 1.0, self.ref_steps)
+        return self.cache[t_start]
+
+
+def _ode_rms(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((out - reference).norm(dim=1).pow(2).mean().sqrt())
+
+
+def run_row(case, name: str, steps: int, abar: torch.Tensor, spacing: str, refs: References) -> dict:
     """One sampler at one step count on one case, as the JSON row this tool prints."""
     calls = [0]
     fn = case.mixture.model_fn(abar)
@@ -40,17 +84,63 @@ def run_row(case, name: str, steps: int, abar: torch.Tensor, spacing: str) -> di
         calls[0] += 1
         return fn(x, t)
 
-    spec = f"logsnr{steps}" if spacing == "logsnr" else str(steps)
+    spec = _spec(name, steps, spacing)
     timesteps = sampling_timesteps(len(abar), spec, abar)
     start = time.perf_counter()
     out = sample(name, counted, case.x, abar, timesteps, generator=torch.Generator().manual_seed(11), disable=True)
     seconds = time.perf_counter() - start
     sw2 = sliced_wasserstein(out, case.target, generator=torch.Generator().manual_seed(3))
-    ode_rms = float((out - case.reference).norm(dim=1).pow(2).mean().sqrt())
+    ode_rms = _ode_rms(out, refs.at(float(timesteps[0])))
     stochastic = name == "ddpm"
     return {"case": case.name, "sampler": name, "steps": steps, "error": sw2 if stochastic else ode_rms,
             "error_kind": "sw2" if stochastic else "ode_rms", "nfe": calls[0], "seconds": round(seconds, 4),
-            "seconds_per_step": round(seconds / steps, 6), "sw2": sw2, "floor": case.floor, "spacing": spacing}
+            "seconds_per_step": round(seconds / steps, 6), "sw2": sw2, "floor": case.floor, "spacing": spacing,
+            "grid": spec, "t_start": float(timesteps[0])}
+
+
+def run_peer(case, scheduler_name: str, options: dict, steps: int, betas: torch.Tensor, abar: torch.Tensor,
+             refs: References) -> dict:
+    """diffusers' scheduler ``scheduler_name`` on ``case`` with the exact eps: error, NFE and start step."""
+    import diffusers
+
+    scheduler = getattr(diffusers, scheduler_name)(num_train_timesteps=len(betas), trained_betas=betas.tolist(),
+                                                   **options)
+    scheduler.set_timesteps(steps)
+    x, calls = case.x.clone(), 0
+    for t in scheduler.timesteps:
+        eps = case.mixture.eps(x, abar[int(t)])
+        calls += 1
+        x = scheduler.step(eps, t, x).prev_sample
+    t_start = float(scheduler.timesteps[0])
+    return {"error": _ode_rms(x, refs.at(t_start)), "nfe": calls, "t_start": t_start}
+
+
+def peer_rows(case, abar: torch.Tensor, betas: torch.Tensor, methods: list[str], steps: list[int],
+              refs: References) -> list[dict]:
+    """One row per method and step count: textdiff on its default grid next to diffusers' same method."""
+    rows = []
+    for method in methods:
+        name, scheduler_name, options = PEERS[method]
+        for s in steps:
+            mine = run_row(case, name, s, abar, "default", refs)
+            peer = run_peer(case, scheduler_name, options, s, betas, abar, refs)
+            rows.append({"case": case.name, "method": method, "sampler": name, "steps": s, "grid": mine["grid"],
+                         "error": mine["error"], "nfe": mine["nfe"], "t_start": mine["t_start"],
+                         "peer": scheduler_name, "peer_error": peer["error"], "peer_nfe": peer["nfe"],
+                         "peer_t_start": peer["t_start"],
+                         "no_worse": mine["error"] <= peer["error"] and mine["nfe"] <= peer["nfe"]})
+    return rows
+
+
+def print_peer_table(rows: list[dict]) -> None:
+    """The side-by-side markdown table of :func:`peer_rows`, then the best error at <= 10 NFE per case."""
+    print("| case | method | steps | textdiff grid | textdiff error (NFE) | diffusers error (NFE) | start t (td / dif) "
+          "| textdiff no worse |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['method']} | {r['steps']} | {r['grid']} | {r['error']:.3e} ({r['nfe']}) | "
+              f"{r['peer_error']:.3e} ({r['peer_nfe']}) | {r['t_start']:.0f} / {r['peer_t_start']:.0f} | "
+              f"{'yes' if r['no_worse'] else 'NO'} |")
 
 
 def ordering_failures(rows: list[dict]) -> list[str]:
@@ -68,6 +158,37 @@ def ordering_failures(rows: list[dict]) -> list[str]:
     return failures
 
 
+def run_peer_table(args, parser, cases: list[str], betas: torch.Tensor, abar: torch.Tensor) -> int:
+    """``--peer``: the side-by-side table (or JSON rows); exit 0."""
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in PEERS]
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(PEERS)}")
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        parser.error("--peer needs diffusers: pip install -e '.[bench]'")
+    rows = []
+    for case_name in cases:
+        case = make_case(case_name, abar, args.n, args.seed, args.ref_steps)
+        case_rows = peer_rows(case, abar, betas, methods, list(PEER_STEPS), References(case, abar, args.ref_steps))
+        rows += case_rows
+        if args.json:
+            for row in case_rows:
+                print(json.dumps(row), flush=True)
+    if not args.json:
+        print_peer_table(rows)
+        for case_name in cases:
+            few = [r for r in rows if r["case"] == case_name and r["nfe"] <= 10]
+            peer = [r for r in rows if r["case"] == case_name and r["steps"] == 10]
+            if few and peer:
+                best, rival = min(few, key=lambda r: r["error"]), min(peer, key=lambda r: r["peer_error"])
+                print(f"{case_name}: best textdiff at <= 10 NFE {best['error']:.3e} ({best['method']}, "
+                      f"{best['grid']}); best diffusers at 10 steps {rival['peer_error']:.3e} ({rival['method']}, "
+                      f"{rival['peer_nfe']} NFE)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object per line")
@@ -75,8 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samplers", default=",".join(SAMPLERS), help=f"comma list of {', '.join(SAMPLERS)}")
     parser.add_argument("--steps", default="5,10,20,50,80,200", help="comma list of step counts "
                         "(80 and 200 are added for the DDIM comparison)")
-    parser.add_argument("--spacing", choices=("logsnr", "uniform"), default="logsnr",
-                        help="timestep spacing: even in log-SNR, or even integer steps (respacing)")
+    parser.add_argument("--spacing", choices=("default", "quad", "logsnr", "karras", "trailing", "leading", "uniform"),
+                        default="default", help="timestep grid: each sampler's default_grid, a named grid, or "
+                        "even integer steps (respacing)")
+    parser.add_argument("--peer", action="store_true", help="textdiff next to diffusers' same method at steps "
+                        f"{','.join(map(str, PEER_STEPS))} (--steps is ignored); needs pip install '.[bench]'")
+    parser.add_argument("--methods", default=",".join(PEERS), help=f"--peer: comma list of {', '.join(PEERS)}")
     parser.add_argument("--n", type=int, default=2000, help="start points per case")
     parser.add_argument("--ref-steps", type=int, default=2000, help="RK4 steps of the reference ODE solve")
     parser.add_argument("--schedule", choices=("cosine", "linear"), default="cosine")
@@ -93,16 +218,20 @@ def main(argv: list[str] | None = None) -> int:
         steps = sorted({int(s) for s in args.steps.split(",") if s} | {80, 200})
     except ValueError:
         parser.error(f"--steps {args.steps!r} must be a comma list of integers")
-    abar = alphas_cumprod(betas_for(args.schedule, 1000))
+    betas = betas_for(args.schedule, 1000)
+    abar = alphas_cumprod(betas)
+    if args.peer:
+        return run_peer_table(args, parser, cases, betas, abar)
 
     rows = []
     if not args.json:
         print(f"{'case':7} {'sampler':9} {'steps':>5} {'error':>10} {'kind':7} {'nfe':>5} {'s/step':>9} {'sw2':>7}")
     for case_name in cases:
         case = make_case(case_name, abar, args.n, args.seed, args.ref_steps)
+        refs = References(case, abar, args.ref_steps)
         for name in samplers:
             for s in steps:
-                row = run_row(case, name, s, abar, args.spacing)
+                row = run_row(case, name, s, abar, args.spacing, refs)
                 rows.append(row)
                 if args.json:
                     print(json.dumps(row), flush=True)

@@ -77,3 +77,29 @@ def test_guidance_conds_drop_with_none():
 def test_cond_dicts_with_different_keys_are_refused():
     with pytest.raises(ValueError, match="prepare_cond"):
         concat_conds([{"a": torch.zeros(1)}, {"b": torch.zeros(1)}])
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "prk", "plms", "ipndm", "dpmpp_2m", "dpmpp_3m", "unipc", "deis"])
+def test_every_sampler_samples_the_guided_combination(name):
+    """A sampler given the guided wrapper runs exactly as on the combined eps, at every one of its model calls
+    (fractional PRK midpoints and multistep histories included); scales 1, 1 are the conditional model."""
+    from textdiff.diffusion.schedules import alphas_cumprod, cosine_betas
+    from textdiff.sampling.samplers import sample, sampling_timesteps
+
+    abar = alphas_cumprod(cosine_betas(1000))
+    ts = sampling_timesteps(1000, "karras6", abar)
+    model = Recorder()
+    full, txt_only, null = _conds()
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    full, txt_only, null = ({k: v.double() for k, v in c.items()} for c in (full, txt_only, null))
+
+    def combined(x_, t_):
+        e_null, e_txt, e_full = (model(x_, t_, **c) for c in (null, txt_only, full))
+        return e_null + 3.0 * (e_txt - e_null) + 2.0 * (e_full - e_txt)
+
+    def run(fn):
+        return sample(name, fn, x, abar, ts, generator=torch.Generator().manual_seed(1), disable=True)
+
+    assert torch.allclose(run(guided_model(model, full, txt_only, null, 3.0, 2.0)), run(combined), atol=1e-12)
+    assert torch.allclose(run(guided_model(model, full, txt_only, null, 1.0, 1.0)),
+                          run(lambda x_, t_: model(x_, t_, **full)), atol=1e-12)

@@ -73,7 +73,15 @@ STIFF = GaussianMixture(
     means=((-0.5, -0.5), (0.5, 0.5), (0.6, -0.4), (-0.4, 0.6)),
     stds=(0.05, 0.05, 0.3, 0.2),
 )
-CASES = {"smooth": SMOOTH, "stiff": STIFF}
+# 8 dimensions, component stds 0.05 to 0.3 (issue 11); means are signed patterns of 0.3 to 0.6, fixed up front.
+BLOBS8 = GaussianMixture(
+    weights=(0.2, 0.15, 0.15, 0.2, 0.15, 0.15),
+    means=((0.5, -0.5, 0.3, 0.0, -0.3, 0.5, -0.4, 0.2), (-0.5, 0.4, -0.3, 0.5, 0.2, -0.4, 0.3, 0.0),
+           (0.3, 0.3, -0.6, -0.3, 0.5, 0.0, 0.4, -0.5), (-0.3, -0.4, 0.5, -0.5, 0.0, 0.3, -0.3, 0.6),
+           (0.0, 0.6, 0.4, 0.3, -0.5, -0.3, -0.5, -0.3), (0.6, 0.0, 0.0, -0.6, 0.4, 0.4, 0.5, 0.4)),
+    stds=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3),
+)
+CASES = {"smooth": SMOOTH, "stiff": STIFF, "blobs8": BLOBS8}
 
 
 def karras_sigmas(sigma_max: float, num_steps: int, rho: float = 7.0) -> torch.Tensor:
@@ -83,10 +91,11 @@ def karras_sigmas(sigma_max: float, num_steps: int, rho: float = 7.0) -> torch.T
 
 
 @torch.no_grad()
-def pf_ode_reference(mixture: GaussianMixture, x: torch.Tensor, abar_start: float, abar_end: float,
+def pf_ode_reference(mixture: GaussianMixture, x: torch.Tensor, abar_start: float, abar_end: float = 1.0,
                      num_steps: int = 2000) -> torch.Tensor:
     """The exact sampler output: the probability-flow ODE solved from ``x`` ``[N, D]`` at level
-    ``abar_start`` down to ``abar_end`` (the last sampling step), then the exact x_0 prediction there.
+    ``abar_start`` down to ``abar_end``, then the exact x_0 prediction there. The default ``abar_end = 1``
+    is the ODE's own end (clean data, ``sigma = 0``, where eps vanishes), the point every sampler aims at.
 
     In ``y = x / sqrt(abar)`` and ``sigma = sqrt((1 - abar) / abar)`` the ODE is ``dy/dsigma = eps(x, abar)``
     (independent of the schedule); classical RK4 on :func:`karras_sigmas` steps. Returns ``[N, D]`` float64.
@@ -140,7 +149,7 @@ def make_case(name: str, alphas_cumprod: torch.Tensor, n: int, seed: int = 0, re
     """Draw the starts and targets of case ``name`` (:data:`CASES`) and solve its reference."""
     mixture = CASES[name]
     x = torch.randn(n, mixture_dim(mixture), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    reference = pf_ode_reference(mixture, x, float(alphas_cumprod[-1]), float(alphas_cumprod[0]), reference_steps)
+    reference = pf_ode_reference(mixture, x, float(alphas_cumprod[-1]), 1.0, reference_steps)
     target = mixture.sample(n, torch.Generator().manual_seed(seed + 1))
     floor = sliced_wasserstein(mixture.sample(n, torch.Generator().manual_seed(seed + 2)), target,
                                generator=torch.Generator().manual_seed(seed + 3))

@@ -14,11 +14,18 @@ from textdiff.diffusion.schedules import betas_from_alphas_cumprod
 
 
 def _spread(start: int, size: int, count: int) -> list[int]:
-    """``count`` steps spread evenly over ``[start, start + size)``, both ends included when count > 1."""
-    if count == 1:
-        return [start]
-    stride = (size - 1) / (count - 1)
-    return [start + round(i * stride) for i in range(count)]
+    """``count`` steps spread over ``[start, start + size)``, first included, as improved-diffusion does.
+
+    The fractional stride is accumulated (``cur += stride``) rather than multiplied (``i * stride``): the two
+    round differently where ``i * stride`` lands on a half (``space_timesteps(1000, "21")[10]`` is 499, not
+    500), and a respaced checkpoint must sample at the steps the research code trained and sampled at.
+    """
+    stride = (size - 1) / (count - 1) if count > 1 else 1
+    steps, cur = [], 0.0
+    for _ in range(count):
+        steps.append(start + round(cur))
+        cur += stride
+    return steps
 
 
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
