@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     p.add_argument("--renders", type=int, default=d.renders, help="training images per training string")
     p.add_argument("--guidance", type=float, default=d.guidance, help="transcription guidance of the headline CER")
     p.add_argument("--sampler", default=d.sampler, help="sampler of every evaluation")
-    p.add_argument("--steps", type=int, default=d.steps, help="sampling steps of every evaluation")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"sampling steps of every evaluation (default {d.steps}; 10 below 20 minutes)")
     p.add_argument("--eval-per-string", type=int, default=None,
                    help=f"samples per held-out string (default {d.eval_per_string}; 1 below 20 minutes)")
     p.add_argument("--recipe", default=d.recipe, help="training recipe")
@@ -40,8 +41,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     per_string = args.eval_per_string or (d.eval_per_string if args.minutes >= 20 else 1)
+    steps = args.steps or (d.steps if args.minutes >= 20 else 10)
     design = Design(renders=args.renders, seed=args.seed, guidance=args.guidance, sampler=args.sampler,
-                    steps=args.steps, eval_per_string=per_string, recipe=args.recipe, overrides=tuple(args.overrides))
+                    steps=steps, eval_per_string=per_string, recipe=args.recipe, overrides=tuple(args.overrides))
     try:
         result = run_experiment(args.out, args.minutes, design)
     except (ConfigError, ExperimentError, TesseractMissingError, TesseractError) as e:

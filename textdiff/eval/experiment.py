@@ -65,8 +65,8 @@ class Design:
     size: int = 32
     seed: int = 0
     guidance: float = 3.0  # transcription guidance of the headline figure
-    sampler: str = "ddim"
-    steps: int = 25
+    sampler: str = "ipndm"  # the most accurate at few steps (docs/samplers.md), on its own grid
+    steps: int = 20
     eval_per_string: int = 2  # samples per held-out string in the final evaluation
     curve_prompts: int = 40  # held-out strings of the training-time evaluation
     recipe: str = "ds_configs/spell_cpu.json"
@@ -76,13 +76,13 @@ class Design:
 def eval_minutes(design: Design, n_heldout: int) -> float:
     """Minutes reserved for the final evaluation: sampling (guided and null), OCR of samples and renders.
 
-    Measured on the 2-core machine with the spell_cpu.json model: about 0.35 s per guided sample at 25
-    steps, half that for a null one, 0.02 s per image of OCR; doubled for safety, plus half a minute to
-    load and write.
+    Measured on the 2-core machine with the spell_cpu.json model (busy with other work): 0.35 s per guided
+    sample and 0.4 s per null one at 25 steps, 0.02 s per image of OCR; 1.25x that for safety, plus half a
+    minute to load the weights and write the images.
     """
     n = n_heldout * design.eval_per_string
-    seconds = n * (0.35 + 0.175) * design.steps / 25 + 3 * n * 0.02
-    return 0.5 + 2 * seconds / 60
+    seconds = n * (0.35 + 0.4) * design.steps / 25 + 3 * n * 0.02
+    return 0.5 + 1.25 * seconds / 60
 
 
 def prepare_data(out: Path, design: Design, progress: bool = True) -> tuple[Path, list[str], list[str]]:
@@ -149,8 +149,10 @@ def _sample(loaded, strings: Sequence[Optional[str]], seeds: Sequence[int], desi
     """uint8 [S, S, 3] images of ``strings`` (None: the null transcription), one per seed."""
     from textdiff.data.preview import to_uint8
     from textdiff.sampling.cascade import StageSettings, sample_stage
+    from textdiff.sampling.samplers import default_grid
 
-    settings = StageSettings(sampler=design.sampler, steps=str(design.steps), guidance_txt=guidance)
+    settings = StageSettings(sampler=design.sampler, steps=default_grid(design.sampler, str(design.steps)),
+                             guidance_txt=guidance)
     out: list[np.ndarray] = []
     for i in tqdm(range(0, len(strings), batch), desc=desc, unit="batch"):
         with torch.no_grad():

@@ -330,9 +330,10 @@ class Trainer:
         upsamplers. Returns [N, C, S, S] in [-1, 1].
         """
         from textdiff.sampling.cascade import StageSettings, sample_stage
+        from textdiff.sampling.samplers import default_grid
 
         cfg = self.cfg.train
-        settings = StageSettings(sampler=sampler, steps=str(steps),
+        settings = StageSettings(sampler=sampler, steps=default_grid(sampler, str(steps)),
                                  guidance_txt=cfg.sample_guidance_scale_txt if guidance_txt is None else guidance_txt,
                                  guidance_capt=cfg.sample_guidance_scale_capt,
                                  dynamic_threshold=cfg.sample_dynamic_threshold)
