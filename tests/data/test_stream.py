@@ -15,7 +15,7 @@ from PIL import Image
 
 from textdiff.config import AugmentConfig, DataConfig
 from textdiff.data.stream import (
-    build_train_stream, epoch_samples, epoch_shards, resolve_shards,
+    ShardsError, build_train_stream, epoch_shards, group_samples, resolve_data_shards, resolve_shards, shard_groups,
 )
 
 N_SHARDS, PER_SHARD = 8, 6  # 48 samples
@@ -79,7 +79,7 @@ def test_missing_shard_and_empty_spec_name_the_key_and_the_fix(shard_dir):
 
 
 def test_remote_urls_pass_through_unchanged():
-    listed = resolve_shards("pipe:aws s3 cp s3://b/shard-{0..1}.tar -::https://x.org/a.tar")
+    listed = resolve_shards("pipe:aws s3 cp s3://b/shard-{0..1}.tar -::https://x.org/a.tar", allow_pipe=True)
     assert listed.urls == ("pipe:aws s3 cp s3://b/shard-0.tar -", "pipe:aws s3 cp s3://b/shard-1.tar -",
                            "https://x.org/a.tar")
 
@@ -113,13 +113,14 @@ def test_two_ranks_by_two_workers_cover_every_sample_exactly_once_per_epoch(shar
 def test_block_shuffle_permutes_within_blocks_and_reenters_at_any_index(shard_dir):
     shards = resolve_shards(str(shard_dir / "manifest.json"))
     counters = {"shard_errors": 0}
-    full = [(i, s["__key__"]) for i, s in epoch_samples(shards, [0, 1], 3, 0, 0, 5, 0, counters)]
+    full = [(i, s["__key__"]) for i, s in group_samples(shards, [0, 1], 3, 0, 0, 0, 5, 0, counters)]
     assert [i for i, _ in full] == list(range(12))
     assert sorted(k for _, k in full) == sorted(f"s{s}_{i}" for s in (0, 1) for i in range(6))
     assert [k for _, k in full] != [f"s{s}_{i}" for s in (0, 1) for i in range(6)]  # shuffled
     for start in (1, 5, 7, 11):
-        tail = [(i, s["__key__"]) for i, s in epoch_samples(shards, [0, 1], 3, 0, 0, 5, start, counters)]
+        tail = [(i, s["__key__"]) for i, s in group_samples(shards, [0, 1], 3, 0, 0, 0, 5, start, counters)]
         assert tail == full[start:]
+    assert counters["shard_errors"] == 0
 
 
 def assert_same_batches(a, b):
@@ -163,8 +164,8 @@ def test_state_from_other_settings_or_shards_is_refused_naming_what_changed(shar
 
 
 def test_batches_follow_the_architecture_layout_and_keep_text_free_as_empty_string(shard_dir):
-    stream = build_train_stream(data_cfg(shard_dir, shuffle_buffer=0), AugmentConfig(), 16, 8, 6, 0, 1)
-    batch = next(iter(stream))
+    stream = build_train_stream(data_cfg(shard_dir, shuffle_buffer=0, open_shards=1), AugmentConfig(), 16, 8, 6, 0, 1)
+    batch = next(iter(stream))  # one shard in tar order: its samples 0 (text-free) and 1 (no captions)
     assert set(batch) == {"image", "low_res", "txt", "capt", "key"}
     assert batch["image"].shape == (6, 3, 16, 16) and batch["low_res"].shape == (6, 3, 8, 8)
     assert -1.0 <= batch["image"].min().item() and batch["image"].max().item() <= 1.0
@@ -244,5 +245,6 @@ def test_streams_the_shared_synthetic_shards_with_counts_from_their_manifest(syn
 
 def test_pipe_urls_stream_through_a_shell_command(shard_dir):
     spec = f"pipe:cat {shard_dir}/shard-000000.tar,pipe:cat {shard_dir}/shard-000001.tar"
-    stream = build_train_stream(data_cfg(shard_dir, shards=spec, shuffle_buffer=0), AugmentConfig(), 16, 0, 12, 0, 1)
+    stream = build_train_stream(data_cfg(shard_dir, shards=spec, shuffle_buffer=0, allow_pipe=True), AugmentConfig(),
+                                16, 0, 12, 0, 1)
     assert sorted(next(iter(stream))["key"]) == sorted(f"s{s}_{i}" for s in (0, 1) for i in range(6))
