@@ -391,17 +391,18 @@ def reader_batches(spec: StreamSpec, reader: int, position: dict) -> Iterator[di
     while True:
         order = epoch_shards(len(spec.shards.urls), spec.data.seed, epoch, slot, num_slots, spec.data.resampled)
         groups = shard_groups(order, spec.data.open_shards)
-        read_any = False
+        read, usable = 0, 0
         for number in range(group, len(groups)):
             for index, raw in group_samples(spec.shards, groups[number], spec.data.seed, epoch, slot, number,
                                             spec.data.shuffle_buffer, start, counters):
-                read_any = True
+                read += 1
                 try:
                     pending.append(_process(spec, raw, epoch, slot, number, index))
                 except CorruptSample as e:
                     counters["skipped_corrupt"] += 1
                     log.warning("skipping corrupt sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), e)
                     continue
+                usable += 1
                 if len(pending) == spec.batch_size:
                     batch = collate(pending)
                     batch["_reader"] = reader
@@ -409,9 +410,10 @@ def reader_batches(spec: StreamSpec, reader: int, position: dict) -> Iterator[di
                     pending = []
                     yield batch
             start = 0
-        if not read_any and group == 0 and position["index"] == 0:
-            raise RuntimeError(f"reader {slot} found no samples in epoch {epoch} (shards "
-                               f"{[spec.shards.urls[i] for i in order]}); check data.shards")
+        if not usable and group == 0 and position["index"] == 0:  # else it would loop over epochs forever
+            raise RuntimeError(f"reader {slot} found no usable samples in epoch {epoch} ({read} read, all corrupt "
+                               f"or short; shards {[spec.shards.urls[i] for i in order]}); check data.shards and "
+                               "the warnings above")
         epoch, group, position = epoch + 1, 0, {"index": 0}
 
 
