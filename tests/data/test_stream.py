@@ -494,3 +494,14 @@ def test_a_short_shard_still_leaves_every_other_sample_read_once_per_epoch(shard
     keys = [k for b in islice(build_train_stream(cfg, AugmentConfig(), 16, 0, 5, 0, 1), 9) for k in b["key"]]
     want = {f"s{s}_{i}" for s in range(N_SHARDS) for i in range(PER_SHARD)} - {"s3_3", "s3_4", "s3_5"}
     assert Counter(keys) == Counter(want)  # 45 = 9 batches of 5: epoch 0 exactly
+
+
+def test_new_data_keys_are_validated_by_name_and_the_pixel_cap_matches_the_sharder():
+    from textdiff.config import ConfigError
+    from textdiff.data.sources import DEFAULT_MAX_PIXELS
+    with pytest.raises(ConfigError, match="data.open_shards"):
+        DataConfig(open_shards=0).validate()
+    with pytest.raises(ConfigError, match="data.max_pixels"):
+        DataConfig(max_pixels=0).validate()
+    assert DataConfig().max_pixels == DEFAULT_MAX_PIXELS == 64_000_000
+    assert DataConfig().allow_pipe is False and DataConfig().open_shards == 4
