@@ -200,7 +200,9 @@ def test_source_folder_becomes_samples_with_documented_json(tmp_path, good_sourc
     assert sorted(samples) == ["anim", "logo", "plain", "signs/0002", "signs/street/0001", "v1_2_final"]
     assert m["samples"] == 6 and m["text_free"] == 1 and m["with_text"] == 5
     meta = json.loads(samples["signs/street/0001"]["json"])
-    assert meta == {"captions": [""], "safebox": [0.0, 0.0, 32.0, 24.0], "px_scale": [1.0, 1.0], "width": 32, "height": 24,
+    # one schema (sources.sample_meta): no caption -> [""], no safebox -> the whole image, floats
+    assert meta == {"captions": [""], "safebox": [0.0, 0.0, 32.0, 24.0], "px_scale": [1.0, 1.0], "width": 32,
+                    "height": 24,
                     "source": "signs/street/0001.jpg"}
     assert samples["signs/0002"]["txt"] == b"two\nlines" and samples["plain"]["txt"] == b""
 

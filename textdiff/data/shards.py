@@ -2,11 +2,12 @@
 
 Each sample is ``KEY.jpg|png|webp`` (the image bytes, RGB), ``KEY.txt`` (the transcription, UTF-8; "" = no
 text; absent = unknown, only with ``--missing-txt keep``) and ``KEY.json`` (``captions``, ``safebox``,
-``px_scale``, ``width``, ``height``, ``source``; the same keys and types in every sample). Samples are written
-in a random order over the whole input (``--seed``), so every shard is a random sample of the set. Shards are ``OUT_DIR/shard-000000.tar ...``; each is
-written as ``shard-NNNNNN.tar.partial`` and renamed when complete, so a killed run leaves no half shard
-under a shard name. ``manifest.json`` (written last, also atomically) lists the shards, counts, bytes, the
-share of text-free images, the brace pattern for training, the command, and every skipped input.
+``px_scale``, ``width``, ``height``, ``source``; the same keys and types in every sample). Samples are
+written in a random order over the whole input (``--seed``), so every shard is a random sample of the set.
+Shards are ``OUT_DIR/shard-000000.tar ...``; each is written as ``shard-NNNNNN.tar.partial`` and renamed
+when complete, so a killed run leaves no half shard under a shard name. ``manifest.json`` (written last,
+also atomically) lists the shards, counts, bytes, the share of text-free images, the brace pattern for
+training, the sample order and seed, the command, and every skipped input.
 
 Usage (see docs/data.md)::
 
@@ -17,7 +18,6 @@ Usage (see docs/data.md)::
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import multiprocessing
 import os
@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--order", choices=(ORDER_RANDOM, ORDER_SORTED), default=None,
                    help="folder only: write the images in a seeded random order (default; each shard a random "
                    "sample of the set) or sorted by path")
-    p.add_argument("--size", type=int, default=None, help=f"synthetic only: image side in px (default {SYNTHETIC_SIZE})")
+    p.add_argument("--size", type=int, default=None,
+                   help=f"synthetic only: image side in px (default {SYNTHETIC_SIZE})")
     p.add_argument("--captions", help="JSON object {key: caption or [captions]} or JSON Lines {key, value}")
     p.add_argument("--safeboxes", help="JSON {key: [left, top, right, bottom]} in stored-image pixels")
     p.add_argument("--px-scales", help="JSON {key: [sx, sy]}: stored size / original size")

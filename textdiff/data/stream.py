@@ -26,12 +26,13 @@ Design (docs/data_pipeline.md says more):
   carries its reader and that reader's position after it, so :meth:`TrainStream.state_dict` knows every
   reader's position and which reader's batch comes next. A fresh stream given that state re-enters each
   reader at its position (skipping whole groups, reading but not decoding the samples of the current
-  group before its position) and rotates its workers so the same reader goes
-  first: batches k+1, k+2, ... are bit-identical to the uninterrupted run's.
+  group before its position) and rotates its workers so the same reader goes first: batches k+1, k+2, ...
+  are bit-identical to the uninterrupted run's.
 
 WebDataset supplies URL expansion (``::`` lists, braces), opening (local, ``http(s)://`` and fsspec URLs;
-``pipe:`` only with ``data.allow_pipe``, since it runs a shell command) and tar reading; its node/worker splitters and reservoir shuffle are not used because they read the rank from
-the environment and cannot be resumed exactly.
+``pipe:`` only with ``data.allow_pipe``, since it runs a shell command) and tar reading; its node/worker
+splitters and reservoir shuffle are not used because they read the rank from the environment and cannot
+be resumed exactly.
 """
 
 from __future__ import annotations
