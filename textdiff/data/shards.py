@@ -12,6 +12,7 @@ training, the sample order and seed, the command, and every skipped input.
 Usage (see docs/data.md)::
 
     python tools/make_shards.py SRC_DIR OUT_DIR [--captions C.json] [--safeboxes S.json] [--px-scales P.json]
+        [--seed S]   # the random sample order (default 0; --order sorted keeps path order)
     python tools/make_shards.py --synthetic 1000 OUT_DIR --seed 0
 """
 
