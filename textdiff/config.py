@@ -218,12 +218,17 @@ class DataConfig:
     prefetch_factor: int = 2
     seed: int = 0
     save_first_batch: bool = True
+    open_shards: int = 4  # shards each reader reads at once, drawing every sample from one of them at random
+    allow_pipe: bool = False  # shard URLs "pipe:CMD" run CMD in a shell: refused unless true
+    max_pixels: int = 64_000_000  # decompression-bomb cap (make_shards --max-pixels); larger images are corrupt
 
     def validate(self) -> None:
         """Raise ConfigError for impossible combinations, naming the key."""
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
         _require(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1 (batches each worker keeps ready)")
+        _require(self.open_shards >= 1, "data.open_shards", "must be >= 1 (1: one shard after the other)")
+        _require(self.max_pixels >= 1, "data.max_pixels", "must be >= 1 (width x height of the largest image)")
 
 
 @dataclass

@@ -19,7 +19,8 @@ import pytest
 from braceexpand import braceexpand
 from PIL import Image
 
-from textdiff.data.shards import (ShardingError, main, make_source_shards, run, sample_keys, write_shards)
+from textdiff.data.shards import (ShardingError, main, make_source_shards, run, sample_keys, shuffled,
+                                  write_shards)
 from textdiff.data.sources import ShardSample, SourceOptions
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,7 +99,10 @@ def test_fixture_shards_stream_through_webdataset_with_the_documented_fields(syn
     for s in samples:
         assert set(s["json"]) == {"captions", "safebox", "px_scale", "width", "height", "source"}
         assert s["png"].size == (64, 64) and s["png"].mode == "RGB"
-        assert (s["json"]["safebox"] is None) == (s["txt"] == "")
+        # one schema: a text-free image's safebox is the whole image, never null (see sample_meta)
+        assert all(isinstance(v, float) for v in s["json"]["safebox"]) and s["json"]["captions"]
+        if s["txt"] == "":
+            assert s["json"]["safebox"] == [0.0, 0.0, 64.0, 64.0]
 
 
 def test_manifest_counts_bytes_and_text_free_share_agree_with_the_shards(synthetic_shards):
@@ -196,7 +200,9 @@ def test_source_folder_becomes_samples_with_documented_json(tmp_path, good_sourc
     assert sorted(samples) == ["anim", "logo", "plain", "signs/0002", "signs/street/0001", "v1_2_final"]
     assert m["samples"] == 6 and m["text_free"] == 1 and m["with_text"] == 5
     meta = json.loads(samples["signs/street/0001"]["json"])
-    assert meta == {"captions": [], "safebox": None, "px_scale": [1.0, 1.0], "width": 32, "height": 24,
+    # one schema (sources.sample_meta): no caption -> [""], no safebox -> the whole image, floats
+    assert meta == {"captions": [""], "safebox": [0.0, 0.0, 32.0, 24.0], "px_scale": [1.0, 1.0], "width": 32,
+                    "height": 24,
                     "source": "signs/street/0001.jpg"}
     assert samples["signs/0002"]["txt"] == b"two\nlines" and samples["plain"]["txt"] == b""
 
@@ -406,3 +412,135 @@ def test_command_fails_when_every_input_was_skipped(tmp_path, capsys):
 def test_synthetic_size_below_16_px_is_refused_naming_the_flag(tmp_path, capsys):
     assert main(["--synthetic", "2", str(tmp_path / "out"), "--size", "8", "--workers", "0"]) == 1
     assert "--size 8: synthetic images need at least 16 px" in capsys.readouterr().err
+
+
+# --- sample order, EXIF, one JSON schema, flags that a mode would ignore ----------------------------------
+
+
+def shard_keys(out: Path) -> list[str]:
+    """Sample keys in the order they are stored, shard after shard."""
+    keys = []
+    for shard in sorted(out.glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            keys += [n.split(".", 1)[0] for n in tar.getnames() if n.endswith(".json")]
+    return keys
+
+
+def two_source_folder(src: Path, per_source: int) -> None:
+    for source in ("a_source", "b_source"):
+        for i in range(per_source):
+            add(src, f"{source}/{i:03d}.png", f"{source[0]}{i}", size=(8, 8))
+
+
+def test_folder_samples_are_written_in_the_seeded_permutation_and_the_manifest_records_it(tmp_path):
+    src = tmp_path / "src"
+    two_source_folder(src, 20)
+    m = make_source_shards(src, tmp_path / "out", maxcount=10, workers=0, progress=False, seed=3)
+    paths = sorted(f"{s}/{i:03d}" for s in ("a_source", "b_source") for i in range(20))
+    assert shard_keys(tmp_path / "out") == shuffled(paths, 3)
+    assert (m["order"], m["seed"]) == ("random", 3)
+    other = make_source_shards(src, tmp_path / "other", maxcount=10, workers=0, progress=False, seed=4)
+    assert shard_keys(tmp_path / "other") != shard_keys(tmp_path / "out") and other["seed"] == 4
+    # every shard of 10 holds both sources: P(one source only) = 2 * C(20,10) / C(40,10) = 3e-4 per shard
+    for shard in range(4):
+        assert len({k[0] for k in shard_keys(tmp_path / "out")[10 * shard:10 * shard + 10]}) == 2
+    make_source_shards(src, tmp_path / "sorted", maxcount=10, workers=0, progress=False, order="sorted")
+    assert shard_keys(tmp_path / "sorted") == paths
+    assert manifest_of(tmp_path / "sorted")["order"] == "sorted"
+
+
+def test_a_jpeg_with_an_exif_rotation_is_stored_upright_with_the_upright_size_and_safebox(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    raw = Image.new("RGB", (40, 20), (0, 0, 255))
+    raw.paste((255, 0, 0), (0, 0, 20, 20))  # left half red in the sensor's pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view": the left edge is the top of the upright image
+    raw.save(src / "cam.jpg", "JPEG", quality=95, exif=exif)
+    (src / "cam.txt").write_text("UP")
+    (tmp_path / "boxes.json").write_text(json.dumps({"cam": [2, 3, 18, 37]}))  # fits 20x40 only, not 40x20
+    m = make_source_shards(src, tmp_path / "out", safeboxes=tmp_path / "boxes.json", workers=0, progress=False)
+    assert m["samples"] == 1, m["skipped"]
+    sample = read_shards(tmp_path / "out")["cam"]
+    meta = json.loads(sample["json"])
+    stored = Image.open(io.BytesIO(sample["jpg"]))
+    assert stored.size == (20, 40) and (meta["width"], meta["height"]) == (20, 40)
+    assert meta["safebox"] == [2.0, 3.0, 18.0, 37.0]
+    assert stored.getexif().get(0x0112, 1) == 1  # no rotation left for a reader to apply twice
+    top, bottom = stored.convert("RGB").getpixel((10, 5)), stored.convert("RGB").getpixel((10, 34))
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60
+
+
+@pytest.mark.parametrize("lacking", ["safebox", "captions"])
+def test_shards_whose_first_samples_lack_an_optional_field_load_with_huggingface_datasets(tmp_path, lacking):
+    """HF ``datasets`` types each JSON field from the first 5 samples; a null safebox or an empty caption
+    list there typed the field "null" and every later value failed with "Couldn't cast ... to null"."""
+    datasets = pytest.importorskip("datasets")
+    src = tmp_path / "src"
+    boxes, captions = {}, {}
+    for i in range(8):
+        add(src, f"{i:02d}.png", f"w{i}", size=(16, 12))
+        if i >= 6 or lacking != "safebox":
+            boxes[f"{i:02d}"] = [1, 1, 9, 9]
+        if i >= 6 or lacking != "captions":
+            captions[f"{i:02d}"] = [f"caption {i}"]
+    (tmp_path / "b.json").write_text(json.dumps(boxes))
+    (tmp_path / "c.json").write_text(json.dumps(captions))
+    make_source_shards(src, tmp_path / "out", captions=tmp_path / "c.json", safeboxes=tmp_path / "b.json",
+                       workers=0, progress=False, order="sorted")
+    ds = load_with_datasets(datasets, [str(tmp_path / "out" / "shard-000000.tar")], tmp_path / "cache")
+    rows = {r["__key__"]: r["json"] for r in ds}
+    assert len(rows) == 8
+    assert rows["07"]["safebox"] == [1.0, 1.0, 9.0, 9.0] and rows["07"]["captions"] == ["caption 7"]
+    if lacking == "safebox":
+        assert rows["00"]["safebox"] == [0.0, 0.0, 16.0, 12.0]  # the whole image: what the stream protects
+    else:
+        assert rows["00"]["captions"] == [""]  # the stream's "no caption"
+
+
+def test_the_old_schema_with_null_safeboxes_first_fails_in_huggingface_datasets(tmp_path):
+    """The counterfactual of the test above: the JSON written before one schema breaks the reader."""
+    datasets = pytest.importorskip("datasets")
+    png = save_image(tmp_path / "x.png", size=(16, 12))
+    samples = [ShardSample(f"{i:02d}", "png", png, "w", {"captions": [], "safebox": None if i < 6 else [1, 1, 9, 9],
+                                                            "px_scale": [1.0, 1.0], "width": 16, "height": 12,
+                                                            "source": "x.png"}) for i in range(8)]
+    (tmp_path / "old").mkdir()
+    write_shards(samples, tmp_path / "old")
+    with pytest.raises(datasets.exceptions.DatasetGenerationError) as e:
+        load_with_datasets(datasets, [str(tmp_path / "old" / "shard-000000.tar")], tmp_path / "cache")
+    assert "Couldn't cast" in str(e.value.__cause__) and "to null" in str(e.value.__cause__)
+
+
+@pytest.mark.parametrize("flag", [["--image-format", "jpg"], ["--max-side", "32"], ["--min-side", "8"],
+                                  ["--require-captions"], ["--strict"], ["--missing-txt", "keep"],
+                                  ["--max-pixels", "100"], ["--order", "sorted"]])
+def test_synthetic_mode_honours_or_refuses_each_folder_flag_with_status_2(tmp_path, flag, capsys):
+    argv = ["--synthetic", "3", str(tmp_path / "out"), "--workers", "0", *flag]
+    if flag[0] == "--image-format":  # honoured: every image stored as JPEG
+        run(argv)
+        samples = read_shards(tmp_path / "out")
+        assert all(set(s) == {"jpg", "txt", "json"} for s in samples.values()) and len(samples) == 3
+        assert Image.open(io.BytesIO(next(iter(samples.values()))["jpg"])).format == "JPEG"
+        return
+    with pytest.raises(SystemExit) as e:
+        run(argv)
+    assert e.value.code == 2
+    assert f"{flag[0]} applies to a source folder, not to --synthetic" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_mode_refuses_size_which_only_synthetic_reads(tmp_path, good_source, capsys):
+    with pytest.raises(SystemExit) as e:
+        run([str(good_source), str(tmp_path / "out"), "--size", "32", "--workers", "0"])
+    assert e.value.code == 2 and "--size applies to --synthetic only" in capsys.readouterr().err
+
+
+def test_skip_reasons_name_the_file_not_a_memory_address(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "broken.png").write_bytes(b"not an image at all")
+    (src / "sub" / "broken.txt").write_text("x")
+    m = make_source_shards(src, tmp_path / "out", workers=0, progress=False)
+    reason = m["skipped"][0]["reason"]
+    assert "cannot identify image file sub/broken.png" in reason and "BytesIO" not in reason and "0x" not in reason

@@ -2,21 +2,23 @@
 
 Each sample is ``KEY.jpg|png|webp`` (the image bytes, RGB), ``KEY.txt`` (the transcription, UTF-8; "" = no
 text; absent = unknown, only with ``--missing-txt keep``) and ``KEY.json`` (``captions``, ``safebox``,
-``px_scale``, ``width``, ``height``, ``source``). Shards are ``OUT_DIR/shard-000000.tar ...``; each is
-written as ``shard-NNNNNN.tar.partial`` and renamed when complete, so a killed run leaves no half shard
-under a shard name. ``manifest.json`` (written last, also atomically) lists the shards, counts, bytes, the
-share of text-free images, the brace pattern for training, the command, and every skipped input.
+``px_scale``, ``width``, ``height``, ``source``; the same keys and types in every sample). Samples are
+written in a random order over the whole input (``--seed``), so every shard is a random sample of the set.
+Shards are ``OUT_DIR/shard-000000.tar ...``; each is written as ``shard-NNNNNN.tar.partial`` and renamed
+when complete, so a killed run leaves no half shard under a shard name. ``manifest.json`` (written last,
+also atomically) lists the shards, counts, bytes, the share of text-free images, the brace pattern for
+training, the sample order and seed, the command, and every skipped input.
 
 Usage (see docs/data.md)::
 
     python tools/make_shards.py SRC_DIR OUT_DIR [--captions C.json] [--safeboxes S.json] [--px-scales P.json]
+        [--seed S]   # the random sample order (default 0; --order sorted keeps path order)
     python tools/make_shards.py --synthetic 1000 OUT_DIR --seed 0
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import multiprocessing
 import os
@@ -28,11 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from textdiff.data import sources
-from textdiff.data.sources import (BAD_INPUT_KINDS, ImageJob, KeyIndex, Problem, ShardSample, SourceError,
-                                   SourceOptions)
+from textdiff.data.sources import (BAD_INPUT_KINDS, DEFAULT_MAX_PIXELS, ImageJob, KeyIndex, Problem, ShardSample,
+                                   SourceError, SourceOptions, sample_meta)
 from textdiff.data.synthetic import MIN_SIZE as MIN_SYNTHETIC_SIZE, synthetic_sample
 from textdiff.files import atomic_write_bytes
 
@@ -40,6 +43,11 @@ SHARD_NAME = "shard-{:06d}.tar"
 PARTIAL_SUFFIX = ".partial"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "textdiff-shards/1"
+# Sample orders of a source folder: a seeded random permutation (the default: each shard a random sample of
+# the set) or the sorted paths (a folder laid out by source then gives shards of one source each).
+ORDER_RANDOM, ORDER_SORTED = "random", "sorted"
+# Synthetic samples are drawn independently per index, so index order already is a random order.
+ORDER_SYNTHETIC = "index"
 # Fixed tar member time, so the same input gives byte-identical shards.
 TAR_MTIME = 0.0
 
@@ -124,7 +132,7 @@ def write_json_atomic(path: Path, obj: dict) -> None:
 
 
 def build_manifest(out_dir: Path, shards: list[ShardInfo], written: Counter, problems: list[Problem],
-                   inputs: int, command: str) -> dict:
+                   inputs: int, command: str, order: str = ORDER_RANDOM, seed: int = 0) -> dict:
     """The manifest.json content (documented field by field in docs/data.md)."""
     samples = sum(s.samples for s in shards)
     return {
@@ -141,6 +149,8 @@ def build_manifest(out_dir: Path, shards: list[ShardInfo], written: Counter, pro
         "skipped_count": len(problems),
         "skipped_by_kind": dict(sorted(Counter(p.kind for p in problems).items())),
         "skipped": [p.to_json() for p in problems],
+        "order": order,
+        "seed": seed,
         "command": command,
     }
 
@@ -169,20 +179,20 @@ def _pool_map(fn: Callable, items: Sequence, workers: int, desc: str, progress: 
             pool.join()
 
 
-def _render_synthetic(args: tuple[int, int, int]) -> ShardSample:
-    index, seed, size = args
+def _render_synthetic(args: tuple[int, int, int, str]) -> ShardSample:
+    index, seed, size, ext = args
     sample = synthetic_sample(index, seed, size)
-    buf = io.BytesIO()
-    sample.image.save(buf, "PNG")
-    meta = {"captions": sample.captions, "safebox": sample.safebox, "px_scale": sample.px_scale,
-            "width": size, "height": size, "source": f"synthetic:{seed}:{index}"}
-    return ShardSample(f"{index:06d}", "png", buf.getvalue(), sample.text, meta)
+    meta = sample_meta(sample.captions, sample.safebox, sample.px_scale, size, size, f"synthetic:{seed}:{index}")
+    return ShardSample(f"{index:06d}", ext, sources.encode_image(sample.image, ext), sample.text, meta)
 
 
 def make_synthetic_shards(n: int, out_dir: str | Path, seed: int = 0, size: int = 64, maxcount: int = 10000,
                           maxsize: float = 1e9, workers: int = 0, overwrite: bool = False,
-                          progress: bool = True, command: str = "") -> dict:
-    """Write ``n`` demo images (textdiff.data.synthetic) as shards into ``out_dir``; returns the manifest."""
+                          progress: bool = True, command: str = "", image_format: str = "png") -> dict:
+    """Write ``n`` demo images (textdiff.data.synthetic) as shards into ``out_dir``; returns the manifest.
+
+    ``image_format`` is "png" (lossless, the default), "jpg" or "webp".
+    """
     if n < 1:
         raise ShardingError(f"--synthetic {n}: give a positive number of images")
     if size < MIN_SYNTHETIC_SIZE:
@@ -196,10 +206,12 @@ def make_synthetic_shards(n: int, out_dir: str | Path, seed: int = 0, size: int 
             written[_count_kind(sample)] += 1
             yield sample
 
-    items = [(i, seed, size) for i in range(n)]
+    if image_format not in ("png", "jpg", "webp"):
+        raise ShardingError(f"--image-format {image_format}: synthetic images are stored as png, jpg or webp")
+    items = [(i, seed, size, image_format) for i in range(n)]
     shards = write_shards(counted(_pool_map(_render_synthetic, items, workers, "synthetic", progress)),
                           out_dir, maxcount, maxsize)
-    manifest = build_manifest(out_dir, shards, written, [], n, command)
+    manifest = build_manifest(out_dir, shards, written, [], n, command, ORDER_SYNTHETIC, seed)
     write_json_atomic(out_dir / MANIFEST_NAME, manifest)
     return manifest
 
@@ -271,15 +283,21 @@ def make_source_shards(src_dir: str | Path, out_dir: str | Path, captions: Optio
                        safeboxes: Optional[str | Path] = None, px_scales: Optional[str | Path] = None,
                        options: SourceOptions = SourceOptions(), strict: bool = False, maxcount: int = 10000,
                        maxsize: float = 1e9, workers: int = 0, overwrite: bool = False, progress: bool = True,
-                       command: str = "") -> dict:
+                       command: str = "", seed: int = 0, order: str = ORDER_RANDOM) -> dict:
     """Write the images of ``src_dir`` (with their .txt and side files) as shards; returns the manifest.
 
-    Bad input is skipped and listed in the manifest, or raises ShardingError with ``strict``.
+    ``order`` "random" writes the images in the permutation ``seed`` draws over all of them (each shard a
+    random sample of the set); "sorted" in path order. Bad input is skipped and listed in the manifest, or
+    raises ShardingError with ``strict``.
     """
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     if out_dir.resolve() == src_dir.resolve() or src_dir.resolve() in out_dir.resolve().parents:
         raise ShardingError(f"output folder {out_dir} lies inside the source folder {src_dir}; choose another")
+    if order not in (ORDER_RANDOM, ORDER_SORTED):
+        raise ShardingError(f"--order {order}: choose {ORDER_RANDOM} or {ORDER_SORTED}")
     jobs, problems, inputs = plan_source_jobs(src_dir, *(Path(p) if p else None for p in (captions, safeboxes, px_scales)))
+    if order == ORDER_RANDOM:
+        jobs = shuffled(jobs, seed)
     _fatal_if_strict(problems, strict, "before writing anything")
     prepare_out_dir(out_dir, overwrite)
     written: Counter = Counter()
@@ -296,9 +314,14 @@ def make_source_shards(src_dir: str | Path, out_dir: str | Path, captions: Optio
 
     shards = write_shards(accepted(_pool_map(_Prepare(options), jobs, workers, "shards", progress)),
                           out_dir, maxcount, maxsize)
-    manifest = build_manifest(out_dir, shards, written, problems, inputs, command)
+    manifest = build_manifest(out_dir, shards, written, problems, inputs, command, order, seed)
     write_json_atomic(out_dir / MANIFEST_NAME, manifest)
     return manifest
+
+
+def shuffled(items: Sequence, seed: int) -> list:
+    """``items`` in the permutation that ``seed`` draws (numpy PCG64: the same on every machine)."""
+    return [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,22 +333,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="SRC_DIR OUT_DIR", help="source folder and output folder "
                    "(only OUT_DIR with --synthetic)")
     p.add_argument("--synthetic", type=int, metavar="N", help="write N synthetic demo images instead of a folder")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic set (default 0)")
-    p.add_argument("--size", type=int, default=64, help="side of the synthetic images in px (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample order of a folder (--order random) or "
+                   "of the synthetic set (default 0)")
+    p.add_argument("--order", choices=(ORDER_RANDOM, ORDER_SORTED), default=None,
+                   help="folder only: write the images in a seeded random order (default; each shard a random "
+                   "sample of the set) or sorted by path")
+    p.add_argument("--size", type=int, default=None,
+                   help=f"synthetic only: image side in px (default {SYNTHETIC_SIZE})")
     p.add_argument("--captions", help="JSON object {key: caption or [captions]} or JSON Lines {key, value}")
     p.add_argument("--safeboxes", help="JSON {key: [left, top, right, bottom]} in stored-image pixels")
     p.add_argument("--px-scales", help="JSON {key: [sx, sy]}: stored size / original size")
-    p.add_argument("--missing-txt", choices=("skip", "keep"), default="skip",
+    p.add_argument("--missing-txt", choices=("skip", "keep"), default=None,
                    help="images without a .txt (unknown text): skip them (default) or keep them without KEY.txt")
-    p.add_argument("--min-side", type=int, default=0, help="skip images whose shorter side / px scale is below this")
+    p.add_argument("--min-side", type=int, default=None, help="skip images whose shorter side / px scale is below this")
     p.add_argument("--require-captions", action="store_true", help="skip images without a caption")
-    p.add_argument("--max-side", type=int, default=0,
+    p.add_argument("--max-side", type=int, default=None,
                    help="shrink images whose longer side exceeds this (rescales safebox and px scale); 0: keep bytes")
     p.add_argument("--image-format", choices=("keep", "jpg", "png", "webp"), default="keep",
                    help="keep each image's bytes and format (default), or store all in one format (re-encoded; "
-                   "the datasets library's webdataset loader needs one format per data set)")
-    p.add_argument("--max-pixels", type=int, default=SourceOptions.max_pixels,
-                   help=f"refuse images above this many pixels (decompression bombs; default {SourceOptions.max_pixels})")
+                   "the datasets library's webdataset loader needs one format per data set); synthetic images "
+                   "are png unless jpg or webp is given")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help=f"refuse images above this many pixels (decompression bombs; default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--maxcount", type=int, default=10000, help="samples per shard at most (default 10000)")
     p.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard, about (default 1e9)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -335,20 +364,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Flags that act on a source folder's images only (default None or False, so a given one is seen).
+FOLDER_ONLY_FLAGS = ("captions", "safeboxes", "px_scales", "missing_txt", "min_side", "max_side", "max_pixels",
+                     "require_captions", "strict", "order")
+SYNTHETIC_SIZE = 64
+
+
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (exit status 2) what a mode would silently ignore, and impossible numbers."""
     if args.synthetic is not None:
         if len(args.paths) != 1:
             p.error(f"--synthetic N takes only OUT_DIR; got {len(args.paths)} paths: {' '.join(args.paths)}")
-        given = [f for f in ("captions", "safeboxes", "px_scales") if getattr(args, f)]
+        given = [f for f in FOLDER_ONLY_FLAGS if getattr(args, f) not in (None, False)]
         if given:
-            p.error(f"--{given[0].replace('_', '-')} applies to a source folder, not to --synthetic")
+            p.error(f"--{given[0].replace('_', '-')} applies to a source folder, not to --synthetic (synthetic "
+                    "images are rendered at --size with known text and captions; nothing to filter or resize)")
     elif len(args.paths) != 2:
         p.error(f"expected SRC_DIR OUT_DIR (or --synthetic N OUT_DIR); got {len(args.paths)} paths")
+    elif args.size is not None:
+        p.error("--size applies to --synthetic only; shrink a folder's images with --max-side")
     for flag in ("maxcount", "maxsize", "max_pixels", "size"):
-        if getattr(args, flag) <= 0:
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive")
     for flag in ("workers", "min_side", "max_side"):
-        if getattr(args, flag) < 0:
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0")
 
 
@@ -362,12 +401,18 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     common = dict(maxcount=args.maxcount, maxsize=args.maxsize, workers=args.workers, overwrite=args.overwrite,
                   command=command)
     if args.synthetic is not None:
-        return make_synthetic_shards(args.synthetic, args.paths[0], seed=args.seed, size=args.size, **common)
-    options = SourceOptions(missing_txt=args.missing_txt, min_side=args.min_side,
-                            require_captions=args.require_captions, max_side=args.max_side,
-                            max_pixels=args.max_pixels, image_format=args.image_format)
+        fmt = "png" if args.image_format == "keep" else args.image_format
+        return make_synthetic_shards(args.synthetic, args.paths[0], seed=args.seed, size=args.size or SYNTHETIC_SIZE,
+                                     image_format=fmt, **common)
+    defaults = SourceOptions()
+    options = SourceOptions(missing_txt=args.missing_txt or defaults.missing_txt,
+                            min_side=defaults.min_side if args.min_side is None else args.min_side,
+                            require_captions=args.require_captions,
+                            max_side=defaults.max_side if args.max_side is None else args.max_side,
+                            max_pixels=args.max_pixels or defaults.max_pixels, image_format=args.image_format)
     return make_source_shards(args.paths[0], args.paths[1], args.captions, args.safeboxes, args.px_scales,
-                              options=options, strict=args.strict, **common)
+                              options=options, strict=args.strict, seed=args.seed, order=args.order or ORDER_RANDOM,
+                              **common)
 
 
 def summary(manifest: dict) -> str:

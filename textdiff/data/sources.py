@@ -21,19 +21,26 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 
 # Problem kinds that are bad input (fatal under --strict); the others are the user's filters.
 BAD_INPUT_KINDS = frozenset({"bad_image", "bad_txt", "bad_safebox", "bad_value", "bad_json_line",
                              "unknown_key", "ambiguous_key", "listed_twice", "too_many_pixels"})
+
+
+# The decompression-bomb cap of the sharder and (data.max_pixels) of the training stream.
+DEFAULT_MAX_PIXELS = 64_000_000
+# Orientation tag of EXIF: 1 is upright; 2-8 are the flips and rotations a camera records instead of applying.
+EXIF_ORIENTATION = 0x0112
 
 
 class SourceError(ValueError):
@@ -263,7 +270,7 @@ class SourceOptions:
     min_side: int = 0  # skip images whose shorter side / px scale is below this
     require_captions: bool = False
     max_side: int = 0  # 0: keep original bytes; else shrink longer sides to this
-    max_pixels: int = 64_000_000  # decompression-bomb cap on width * height
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb cap on width * height
     image_format: str = "keep"  # "keep" the source format, or store every image as "jpg", "png" or "webp"
 
 
@@ -298,6 +305,21 @@ class ShardSample:
         return sample
 
 
+def sample_meta(captions: Sequence[str], safebox: Optional[Sequence[float]], px_scale: Sequence[float],
+                width: int, height: int, source: str) -> dict:
+    """The per-sample ``.json``: the same keys with the same JSON types in every sample.
+
+    Readers that infer a schema from the first samples (HuggingFace ``datasets`` looks at five) type a
+    ``null`` or an empty list as "null" and then refuse every later value, so nothing here is ever null or
+    empty: an image without a safebox gets the whole image ``[0, 0, width, height]`` (what the stream
+    protects for a missing one anyway) and one without captions gets ``[""]`` (the stream's "no caption").
+    """
+    box = list(safebox) if safebox is not None else [0, 0, width, height]
+    return {"captions": [str(c) for c in captions] or [""], "safebox": [float(v) for v in box],
+            "px_scale": [float(v) for v in px_scale], "width": int(width), "height": int(height),
+            "source": str(source)}
+
+
 def read_transcription(image_path: Path) -> Optional[str]:
     """The ``.txt`` beside an image ("" = no text in it), or None when there is none (unknown).
 
@@ -330,7 +352,7 @@ def _decode(data: bytes, where: str, max_pixels: int) -> tuple[Image.Image, str]
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise _Skip(Problem(where, "too_many_pixels", f"refused as a decompression bomb: {e}")) from None
         except Exception as e:  # Pillow raises many types for garbage input
-            raise _Skip(Problem(where, "bad_image", f"unreadable image ({type(e).__name__}: {e})")) from None
+            raise _Skip(Problem(where, "bad_image", f"unreadable image ({describe_error(e, where)})")) from None
         width, height = image.size
         if width * height > max_pixels:
             raise _Skip(Problem(where, "too_many_pixels", f"{width}x{height} = {width * height} pixels exceeds "
@@ -338,8 +360,24 @@ def _decode(data: bytes, where: str, max_pixels: int) -> tuple[Image.Image, str]
         try:
             image.load()
         except Exception as e:
-            raise _Skip(Problem(where, "bad_image", f"unreadable or truncated image ({type(e).__name__}: {e})")) from None
+            raise _Skip(Problem(where, "bad_image", f"unreadable or truncated image ({describe_error(e, where)})")) from None
     return image, image.format or ""
+
+
+_BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def describe_error(error: Exception, name: str) -> str:
+    """``Type: message`` of a Pillow error with the in-memory buffer's address replaced by ``name``, the file
+    (or shard member) the bytes came from."""
+    return f"{type(error).__name__}: {_BUFFER_REPR.sub(name, str(error))}"
+
+
+def upright(image: Image.Image) -> tuple[Image.Image, bool]:
+    """The image as it is meant to be seen (EXIF orientation applied) and whether that changed its pixels."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) in (0, 1):
+        return image, False
+    return ImageOps.exif_transpose(image), True
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -353,7 +391,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _encode(image: Image.Image, ext: str) -> bytes:
+def encode_image(image: Image.Image, ext: str) -> bytes:
+    """An RGB image as ``jpg`` / ``webp`` (quality 95) or ``png`` bytes."""
     out = io.BytesIO()
     if ext == "jpg":
         image.save(out, "JPEG", quality=95)
@@ -407,6 +446,9 @@ def _prepare(job: ImageJob, opts: SourceOptions) -> ShardSample:
         raise _Skip(Problem(where, "no_captions", "no caption (--require-captions)", job.key))
     data = path.read_bytes()
     image, fmt = _decode(data, where, opts.max_pixels)
+    # Cameras store the sensor's pixels and an EXIF rotation; viewers (and whoever drew the safebox) show the
+    # image upright, while decoders that ignore EXIF (the stream, most readers) would not: store it upright.
+    image, rotated = upright(image)
     width, height = image.size
     box = list(job.safebox) if job.safebox is not None else None
     if box is not None and not (0 <= box[0] and 0 <= box[1] and box[2] <= width and box[3] <= height):
@@ -423,11 +465,10 @@ def _prepare(job: ImageJob, opts: SourceOptions) -> ShardSample:
         image = to_rgb(image).resize(new_size, Image.LANCZOS)
         box = rescale_safebox(box, fx, fy, *new_size) if box is not None else None
         sx, sy = sx * fx, sy * fy
-        data = _encode(image, ext)
+        data = encode_image(image, ext)
     else:
         box = rescale_safebox(box, 1.0, 1.0, width, height) if box is not None else None
-        if image.mode != "RGB" or _KEEP_FORMATS.get(fmt) != ext:
-            data = _encode(to_rgb(image), ext)
-    meta = {"captions": list(job.captions), "safebox": box, "px_scale": [float(sx), float(sy)], "width": new_size[0],
-            "height": new_size[1], "source": job.rel_path}
+        if rotated or image.mode != "RGB" or _KEEP_FORMATS.get(fmt) != ext:
+            data = encode_image(to_rgb(image), ext)
+    meta = sample_meta(job.captions, box, (sx, sy), new_size[0], new_size[1], job.rel_path)
     return ShardSample(job.key, ext, data, txt, meta)

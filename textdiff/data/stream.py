@@ -9,20 +9,30 @@ Design (docs/data_pipeline.md says more):
   so the readers of all ranks read every sample exactly once per epoch (``data.resampled=false``). With
   ``data.resampled=true`` a reader instead draws ``ceil(n_shards / G)`` shards with replacement per epoch
   (WebDataset's resampling: never-ending, balanced, any shard count; samples may repeat across readers).
-- Inside an epoch a reader's samples are shuffled in consecutive blocks of ``data.shuffle_buffer`` samples,
-  each block permuted by a generator of ``(seed, epoch, slot, block)``. Unlike a reservoir buffer, a
-  block shuffle can be re-entered anywhere: the position of a reader is just ``(epoch, index)``.
-- Augmentation draws from :func:`textdiff.data.augment.sample_rng` of ``(seed, epoch, slot, index)``.
+- A reader takes its epoch's shards in *groups* of ``data.open_shards`` and reads a group's shards at
+  once: each next sample comes from one of them, drawn by a generator of ``(seed, epoch, slot, group)``
+  with weights of the samples each has left (by the manifest's counts; equal weights without them), so a
+  group's samples are a random interleaving of its shards even when each shard holds one source.
+- The samples of a group are then shuffled in consecutive blocks of ``data.shuffle_buffer`` samples, each
+  block permuted by a generator of ``(seed, epoch, slot, group, block)``. Unlike a reservoir buffer, a
+  block shuffle can be re-entered anywhere: the position of a reader is ``(epoch, group, index)``, with
+  ``index`` counting the samples actually read from the group (never the manifest's counts, so a short
+  shard cannot shift it).
+- Augmentation draws from :func:`textdiff.data.augment.sample_rng` of ``(seed, epoch, slot, group, index)``.
+- A shard that ends early (a cut or garbled tar, or fewer samples than its manifest lists) is counted once
+  in ``shard_errors`` and warned about by name; its last sample read is dropped, since nothing shows that
+  all of its members were read.
 - Workers batch their own samples; the DataLoader takes batches from its workers round-robin. A batch
   carries its reader and that reader's position after it, so :meth:`TrainStream.state_dict` knows every
   reader's position and which reader's batch comes next. A fresh stream given that state re-enters each
-  reader at its position (reading but not decoding the samples of the current block before it, skipping
-  whole shards when the manifest gives their counts) and rotates its workers so the same reader goes
-  first: batches k+1, k+2, ... are bit-identical to the uninterrupted run's.
+  reader at its position (skipping whole groups, reading but not decoding the samples of the current
+  group before its position) and rotates its workers so the same reader goes first: batches k+1, k+2, ...
+  are bit-identical to the uninterrupted run's.
 
-WebDataset supplies URL expansion (``::`` lists, braces), opening (local, ``http(s)://``, ``pipe:``) and
-tar reading; its node/worker splitters and reservoir shuffle are not used because they read the rank from
-the environment and cannot be resumed exactly.
+WebDataset supplies URL expansion (``::`` lists, braces), opening (local, ``http(s)://`` and fsspec URLs;
+``pipe:`` only with ``data.allow_pipe``, since it runs a shell command) and tar reading; its node/worker
+splitters and reservoir shuffle are not used because they read the rank from the environment and cannot
+be resumed exactly.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Iterator, Optional, Sequence
@@ -46,16 +57,28 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from textdiff.config import AugmentConfig, DataConfig
 from textdiff.data.augment import augment_sample, sample_rng
+from textdiff.data.sources import describe_error
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-STATE_FORMAT = "textdiff.stream/1"
-REMOTE_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://", "ais://", "hf://")
+STATE_FORMAT = "textdiff.stream/2"
+PIPE_PREFIX = "pipe:"
+REMOTE_PREFIXES = ("http://", "https://", PIPE_PREFIX, "s3://", "gs://", "ais://", "hf://")
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class CorruptSample(ValueError):
     """A sample that cannot be decoded; the stream skips it, warns and counts it."""
+
+
+class ShardsError(ValueError):
+    """``data.shards`` names no usable shards (missing file, empty glob, unreadable manifest, refused URL)."""
+
+
+def is_remote(url: str) -> bool:
+    """Whether WebDataset opens ``url`` itself (``pipe:``, ``http(s)://``, any fsspec ``scheme://``)."""
+    return url.startswith(REMOTE_PREFIXES) or bool(_URL_SCHEME.match(url))
 
 
 @dataclass(frozen=True)
@@ -87,7 +110,7 @@ def _manifest_entry(entry: Any, manifest: str) -> tuple[str, Optional[int]]:
         count = next((entry[k] for k in ("count", "samples", "num_samples", "n_samples") if k in entry), None)
         if isinstance(name, str):
             return name, int(count) if count is not None else None
-    raise ValueError(f"{manifest}: shard entry {entry!r} has no path; rewrite it with tools/make_shards.py")
+    raise ShardsError(f"{manifest}: shard entry {entry!r} has no path; rewrite it with tools/make_shards.py")
 
 
 def read_manifest(path: str) -> ShardList:
@@ -96,25 +119,32 @@ def read_manifest(path: str) -> ShardList:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"data.shards: cannot read manifest {path}: {e}; run tools/make_shards.py") from None
+        raise ShardsError(f"data.shards: cannot read manifest {path}: {e}; run tools/make_shards.py") from None
     entries = manifest.get("shards") if isinstance(manifest, dict) else None
     if not entries:
-        raise ValueError(f"data.shards: manifest {path} lists no shards (key 'shards'); run tools/make_shards.py")
+        raise ShardsError(f"data.shards: manifest {path} lists no shards (key 'shards'); run tools/make_shards.py")
     base = os.path.dirname(os.path.abspath(path))
     pairs = [_manifest_entry(e, path) for e in entries]
-    urls = tuple(u if u.startswith(REMOTE_PREFIXES) or os.path.isabs(u) else os.path.join(base, u)
-                 for u, _ in pairs)
+    urls = tuple(u if is_remote(u) or os.path.isabs(u) else os.path.join(base, u) for u, _ in pairs)
     return ShardList(urls, tuple(c for _, c in pairs))
 
 
-def resolve_shards(spec: str) -> ShardList:
+def resolve_data_shards(data: DataConfig) -> ShardList:
+    """The shards ``data.shards`` names, checked before any expensive work; raises :class:`ShardsError`
+    (a ValueError) with a message naming ``data.shards`` (or ``data.allow_pipe``) and what to do."""
+    return resolve_shards(data.shards, allow_pipe=data.allow_pipe)
+
+
+def resolve_shards(spec: str, allow_pipe: bool = False) -> ShardList:
     """Shard URLs from ``data.shards``: brace patterns, globs, comma or ``::`` lists, or a manifest.json.
 
     Local paths must exist (the error names the missing one); remote URLs are passed to WebDataset as
-    they are. Counts come from a manifest (the given one, or ``manifest.json`` beside local shards).
+    they are, except ``pipe:`` URLs (a shell command, from the spec or a manifest), refused unless
+    ``allow_pipe``. Counts come from a manifest (the given one, or ``manifest.json`` beside local shards).
+    Raises :class:`ShardsError`.
     """
     if not spec:
-        raise ValueError("data.shards is empty; set it to the brace pattern in the manifest.json of "
+        raise ShardsError("data.shards is empty; set it to the brace pattern in the manifest.json of "
                          "tools/make_shards.py, or to that manifest.json")
     urls: list[str] = []
     counts: list[Optional[int]] = []
@@ -122,33 +152,38 @@ def resolve_shards(spec: str) -> ShardList:
     for part in (p.strip() for chunk in spec.split("::") for p in _split_top_level_commas(chunk)):
         if not part:
             continue
-        if part.endswith(".json") and not part.startswith(REMOTE_PREFIXES):
+        if part.endswith(".json") and not is_remote(part):
             listed = read_manifest(part)
             urls += listed.urls
             counts += listed.counts
             continue
         for url in wds.shardlists.expand_urls(part):
-            if url.startswith(REMOTE_PREFIXES):
+            if is_remote(url):
                 matches = [url]
             elif any(ch in url for ch in "*?["):
                 matches = sorted(glob.glob(url))
                 if not matches:
-                    raise ValueError(f"data.shards: the glob {url} matches no file")
+                    raise ShardsError(f"data.shards: the glob {url} matches no file")
             elif not os.path.exists(url):
-                raise ValueError(f"data.shards: shard {url} does not exist; check the pattern or run "
-                                 "tools/make_shards.py")
+                raise ShardsError(f"data.shards: shard {url} does not exist; check the pattern or run "
+                                  "tools/make_shards.py")
             else:
                 matches = [url]
             urls += matches
             counts += [_count_beside(m, manifests) for m in matches]
     if not urls:
-        raise ValueError(f"data.shards={spec!r} names no shards")
+        raise ShardsError(f"data.shards={spec!r} names no shards")
+    piped = next((u for u in urls if u.startswith(PIPE_PREFIX)), None)
+    if piped is not None and not allow_pipe:
+        raise ShardsError(f"data.shards: the shard URL {piped!r} (from {spec!r}) runs a shell command; set "
+                          "data.allow_pipe=true only if you trust whoever wrote it, or give a local path or an "
+                          "fsspec URL (s3://, gs://, https://, ...)")
     return ShardList(tuple(urls), tuple(counts))
 
 
 def _count_beside(url: str, manifests: dict[str, dict[str, Optional[int]]]) -> Optional[int]:
     """The sample count of a local shard from the manifest.json in its folder, if there is one."""
-    if url.startswith(REMOTE_PREFIXES):
+    if is_remote(url):
         return None
     folder = os.path.dirname(os.path.abspath(url))
     if folder not in manifests:
@@ -170,51 +205,104 @@ def epoch_shards(n_shards: int, seed: int, epoch: int, slot: int, num_slots: int
     return [int(i) for i in order[slot::num_slots]]
 
 
-def _epoch_raw(shards: ShardList, order: Sequence[int], skip: int, counters: dict) -> Iterator[dict]:
-    """Raw (undecoded) samples of the shards ``order``, from raw index ``skip`` on."""
-    def on_error(exn: Exception) -> bool:
-        counters["shard_errors"] += 1
-        log.warning("skipping the rest of a shard after a read error: %s", exn)
-        return True
+def shard_groups(order: Sequence[int], open_shards: int) -> list[list[int]]:
+    """A reader's epoch ``order`` cut into consecutive groups of ``open_shards`` shards read at once."""
+    k = max(1, open_shards)
+    return [list(order[i:i + k]) for i in range(0, len(order), k)]
 
-    for index in order:
-        count = shards.counts[index]
-        if count is not None and skip >= count:
-            skip -= count
+
+def shard_samples(shards: ShardList, index: int, events: list[str]) -> Iterator[dict]:
+    """Raw samples of shard ``index``, in tar order; a shard that ends early appends one message to ``events``.
+
+    Early means a read error, or fewer samples than the manifest lists (a tar cut at a block boundary or a
+    garbled header reads as a clean end). Its last sample read is then held back: a cut may have taken
+    some of its members (its ``.txt``, say), and a member's absence has a meaning (unknown text).
+    """
+    url, expected = shards.urls[index], shards.counts[index]
+    errors: list[Exception] = []
+
+    def stop(exn: Exception) -> bool:
+        errors.append(exn)
+        return False  # nothing after a broken member of a streamed tar can be trusted to line up
+
+    held, read = None, 0
+    for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=stop):
+        if held is not None:
+            yield held
+        held, read = sample, read + 1
+    short = expected is not None and read < expected
+    if held is not None and not (errors or short):
+        yield held
+    if errors or short:
+        of = f" of the {expected} its manifest lists" if expected is not None else ""
+        cause = f"read error: {errors[0]}" if errors else "the tar ends early (cut, or a garbled header)"
+        dropped = ", the last one dropped as it may lack members" if held is not None else ""
+        events.append(f"shard {url} is short: {read} samples read{of}{dropped}; {cause}")
+
+
+def group_raw(shards: ShardList, group: Sequence[int], rng: np.random.Generator, events: list[str]
+              ) -> Iterator[dict]:
+    """Raw samples of the shards ``group``, read at once: each next one from a shard drawn by ``rng`` with
+    weights of its samples left (manifest counts; 1 each where a count is unknown or used up)."""
+    readers = [shard_samples(shards, i, events) for i in group]
+    left = [shards.counts[i] for i in group]
+    while readers:
+        weights = [max(1, n) if n is not None else 1 for n in left]
+        draw, pick = int(rng.integers(sum(weights))), 0
+        while draw >= weights[pick]:
+            draw -= weights[pick]
+            pick += 1
+        try:
+            sample = next(readers[pick])
+        except StopIteration:
+            del readers[pick], left[pick]
             continue
-        samples = wds.tariterators.tarfile_samples([{"url": shards.urls[index]}], handler=on_error)
-        for sample in samples:
-            if skip > 0:
-                skip -= 1
-                continue
-            yield sample
+        if left[pick] is not None:
+            left[pick] -= 1
+        yield sample
 
 
-def epoch_samples(shards: ShardList, order: Sequence[int], seed: int, epoch: int, slot: int, block: int,
-                  start: int, counters: dict) -> Iterator[tuple[int, dict]]:
-    """``(index, raw sample)`` of one reader's epoch, block-shuffled, from ``index == start`` on."""
+def group_samples(shards: ShardList, group: Sequence[int], seed: int, epoch: int, slot: int, number: int,
+                  block: int, start: int, counters: dict) -> Iterator[tuple[int, dict]]:
+    """``(index, raw sample)`` of group ``number`` of one reader's epoch, block-shuffled, from ``start`` on.
+
+    ``counters["shard_errors"]`` counts each short shard once: the shortfalls found while reading the blocks
+    that the position ``start`` had already read were counted before it was saved, so a resumed reader
+    does not count them again.
+    """
     block = max(1, block)
     first_block = start // block
-    raw = _epoch_raw(shards, order, first_block * block, counters)
+    events: list[str] = []
+    raw = group_raw(shards, group, sample_rng(seed, "mix", epoch, slot, number), events)
+    for _ in range(first_block * block):  # read, not decoded
+        if next(raw, None) is None:
+            break
+    events.clear()
     index = first_block * block
-    for number in range(first_block, 2 ** 62):
+    for block_number in range(first_block, 2 ** 62):
         chunk = list(islice(raw, block))
+        if block_number > first_block or start % block == 0:
+            for message in events:
+                counters["shard_errors"] += 1
+                log.warning("%s; counted in data/shard_errors", message)
+        events.clear()
         if not chunk:
             return
-        for i in sample_rng(seed, "block", epoch, slot, number).permutation(len(chunk)):
+        for i in sample_rng(seed, "block", epoch, slot, number, block_number).permutation(len(chunk)):
             if index >= start:
                 yield index, chunk[i]
             index += 1
 
 
-def decode_sample(raw: dict) -> dict:
+def decode_sample(raw: dict, max_pixels: int = DataConfig.max_pixels) -> dict:
     """A raw WebDataset sample -> ``{"image": PIL (opened, not decoded), "txt", "captions", "safebox",
     "px_scale", "key"}``.
 
     ``txt`` is "" for a text-free image and None when the shard has no ``.txt`` (transcription unknown,
     ``make_shards.py --missing-txt keep``): None is the model's null condition, so such images teach the
-    unconditional case and never the "no text here" one. Raises :class:`CorruptSample` naming the part
-    that is missing or broken.
+    unconditional case and never the "no text here" one. A caption "" (make_shards writes ``[""]`` for
+    none, keeping one JSON schema) is no caption. Raises :class:`CorruptSample` naming the part that is
+    missing or broken, or an image above ``max_pixels`` (data.max_pixels, the decompression-bomb cap).
     """
     ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
     for part, present in (("image (.jpg/.png/.webp)", ext), (".json", "json" in raw)):
@@ -226,7 +314,7 @@ def decode_sample(raw: dict) -> dict:
         raise CorruptSample(f".txt is not UTF-8 ({e.reason} at byte {e.start})") from None
     try:
         meta = json.loads(raw["json"])
-        captions = [str(c) for c in meta.get("captions") or []]
+        captions = [str(c) for c in meta.get("captions") or [] if c != ""]
         px_scale = [float(s) for s in meta.get("px_scale") or (1.0, 1.0)]
         safebox = meta.get("safebox")
         if safebox is not None:
@@ -236,10 +324,15 @@ def decode_sample(raw: dict) -> dict:
     if len(px_scale) != 2 or min(px_scale) <= 0 or (safebox is not None and len(safebox) != 4):
         raise CorruptSample(f".json has px_scale {px_scale} / safebox {safebox}; expected [sx, sy] > 0 and "
                             "[l, t, r, b]")
+    member = f"{raw.get('__key__')}.{ext}"
     try:
         image = Image.open(io.BytesIO(raw[ext]))  # header only: augment decodes, JPEGs at reduced scale
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise CorruptSample(f".{ext} does not decode: {e}") from None
+        raise CorruptSample(f".{ext} does not decode: {describe_error(e, member)}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise CorruptSample(f".{ext} is {width}x{height} = {width * height} pixels, above data.max_pixels "
+                            f"{max_pixels} (decompression-bomb cap); raise it if the image is real")
     return {"image": image, "txt": txt, "captions": captions, "safebox": safebox, "px_scale": px_scale,
             "key": raw["__key__"]}
 
@@ -272,15 +365,15 @@ class StreamSpec:
         return max(1, self.data.num_workers)
 
 
-def _process(spec: StreamSpec, raw: dict, epoch: int, slot: int, index: int) -> dict:
-    sample = decode_sample(raw)
-    rng = sample_rng(spec.data.seed, epoch, slot, index)
+def _process(spec: StreamSpec, raw: dict, epoch: int, slot: int, group: int, index: int) -> dict:
+    sample = decode_sample(raw, spec.data.max_pixels)
+    rng = sample_rng(spec.data.seed, epoch, slot, group, index)
     caption = sample["captions"][int(rng.integers(len(sample["captions"])))] if sample["captions"] else ""
     try:
         out = augment_sample(sample["image"], sample["txt"], sample["safebox"], sample["px_scale"], spec.augment,
                              spec.image_size, spec.low_res_size, rng)
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # pixel data broken past the header
-        raise CorruptSample(f"image does not decode: {e}") from None
+        raise CorruptSample(f"image does not decode: {describe_error(e, sample['key'])}") from None
     except ValueError as e:  # a safebox outside the image
         raise CorruptSample(str(e)) from None
     return {**out, "txt": sample["txt"], "capt": caption, "key": sample["key"]}
@@ -289,35 +382,40 @@ def _process(spec: StreamSpec, raw: dict, epoch: int, slot: int, index: int) -> 
 def reader_batches(spec: StreamSpec, reader: int, position: dict) -> Iterator[dict]:
     """The never-ending batches of one reader (worker ``reader`` of this rank) from ``position``.
 
-    Each batch carries ``_reader`` and ``_position`` (epoch, index and skip counts after it).
+    Each batch carries ``_reader`` and ``_position`` (epoch, group, index and skip counts after it).
     """
     slot = spec.rank * spec.readers_per_rank + reader
     num_slots = spec.world_size * spec.readers_per_rank
-    epoch, start = position["epoch"], position["index"]
+    epoch, group, start = position["epoch"], position["group"], position["index"]
     counters = {"skipped_corrupt": position["skipped_corrupt"], "shard_errors": position["shard_errors"]}
     pending: list[dict] = []
     while True:
         order = epoch_shards(len(spec.shards.urls), spec.data.seed, epoch, slot, num_slots, spec.data.resampled)
-        read_any = False
-        for index, raw in epoch_samples(spec.shards, order, spec.data.seed, epoch, slot, spec.data.shuffle_buffer,
-                                        start, counters):
-            read_any = True
-            try:
-                pending.append(_process(spec, raw, epoch, slot, index))
-            except CorruptSample as e:
-                counters["skipped_corrupt"] += 1
-                log.warning("skipping corrupt sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), e)
-                continue
-            if len(pending) == spec.batch_size:
-                batch = collate(pending)
-                batch["_reader"] = reader
-                batch["_position"] = {"epoch": epoch, "index": index + 1, **counters}
-                pending = []
-                yield batch
-        if not read_any and start == 0:
-            raise RuntimeError(f"reader {slot} found no samples in epoch {epoch} (shards "
-                               f"{[spec.shards.urls[i] for i in order]}); check data.shards")
-        epoch, start = epoch + 1, 0
+        groups = shard_groups(order, spec.data.open_shards)
+        read, usable = 0, 0
+        for number in range(group, len(groups)):
+            for index, raw in group_samples(spec.shards, groups[number], spec.data.seed, epoch, slot, number,
+                                            spec.data.shuffle_buffer, start, counters):
+                read += 1
+                try:
+                    pending.append(_process(spec, raw, epoch, slot, number, index))
+                except CorruptSample as e:
+                    counters["skipped_corrupt"] += 1
+                    log.warning("skipping corrupt sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), e)
+                    continue
+                usable += 1
+                if len(pending) == spec.batch_size:
+                    batch = collate(pending)
+                    batch["_reader"] = reader
+                    batch["_position"] = {"epoch": epoch, "group": number, "index": index + 1, **counters}
+                    pending = []
+                    yield batch
+            start = 0
+        if not usable and group == 0 and position["index"] == 0:  # else it would loop over epochs forever
+            raise RuntimeError(f"reader {slot} found no usable samples in epoch {epoch} ({read} read, all corrupt "
+                               f"or short; shards {[spec.shards.urls[i] for i in order]}); check data.shards and "
+                               "the warnings above")
+        epoch, group, position = epoch + 1, 0, {"index": 0}
 
 
 class _ReaderDataset(IterableDataset):
@@ -336,7 +434,8 @@ class _ReaderDataset(IterableDataset):
 def _fingerprint(spec: StreamSpec) -> dict:
     return {"rank": spec.rank, "world_size": spec.world_size, "num_workers": spec.data.num_workers,
             "batch_size": spec.batch_size, "seed": spec.data.seed, "resampled": spec.data.resampled,
-            "shuffle_buffer": spec.data.shuffle_buffer, "num_shards": len(spec.shards.urls),
+            "shuffle_buffer": spec.data.shuffle_buffer, "open_shards": spec.data.open_shards,
+            "num_shards": len(spec.shards.urls),
             "shard_digest": _digest(os.path.basename(u) for u in spec.shards.urls)}
 
 
@@ -354,7 +453,7 @@ class TrainStream:
     def __init__(self, spec: StreamSpec, state: Optional[dict] = None):
         self.spec = spec
         readers = spec.readers_per_rank
-        self._positions = [{"epoch": 0, "index": 0, "skipped_corrupt": 0, "shard_errors": 0}
+        self._positions = [{"epoch": 0, "group": 0, "index": 0, "skipped_corrupt": 0, "shard_errors": 0}
                            for _ in range(readers)]
         self._next_reader, self._batches = 0, 0
         if state is not None:
@@ -362,8 +461,9 @@ class TrainStream:
 
     def _load(self, state: dict) -> None:
         if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"stream state has format {state.get('format')!r}, expected {STATE_FORMAT!r}; "
-                             "it was not written by TrainStream.state_dict()")
+            raise ValueError(f"stream state has format {state.get('format')!r}, expected {STATE_FORMAT!r}; it was "
+                             "written by another textdiff version or not by TrainStream.state_dict(); start the "
+                             "stream afresh without the saved state")
         expected = _fingerprint(self.spec)
         for key, value in expected.items():
             if state.get(key) != value:
@@ -376,7 +476,7 @@ class TrainStream:
         self._next_reader, self._batches = state["next_reader"], state["batches"]
 
     def state_dict(self) -> dict:
-        """JSON-able position: every reader's (epoch, index) and which reader's batch comes next."""
+        """JSON-able position: every reader's (epoch, group, index) and which reader's batch comes next."""
         return {"format": STATE_FORMAT, **_fingerprint(self.spec), "next_reader": self._next_reader,
                 "batches": self._batches, "readers": [dict(p) for p in self._positions]}
 
@@ -412,7 +512,7 @@ def build_train_stream(data_cfg: DataConfig, augment_cfg: AugmentConfig, image_s
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if batch_size < 1:
         raise ValueError(f"batch size {batch_size} must be positive (DeepSpeed train_micro_batch_size_per_gpu)")
-    shards = resolve_shards(data_cfg.shards)
+    shards = resolve_data_shards(data_cfg)
     readers = world_size * max(1, data_cfg.num_workers)
     if not data_cfg.resampled and len(shards.urls) < readers:
         raise ValueError(f"data.shards has {len(shards.urls)} shards but world_size x data.num_workers = "
