@@ -85,6 +85,25 @@ def eval_minutes(design: Design, n_heldout: int) -> float:
     return 0.5 + 1.25 * seconds / 60
 
 
+def data_minutes(design: Design) -> float:
+    """Minutes to render and shard the training images (990 strings x 16 renders: 0.5 min on a busy machine)."""
+    return 0.1 + 0.025 * design.renders
+
+
+MIN_TRAIN_MINUTES = 0.25
+
+
+def _check_budget(minutes: float, reserved: float) -> float:
+    """The minutes left for training after ``reserved`` and the engine's start-up; ExperimentError when that
+    is under MIN_TRAIN_MINUTES."""
+    left = minutes - reserved - STARTUP_MINUTES
+    if left < MIN_TRAIN_MINUTES:
+        raise ExperimentError(f"--minutes {minutes:g} leaves {left:.2f} min for training after the data, the "
+                              f"evaluation reserve and the engine's start ({reserved + STARTUP_MINUTES:.1f} min); "
+                              "give more minutes")
+    return left
+
+
 def prepare_data(out: Path, design: Design, progress: bool = True) -> tuple[Path, list[str], list[str]]:
     """Render, shard and write the prompt files once (reused when ``out/data/design.json`` matches).
 
@@ -284,16 +303,17 @@ def run_experiment(out: str | Path, minutes: float, design: Design = Design(), p
     cfg = load_config(REPO / design.recipe, list(design.overrides))
     if design.eval_per_string < 1 or design.renders < 1:
         raise ExperimentError("--eval-per-string and --renders must be at least 1")
+    n_heldout = len(spelling_set.split_strings(spelling_set.all_strings(design.alphabet, design.lengths),
+                                               design.heldout_frac, design.seed)[1])
+    prepared = (out / "data" / "shards" / "manifest.json").exists()
+    _check_budget(minutes, (0.0 if prepared else data_minutes(design)) + eval_minutes(design, n_heldout))
     manifest, train_strings, heldout = prepare_data(out, design, progress)
     first_start = out / "run" / "started_unix"
     if not first_start.exists():
         (out / "run").mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(first_start, f"{started_unix}\n".encode())
     run_started = float(first_start.read_text())
-    left = minutes - (time.monotonic() - started) / 60 - eval_minutes(design, len(heldout)) - STARTUP_MINUTES
-    if left < 0.25:
-        raise ExperimentError(f"--minutes {minutes:g} leaves {left:.2f} min for training after the data and the "
-                              f"evaluation reserve ({eval_minutes(design, len(heldout)):.1f} min); give more minutes")
+    left = _check_budget(minutes, (time.monotonic() - started) / 60 + eval_minutes(design, len(heldout)))
     proc = train(out, design, manifest, left)
     if proc.returncode != 0:
         raise ExperimentError(f"training exited with status {proc.returncode}; see its output above")
