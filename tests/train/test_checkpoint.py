@@ -1,14 +1,19 @@
 """Checkpoint bookkeeping: retention, which checkpoint --resume picks, resume compatibility, remote copies."""
 
 import json
+import random
 import uuid
 
 import fsspec
+import numpy as np
 import pytest
+import torch
 
 from textdiff.config import ConfigError, TextdiffConfig
-from textdiff.train.checkpoint import (COMPLETE, PARTIAL_PREFIX, check_resume_compatible, checkpoint_name,
-                                       copy_to_remote, latest_checkpoint, resolve_resume, steps_to_delete)
+from textdiff.train.checkpoint import (COMPLETE, PARTIAL_PREFIX, UnsafeCheckpointError, atomic_torch_save,
+                                       check_resume_compatible, checkpoint_name, copy_to_remote, latest_checkpoint,
+                                       load_untrusted, resolve_resume, steps_to_delete)
+from textdiff.train.control import rng_state, set_rng_state
 
 
 def _fake_checkpoint(root, step, complete=True, prefix=""):
@@ -96,3 +101,54 @@ def test_copy_to_memory_filesystem_writes_complete_last(tmp_path):
     assert url.startswith("memory://") and url.endswith("/step_00000005")
     assert written[-1] == COMPLETE and len(written) == 3
     assert fs.cat(url + "/rank_00000.pt") == b"x" * 10
+
+
+class _RunsCodeWhenUnpickled:
+    """What a hostile checkpoint holds: unpickling it calls exec, which here writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def _poison(path, marker):
+    torch.save({"step": 1, "payload": _RunsCodeWhenUnpickled(marker)}, path)
+
+
+def test_a_pickle_that_would_run_code_is_refused_naming_the_file(tmp_path):
+    marker, bad = tmp_path / "marker", tmp_path / "rank_00000.pt"
+    _poison(bad, marker)
+    torch.load(bad, weights_only=False)  # the file really runs code when trusted ...
+    assert marker.read_text() == "ran"
+    marker.unlink()
+    with pytest.raises(UnsafeCheckpointError, match=rf"{bad} is refused: its pickle calls exec, "):
+        load_untrusted(bad)  # ... and load_untrusted does not let it
+    assert not marker.exists()
+
+
+def test_the_rank_state_round_trips_through_a_weights_only_load(tmp_path):
+    np.random.seed(5)
+    random.seed(6)
+    torch.manual_seed(7)
+    atomic_torch_save({"rng": rng_state()}, tmp_path / "rank.pt")
+    expected = (np.random.randn(4), random.random(), torch.rand(3))
+    set_rng_state(load_untrusted(tmp_path / "rank.pt")["rng"])
+    again = (np.random.randn(4), random.random(), torch.rand(3))
+    assert np.array_equal(expected[0], again[0]) and expected[1] == again[1] and torch.equal(expected[2], again[2])
+
+
+@pytest.mark.parametrize("victim", ["rank_00000.pt", "textdiff.pt", "mp_rank_00_model_states.pt"])
+def test_resuming_from_a_hostile_checkpoint_is_refused_before_any_code_runs(tiny, tmp_path, victim):
+    from textdiff.train.loop import Trainer
+
+    trainer = Trainer(tiny("train.max_steps=1"), tmp_path / "run")
+    trainer.run()
+    trainer.close()
+    bad = tmp_path / "run" / "checkpoints" / "step_00000001" / victim
+    marker = tmp_path / "marker"
+    _poison(bad, marker)
+    with pytest.raises(UnsafeCheckpointError, match=rf"{bad} is refused"):
+        Trainer(tiny("train.max_steps=2"), tmp_path / "run", resume="auto")
+    assert not marker.exists()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -56,10 +57,48 @@ def rank_file(rank: int) -> str:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save through a temporary name and a rename."""
+    """torch.save through a temporary name, an fsync and a rename (a crash leaves the old file or the new one)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class UnsafeCheckpointError(ConfigError):
+    """A checkpoint file holds more than tensors and plain containers (its pickle would run code)."""
+
+
+def _deepspeed_safe_globals() -> list:
+    """The few DeepSpeed classes its optimizer-state files pickle: an enum, the loss scalers (plain attribute
+    holders) and a two-number dataclass, whose rebuilding runs no code of the file's choosing."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:  # sampling an export or a stage-0 checkpoint needs no DeepSpeed
+        return []
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def load_untrusted(path: str | Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers only, never a pickle
+    that runs code. Raises UnsafeCheckpointError naming the file and what it tried to load."""
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            what = f"calls {found.group(1)}" if found else "holds objects other than tensors and containers"
+            raise UnsafeCheckpointError(
+                f"{path} is refused: its pickle {what}, which torch.load(weights_only=True) does not allow, so "
+                "loading it could run code from the file. Use checkpoints written by textdiff's training, or "
+                "weights exported with tools/export.py (*.safetensors)") from None
 
 
 def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
@@ -179,6 +218,16 @@ def copy_to_remote(local_dir: Path, remote_url: str) -> str:
     return f"{protocol}://{target}" if protocol not in ("file", "local") else target
 
 
+def load_safely(engine) -> None:
+    """Make ``engine.load_checkpoint`` read every file through :func:`load_untrusted`.
+
+    DeepSpeed reads module, optimizer and scheduler states through ``engine.checkpoint_engine.load``, whose
+    torch version calls ``torch.load(weights_only=False)``. (Its universal-checkpoint loader calls torch.load
+    itself; ``checkpoint.load_universal`` is refused by the config check for that reason.)
+    """
+    engine.checkpoint_engine.load = lambda path, map_location=None: load_untrusted(path, map_location)
+
+
 class CheckpointManager:
     """Saves and finds checkpoints under ``root`` for one rank of a run.
 
@@ -230,7 +279,9 @@ class CheckpointManager:
 
     def load(self, engine, path: Path) -> tuple[dict, Optional[dict]]:
         """Restore the engine from checkpoint ``path``; returns (this rank's state, the textdiff state (rank 0's
-        EMA...; None on other ranks)). Raises ConfigError when the checkpoint lacks this rank's state."""
+        EMA...; None on other ranks)). Raises ConfigError when the checkpoint lacks this rank's state, and
+        UnsafeCheckpointError when any file DeepSpeed or textdiff reads holds a pickle that would run code."""
+        load_safely(engine)
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if load_path is None:
@@ -239,7 +290,6 @@ class CheckpointManager:
         if not mine.is_file():
             raise ConfigError(f"checkpoint {path} has no {mine.name}: it was written by fewer ranks than this "
                               f"run's {self.world_size}; resume with the same number of ranks")
-        rank_state = torch.load(mine, map_location="cpu", weights_only=False)
-        textdiff_state = (torch.load(path / TEXTDIFF_STATE, map_location="cpu", weights_only=False)
-                          if self.rank == 0 else None)
+        rank_state = load_untrusted(mine)
+        textdiff_state = load_untrusted(path / TEXTDIFF_STATE) if self.rank == 0 else None
         return rank_state, textdiff_state
