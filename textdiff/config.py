@@ -103,6 +103,17 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise ConfigError for impossible combinations, naming the key."""
         _require(self.image_size > 0, "model.image_size", "must be positive")
+        downsamplings = len(self.channel_mult) - 1
+        _require(self.image_size % 2 ** downsamplings == 0, "model.image_size",
+                 f"is {self.image_size}, which the {downsamplings} downsamplings of channel_mult "
+                 f"{list(self.channel_mult)} cannot halve evenly; give a multiple of {2 ** downsamplings}")
+        _require(self.in_channels >= 1, "model.in_channels", "must be at least 1 (3 for RGB)")
+        _require(self.txt_depth >= 0, "model.txt_depth", "must be >= 0 (encoder layers of the transcription)")
+        _require(self.txt_dim >= 1, "model.txt_dim", "must be positive")
+        _require(self.cross_attn_init_gain > 0, "model.cross_attn_init_gain",
+                 f"is {self.cross_attn_init_gain}; it must be positive (the gain is stored as its logarithm)")
+        _require(self.cross_attn_gain_scale != 0, "model.cross_attn_gain_scale",
+                 "must not be 0 (the stored gain is log(cross_attn_init_gain) / cross_attn_gain_scale)")
         _require(self.num_channels % 32 == 0, "model.num_channels",
                  f"is {self.num_channels}; GroupNorm(32) needs a multiple of 32")
         reached = {self.image_size // 2 ** i for i in range(len(self.channel_mult))}
@@ -345,6 +356,12 @@ class TextdiffConfig:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate()
+        if self.deepspeed:
+            from textdiff.train.ds_keys import deepspeed_config_error  # late: DeepSpeed's own key lists
+
+            error = deepspeed_config_error(self.deepspeed)
+            if error:
+                raise ConfigError(error)
         return self
 
     def to_dict(self) -> dict:

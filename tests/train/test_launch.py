@@ -79,3 +79,14 @@ def test_a_bad_override_exits_2_naming_the_key(tmp_path):
                           cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable},
                           timeout=120)
     assert proc.returncode == 2 and "train.max_step" in proc.stderr and "train.max_steps" in proc.stderr
+
+
+@pytest.mark.parametrize("override, named", [
+    ("deepspeed.zero_optimisation.stage=2", "did you mean deepspeed.zero_optimization?"),
+    ("deepspeed.scheduler.params.warmup_max_lr=-0.001", "deepspeed.scheduler.params.warmup_max_lr is -0.001"),
+])
+def test_a_deepspeed_key_it_does_not_read_or_a_negative_lr_exits_2(override, named):
+    proc = subprocess.run(["bash", "launch.sh", "--config", "ds_configs/demo_cpu.json", "--set", override],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable},
+                          timeout=120)
+    assert proc.returncode == 2 and named in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
