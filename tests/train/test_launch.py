@@ -84,8 +84,9 @@ def test_a_bad_override_exits_2_naming_the_key(tmp_path):
 @pytest.mark.parametrize("override, named", [
     ("deepspeed.zero_optimisation.stage=2", "did you mean deepspeed.zero_optimization?"),
     ("deepspeed.scheduler.params.warmup_max_lr=-0.001", "deepspeed.scheduler.params.warmup_max_lr is -0.001"),
+    ("data.shards=/no/such/shard-{000000..000001}.tar", "data.shards: shard /no/such/shard-000000.tar does not exist"),
 ])
-def test_a_deepspeed_key_it_does_not_read_or_a_negative_lr_exits_2(override, named):
+def test_a_bad_deepspeed_key_learning_rate_or_shards_path_exits_2(override, named):
     proc = subprocess.run(["bash", "launch.sh", "--config", "ds_configs/demo_cpu.json", "--set", override],
                           cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable},
                           timeout=120)

@@ -140,3 +140,55 @@ def test_sigterm_to_the_data_worker_and_the_rank_still_saves(tiny, tmp_path):
     trainer.close()
     assert summary["stopped"] and summary["step"] in (2, 3)  # 3 only if the worker had queued batch 5 in time
     assert [s for s, _ in complete_checkpoints(tmp_path / "run" / "checkpoints")] == [summary["step"]]
+
+
+def _forbid_building(monkeypatch):
+    """Makes building the model or the engine fail the test: the check must come before either."""
+    from textdiff.train import engine as eng
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model or engine was built before the bad input was found")
+
+    monkeypatch.setattr(eng, "build_engine", built)
+    monkeypatch.setattr("textdiff.models.build_model", built)
+
+
+@pytest.fixture
+def nothing_built(monkeypatch):
+    _forbid_building(monkeypatch)
+
+
+@pytest.mark.parametrize("shards, message", [
+    ("{root}/no-such-dir/shard-{{000000..000002}}.tar", r"data.shards: shard .*no-such-dir/shard-000000.tar does not exist"),
+    ("{root}/shard-{{}}.tar", r"data.shards: shard .*/shard-\{{\}}.tar does not exist"),
+    ("{root}/*.nothing", r"data.shards: the glob .*\*.nothing matches no file"),
+])
+def test_missing_shards_are_found_before_the_model_and_engine_are_built(tiny, tmp_path, nothing_built, shards,
+                                                                         message):
+    with pytest.raises(ConfigError, match=message.format(root=tmp_path)):
+        Trainer(tiny(f"data.shards={shards.format(root=tmp_path)}"), tmp_path / "run")
+
+
+def test_too_few_shards_for_the_readers_are_found_before_the_engine_is_built(tiny, tmp_path, nothing_built):
+    with pytest.raises(ConfigError, match=r"data.shards has 3 shards but world_size x data.num_workers = 4"):
+        Trainer(tiny("data.num_workers=4"), tmp_path / "run")
+
+
+@pytest.mark.parametrize("key, saved, now", [("num_workers", 0, 1), ("seed", 0, 3), ("shuffle_buffer", 16, 8)])
+def test_resuming_with_other_data_settings_is_refused_at_start_naming_the_key(tiny, tmp_path, monkeypatch, key,
+                                                                             saved, now):
+    _run(tiny("train.max_steps=1"), tmp_path / "run")
+    _forbid_building(monkeypatch)
+    with pytest.raises(ConfigError, match=rf"data.{key} is {now} now but {saved} in the saved run, .* resume with "
+                                          rf"--set data.{key}={saved}, or start a new --run-dir"):
+        Trainer(tiny("train.max_steps=2", f"data.{key}={now}"), tmp_path / "run", resume="auto")
+
+
+def test_resuming_on_other_shards_is_refused_at_start_naming_data_shards(tiny, tmp_path, monkeypatch,
+                                                                         synthetic_shards):
+    _run(tiny("train.max_steps=1"), tmp_path / "run")
+    _forbid_building(monkeypatch)
+    two = ",".join(str(synthetic_shards / f"shard-00000{i}.tar") for i in (0, 1))
+    with pytest.raises(ConfigError, match=r"cannot continue the data stream saved in .*step_00000001: .*num_shards=3.*"
+                                          r"data.shards or another data.\* key differs from .*config.json"):
+        Trainer(tiny("train.max_steps=2", f"data.shards={two}"), tmp_path / "run", resume="auto")

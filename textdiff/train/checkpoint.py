@@ -44,6 +44,9 @@ _NAME = re.compile(r"^step_(\d{8,})$")
 _MODEL_KEYS_FREE = {"txt_pdrop", "capt_pdrop", "all_pdrop", "dropout", "silu_impl", "clip_weights_path"}
 # diffusion keys that change what the network's output means: changing them on resume is an error
 _DIFFUSION_KEYS_FIXED = {"diffusion_steps", "noise_schedule", "predict_xstart", "rescale_timesteps"}
+# data keys the saved stream position depends on (which reader reads which shard, in which order): changing them
+# on resume is an error, since the position would not mean the same samples
+_DATA_KEYS_FIXED = ("num_workers", "seed", "resampled", "shuffle_buffer")
 
 
 def checkpoint_name(step: int) -> str:
@@ -180,6 +183,13 @@ def check_resume_compatible(saved: dict, current: dict, where: str) -> list[str]
         detail = ", ".join(f"{k} (saved {_lookup(s_td, k)!r}, now {_lookup(c_td, k)!r})" for k in fixed)
         raise ConfigError(f"cannot resume from {where}: the model differs in {detail}; use the config saved "
                           f"in {where}/{CONFIG_FILE}, or start a new run directory")
+    s_data, c_data = s_td.get("data", {}), c_td.get("data", {})
+    for k in _DATA_KEYS_FIXED:
+        if k in s_data and s_data[k] != c_data.get(k, s_data[k]):
+            raise ConfigError(f"cannot resume from {where}: data.{k} is {c_data[k]!r} now but {s_data[k]!r} in the "
+                              f"saved run, and the saved data-stream position only holds for data.{k}="
+                              f"{json.dumps(s_data[k])}; resume with --set data.{k}={json.dumps(s_data[k])}, or "
+                              "start a new --run-dir to train with the new value")
     warnings = []
     s_ds = {k: v for k, v in saved.items() if k != "textdiff"}
     c_ds = {k: v for k, v in current.items() if k != "textdiff"}
