@@ -9,9 +9,13 @@ Layout under ``RUN_DIR/checkpoints/``::
         config.json              the whole config tree the run used
         COMPLETE                 written last; only directories with it are ever resumed from
     .partial-step_00002000/      a save in progress (or one killed mid-way); never picked, removed later
+    .replaced-step_00001000/     the previous copy of a step saved again, while the new one is renamed in
 
-A save writes into ``.partial-step_N`` and is renamed to ``step_N`` by rank 0 once every rank has finished,
-so a half-written checkpoint is never taken for the latest one. Afterwards only the last
+A save writes into ``.partial-step_N``; once every rank has finished and every file is fsync'ed, rank 0
+writes ``COMPLETE`` and renames the folder to ``step_N``, so a half-written checkpoint is never taken for the
+latest one. Saving a step again (a stop signal at a save step) first renames the old ``step_N`` to
+``.replaced-step_N``, which is found as step N until the new copy is in place: a complete copy of the step
+exists at every instant. Afterwards only the last
 ``checkpoint.keep_last`` and every ``checkpoint.keep_every``-th step are kept, and with
 ``checkpoint.remote_url`` the finished directory is copied there through fsspec (its ``COMPLETE`` last).
 """
@@ -36,9 +40,10 @@ log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 PARTIAL_PREFIX = ".partial-"
+REPLACED_PREFIX = ".replaced-"
 TEXTDIFF_STATE = "textdiff.pt"
 CONFIG_FILE = "config.json"
-_NAME = re.compile(r"^step_(\d{8,})$")
+_NAME = re.compile(r"^(?:\.replaced-)?step_(\d{8,})$")
 
 # model keys that change no weight shape or meaning: changing them on resume is allowed without a warning
 _MODEL_KEYS_FREE = {"txt_pdrop", "capt_pdrop", "all_pdrop", "dropout", "silu_impl", "clip_weights_path"}
@@ -104,17 +109,45 @@ def load_untrusted(path: str | Path, map_location: Any = "cpu") -> Any:
                 "weights exported with tools/export.py (*.safetensors)") from None
 
 
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so the renames and new names in it survive a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file and folder below ``path`` (DeepSpeed writes its files without an fsync)."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(folder))
+
+
 def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """(step, directory) of every complete checkpoint under ``root``, oldest first."""
+    """(step, directory) of every complete checkpoint under ``root``, oldest first (``step_N``, or the
+    ``.replaced-step_N`` copy when a re-save of step N was cut between its two renames)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = []
-    for d in root.iterdir():
+    found: dict[int, Path] = {}
+    for d in sorted(root.iterdir(), key=lambda d: not d.name.startswith(REPLACED_PREFIX)):  # step_N wins
         m = _NAME.match(d.name)
         if m and d.is_dir() and (d / COMPLETE).is_file():
-            found.append((int(m.group(1)), d))
-    return sorted(found)
+            found[int(m.group(1))] = d
+    return sorted(found.items())
+
+
+def ignored_checkpoints(root: str | Path) -> list[Path]:
+    """Folders under ``root`` that look like checkpoints but are not complete (a save cut short)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir() if d.is_dir() and not (d / COMPLETE).is_file()
+                  and (d.name.startswith(PARTIAL_PREFIX) or _NAME.match(d.name)))
 
 
 def latest_checkpoint(root: str | Path) -> Optional[Path]:
@@ -148,7 +181,11 @@ def resolve_resume(resume: Optional[str], root: str | Path) -> Optional[Path]:
     if not resume:
         return None
     if resume == "auto":
-        return latest_checkpoint(root)
+        found = latest_checkpoint(root)
+        for d in ignored_checkpoints(root):
+            log.warning("ignored the partial checkpoint %s (no %s file: its save was cut short); resuming from %s",
+                        d, COMPLETE, found if found is not None else "the start")
+        return found
     found = find_complete_checkpoint(resume)
     if found is not None:
         return found
@@ -228,6 +265,21 @@ def copy_to_remote(local_dir: Path, remote_url: str) -> str:
     return f"{protocol}://{target}" if protocol not in ("file", "local") else target
 
 
+class RunDirError(RuntimeError):
+    """A file of the run directory could not be written; the message names the path and the cause."""
+
+
+def write_failure(e: BaseException) -> Optional[str]:
+    """``"PATH: cause"`` when ``e`` is a failed write (an OSError, or torch.save's RuntimeError, which hides the
+    OSError's errno in its message), else None."""
+    if isinstance(e, OSError):
+        return f"{e.filename}: {e.strerror}" if e.filename else str(e)
+    text = str(e)
+    if "PytorchStreamWriter failed" in text or "file write failed" in text or "unexpected pos" in text:
+        return f"torch.save could not write ({text.splitlines()[0]}), most likely a full disk"
+    return None
+
+
 def load_safely(engine) -> None:
     """Make ``engine.load_checkpoint`` read every file through :func:`load_untrusted`.
 
@@ -253,8 +305,23 @@ class CheckpointManager:
         """Write the checkpoint after ``step`` steps on every rank; returns its final directory.
 
         rank_state: this rank's state (stream position, RNG); textdiff_state: rank 0's (EMA...), None elsewhere;
-        config: the recipe dict. Every rank must call this at the same step.
+        config: the recipe dict. Every rank must call this at the same step. Raises RunDirError naming the
+        file and the cause when a write fails (read-only folder, full disk); earlier checkpoints stay intact.
         """
+        try:
+            return self._save(engine, step, rank_state, textdiff_state, config)
+        except (OSError, RuntimeError) as e:
+            cause = write_failure(e)
+            if cause is None:
+                raise
+            if self.rank == 0:  # what was written of it only takes the space a resumed run needs
+                shutil.rmtree(self.root / (PARTIAL_PREFIX + checkpoint_name(step)), ignore_errors=True)
+            last = latest_checkpoint(self.root)
+            raise RunDirError(f"cannot write checkpoint {checkpoint_name(step)} under {self.root}: {cause}. The last "
+                              f"complete checkpoint ({last if last is not None else 'none yet'}) is intact; free "
+                              "space or make the folder writable, then continue with --resume auto") from e
+
+    def _save(self, engine, step: int, rank_state: dict, textdiff_state: Optional[dict], config: dict) -> Path:
         final = self.root / checkpoint_name(step)
         partial_tag = PARTIAL_PREFIX + final.name
         partial = self.root / partial_tag
@@ -266,26 +333,41 @@ class CheckpointManager:
         engine.save_checkpoint(str(self.root), tag=partial_tag, save_latest=False)
         partial.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(rank_state, partial / rank_file(self.rank))
+        fsync_tree(partial)  # this rank's DeepSpeed files too, before COMPLETE vouches for them
         self.barrier()
         if self.rank == 0:
             atomic_torch_save(textdiff_state, partial / TEXTDIFF_STATE)
             atomic_write_bytes(partial / CONFIG_FILE, json.dumps(config, indent=2).encode())
             atomic_write_bytes(partial / COMPLETE, f"{step}\n".encode())
-            if final.exists():  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
-                shutil.rmtree(final)
-            os.replace(partial, final)
+            fsync_dir(partial)
+            self._publish(partial, final)
             self._prune()
             if self.cfg.remote_url:
                 log.info("copied checkpoint to %s", copy_to_remote(final, self.cfg.remote_url))
         self.barrier()
         return final
 
+    def _publish(self, partial: Path, final: Path) -> None:
+        """Rename the finished ``partial`` to ``final``; a ``final`` already there (the same step saved again,
+        e.g. SIGTERM right after a periodic save) is first renamed aside, and removed only once the new one
+        is in place."""
+        replaced = final.with_name(REPLACED_PREFIX + final.name)
+        if final.exists():
+            if replaced.exists():
+                shutil.rmtree(replaced)
+            os.replace(final, replaced)
+        os.replace(partial, final)
+        fsync_dir(self.root)
+        if replaced.exists():
+            shutil.rmtree(replaced)
+
     def _prune(self) -> None:
         found = dict(complete_checkpoints(self.root))
         for step in steps_to_delete(found, self.cfg.keep_last, self.cfg.keep_every):
             shutil.rmtree(found[step], ignore_errors=True)
-        for stale in self.root.glob(PARTIAL_PREFIX + "*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in [*self.root.glob(PARTIAL_PREFIX + "*"), *self.root.glob(REPLACED_PREFIX + "*")]:
+            if stale.name.startswith(PARTIAL_PREFIX) or (self.root / stale.name[len(REPLACED_PREFIX):]).is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
 
     def load(self, engine, path: Path) -> tuple[dict, Optional[dict]]:
         """Restore the engine from checkpoint ``path``; returns (this rank's state, the textdiff state (rank 0's

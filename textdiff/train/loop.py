@@ -28,8 +28,8 @@ from textdiff.config import ConfigError, TextdiffConfig
 from textdiff.diffusion.gaussian import quartile_means
 from textdiff.files import atomic_write_bytes
 from textdiff.train import engine as eng
-from textdiff.train.checkpoint import (CONFIG_FILE, CheckpointManager, check_resume_compatible, load_untrusted,
-                                       rank_file, read_config, resolve_resume)
+from textdiff.train.checkpoint import (CONFIG_FILE, CheckpointManager, RunDirError, check_resume_compatible,
+                                       load_untrusted, rank_file, read_config, resolve_resume, write_failure)
 from textdiff.train.control import StopFlag, rng_state, seed_everything, set_rng_state
 from textdiff.train.ema import EMA
 from textdiff.train.logging import (EVAL_GRID_COLUMNS, TrainLogger, append_jsonl, eval_scalars, gpu_memory_gib,
@@ -169,11 +169,19 @@ class Trainer:
         return prompts
 
     def _check_before_building(self, resume_from: Optional[Path]) -> None:
-        """What a run can get wrong, found before the model and engine are built (ConfigError, exit status 2):
-        the batch keys, the shards ``data.shards`` names, and whether ``resume_from``'s config fits this one."""
+        """What a run can get wrong, found before the model and engine are built: a run directory it cannot
+        write (RunDirError), the batch keys, the shards ``data.shards`` names, and whether ``resume_from``'s
+        config and data-stream position fit this run (ConfigError)."""
         from textdiff.data.stream import build_train_stream
 
         cfg = self.cfg
+        try:  # a read-only folder or a full disk, found now rather than at the first checkpoint
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / f".write-test-rank{self.rank}"
+            probe.write_bytes(b"textdiff\n")
+            probe.unlink()
+        except OSError as e:
+            raise RunDirError(f"--run-dir {self.run_dir} is not writable: {write_failure(e)}") from None
         eng.check_batch_keys(cfg.deepspeed, self.world_size)
         micro = cfg.deepspeed["train_micro_batch_size_per_gpu"]
         try:  # building a stream reads no sample yet: this resolves and counts the shards only
