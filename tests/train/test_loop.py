@@ -192,3 +192,19 @@ def test_resuming_on_other_shards_is_refused_at_start_naming_data_shards(tiny, t
     with pytest.raises(ConfigError, match=r"cannot continue the data stream saved in .*step_00000001: .*num_shards=3.*"
                                           r"data.shards or another data.\* key differs from .*config.json"):
         Trainer(tiny("train.max_steps=2", f"data.shards={two}"), tmp_path / "run", resume="auto")
+
+
+def test_the_progress_bar_shows_the_loss_of_the_step_it_counts(tiny, tmp_path, monkeypatch):
+    import functools
+    import io
+    import re
+
+    from textdiff.train import loop
+
+    shown = io.StringIO()
+    monkeypatch.setattr(loop, "tqdm", functools.partial(loop.tqdm, file=shown, mininterval=0, miniters=1))
+    _, summary = _run(tiny("train.max_steps=3"), tmp_path / "run")
+    frames = re.findall(r"(\d)/3 \[[^\]]*loss=([\d.]+)\]", shown.getvalue())
+    assert {int(step) for step, _ in frames} == {1, 2, 3}
+    for step, loss in frames:
+        assert loss == f"{summary['losses'][int(step) - 1]:.4f}", (step, frames, summary["losses"])

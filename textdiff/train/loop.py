@@ -474,8 +474,8 @@ class Trainer:
                 # the ranks' agreed vote, not this rank's live flag: a signal landing after the vote must not
                 # send one rank into save() while the others start the next step (it counts next step)
                 stopping = bool(metrics["_stop"])
+                progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)  # update(1) shows it
                 progress.update(1)
-                progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or stopping:
                     self.log_metrics(metrics)
                 if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.max_steps):
