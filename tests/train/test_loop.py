@@ -208,3 +208,57 @@ def test_the_progress_bar_shows_the_loss_of_the_step_it_counts(tiny, tmp_path, m
     assert {int(step) for step, _ in frames} == {1, 2, 3}
     for step, loss in frames:
         assert loss == f"{summary['losses'][int(step) - 1]:.4f}", (step, frames, summary["losses"])
+
+
+class _RecordingModel:
+    """diffusion_loss's model: records the low-res input and noise step that reach the network's conditioning."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def prepare_cond(self, txt, capt, low_res=None, noise_cond_t=None):
+        self.seen.update(low_res=low_res, noise_cond_t=noise_cond_t)
+        return {}
+
+
+class _ZeroLoss:
+    """diffusion_loss's process: the losses do not matter here, only what reaches the model."""
+
+    def training_losses(self, model_fn, x0, t, model_kwargs, noise):
+        zeros = torch.zeros(x0.shape[0])
+        return {"loss": zeros, "mse": zeros, "vb": zeros}
+
+
+def _noise_cond_loss(tiny, *overrides, n=2000):
+    from textdiff.diffusion.timesteps import build_timestep_sampler
+    from textdiff.train.loop import diffusion_loss
+
+    cfg = tiny("model.image_size=32", "model.low_res_size=16", "model.attention_resolutions=[16]",
+               "model.txt_resolutions=[16]", *overrides)
+    low_res = torch.linspace(-0.9, 0.9, 48).reshape(1, 3, 4, 4).repeat(n, 1, 1, 1)  # the same image n times
+    batch = {"image": torch.zeros(n, 3, 2, 2), "txt": ["ab"] * n, "capt": [""] * n, "low_res": low_res}
+    model = _RecordingModel()
+    diffusion_loss(model, None, _ZeroLoss(), build_timestep_sampler("uniform", 1000), batch, cfg,
+                   torch.Generator().manual_seed(0), torch.device("cpu"))
+    return low_res, model.seen
+
+
+def test_noise_conditioning_noises_the_low_res_input_to_the_step_the_model_is_given(tiny):
+    from textdiff.diffusion.noise_cond import noise_cond_alphas_cumprod
+
+    low_res, seen = _noise_cond_loss(tiny, "model.noise_cond=true", "model.noise_cond_max_step=600")
+    t = seen["noise_cond_t"]
+    assert t.shape == (2000,) and int(t.min()) == 0 and int(t.max()) == 600  # uniform on {0..600}: both ends drawn
+    assert float(t.float().mean()) == pytest.approx(300, abs=4 * 174 / 2000 ** 0.5)  # sd of U{0..600} is 174
+    abar = noise_cond_alphas_cumprod().float()[t].reshape(-1, 1, 1, 1)
+    # undo q(x_t | x_0) with the step the model was given: what is left must be unit Gaussian noise
+    z = (seen["low_res"] - abar.sqrt() * low_res) / (1 - abar).sqrt()
+    m = z.numel()  # 96000 values: mean within 4 sd (4 / sqrt(m)), variance within 4 sd (4 sqrt(2 / m))
+    assert float(z.mean()) == pytest.approx(0.0, abs=4 / m ** 0.5)
+    assert float(z.var()) == pytest.approx(1.0, abs=4 * (2 / m) ** 0.5)
+    assert float((z * low_res).mean()) == pytest.approx(0.0, abs=4 * float(low_res.pow(2).mean().sqrt()) / m ** 0.5)
+
+
+def test_without_noise_conditioning_the_low_res_input_reaches_the_model_unchanged(tiny):
+    low_res, seen = _noise_cond_loss(tiny, n=8)
+    assert seen["noise_cond_t"] is None and torch.equal(seen["low_res"], low_res)
