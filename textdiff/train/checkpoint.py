@@ -119,11 +119,19 @@ def fsync_dir(path: Path) -> None:
 
 
 def fsync_tree(path: Path) -> None:
-    """fsync every file and folder below ``path`` (DeepSpeed writes its files without an fsync)."""
+    """fsync every file and folder below ``path`` (DeepSpeed writes its files without an fsync).
+
+    Other ranks write into the same folder meanwhile: a temporary file renamed away before it is opened here
+    is skipped (its writer, :func:`atomic_torch_save`, syncs it; every rank syncs the tree after its own
+    writes, so each file is synced by the rank that wrote it).
+    """
     for folder, _, files in os.walk(path):
         for name in files:
-            with open(os.path.join(folder, name), "rb") as f:
-                os.fsync(f.fileno())
+            try:
+                with open(os.path.join(folder, name), "rb") as f:
+                    os.fsync(f.fileno())
+            except FileNotFoundError:
+                continue
         fsync_dir(Path(folder))
 
 
