@@ -159,7 +159,8 @@ def nothing_built(monkeypatch):
 
 
 @pytest.mark.parametrize("shards, message", [
-    ("{root}/no-such-dir/shard-{{000000..000002}}.tar", r"data.shards: shard .*no-such-dir/shard-000000.tar does not exist"),
+    ("{root}/no-such-dir/shard-{{000000..000002}}.tar",
+     r"data.shards: shard .*no-such-dir/shard-000000.tar does not exist"),
     ("{root}/shard-{{}}.tar", r"data.shards: shard .*/shard-\{{\}}.tar does not exist"),
     ("{root}/*.nothing", r"data.shards: the glob .*\*.nothing matches no file"),
 ])

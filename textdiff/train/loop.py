@@ -195,7 +195,9 @@ class Trainer:
             if self.rank == 0:
                 log.warning(warning)
         mine = resume_from / rank_file(self.rank)
-        state = self._usable_stream_state(load_untrusted(mine)["stream"], micro, resume_from) if mine.is_file() else None
+        state = None  # a missing rank file is reported by CheckpointManager.load, naming the world size
+        if mine.is_file():
+            state = self._usable_stream_state(load_untrusted(mine)["stream"], micro, resume_from)
         try:
             build_train_stream(cfg.data, cfg.augment, cfg.model.image_size, cfg.model.low_res_size, micro,
                                self.rank, self.world_size, state=state)
