@@ -233,7 +233,8 @@ def test_every_file_of_a_checkpoint_and_its_folders_are_fsynced(tmp_path, monkey
     assert str(tmp_path) in synced  # the folder holding the rename
 
 
-def test_a_partial_checkpoint_ignored_at_resume_is_logged(tmp_path, caplog):
+def test_a_partial_checkpoint_ignored_at_resume_is_logged(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("textdiff"), "propagate", True)  # training's setup_logging turns it off
     _fake_checkpoint(tmp_path, 10)
     partial = _fake_checkpoint(tmp_path, 20, prefix=PARTIAL_PREFIX, complete=False)
     with caplog.at_level(logging.WARNING, logger="textdiff.train.checkpoint"):

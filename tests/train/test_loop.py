@@ -263,3 +263,13 @@ def test_noise_conditioning_noises_the_low_res_input_to_the_step_the_model_is_gi
 def test_without_noise_conditioning_the_low_res_input_reaches_the_model_unchanged(tiny):
     low_res, seen = _noise_cond_loss(tiny, n=8)
     assert seen["noise_cond_t"] is None and torch.equal(seen["low_res"], low_res)
+
+
+def test_resuming_with_another_micro_batch_starts_the_stream_afresh_warning_once(tiny, tmp_path, capsys):
+    _run(tiny("train.max_steps=1"), tmp_path / "run")
+    capsys.readouterr()
+    trainer = Trainer(tiny("train.max_steps=2", "deepspeed.train_micro_batch_size_per_gpu=2"), tmp_path / "run",
+                      resume="auto")
+    trainer.close()
+    assert trainer.step == 1 and trainer.stream.counters()["batches"] == 0
+    assert capsys.readouterr().err.count("the data stream starts afresh") == 1  # textdiff logs to stderr

@@ -197,7 +197,7 @@ class Trainer:
         mine = resume_from / rank_file(self.rank)
         state = None  # a missing rank file is reported by CheckpointManager.load, naming the world size
         if mine.is_file():
-            state = self._usable_stream_state(load_untrusted(mine)["stream"], micro, resume_from)
+            state = self._usable_stream_state(load_untrusted(mine)["stream"], micro, resume_from, warn=False)
         try:
             build_train_stream(cfg.data, cfg.augment, cfg.model.image_size, cfg.model.low_res_size, micro,
                                self.rank, self.world_size, state=state)
@@ -206,11 +206,13 @@ class Trainer:
                               f"another data.* key differs from {resume_from / CONFIG_FILE}: resume with its "
                               "values, or start a new --run-dir") from None
 
-    def _usable_stream_state(self, stream_state: dict, micro_batch: int, path: Path) -> Optional[dict]:
+    def _usable_stream_state(self, stream_state: dict, micro_batch: int, path: Path, warn: bool = True
+                             ) -> Optional[dict]:
         """The saved stream position, or None (start the stream afresh) when the batch or world size changed."""
         if stream_state.get("batch_size") != micro_batch or stream_state.get("world_size") != self.world_size:
-            log.warning("batch size or world size changed since %s: the data stream starts afresh, so samples "
-                        "seen before may repeat", path)
+            if warn:
+                log.warning("batch size or world size changed since %s: the data stream starts afresh, so "
+                            "samples seen before may repeat", path)
             return None
         return stream_state
 
