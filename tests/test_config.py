@@ -113,3 +113,57 @@ def test_errors_name_the_file(tmp_path):
 
 def test_defaults_are_valid():
     ModelConfig().validate()
+
+
+@pytest.mark.parametrize("keys, message", [
+    (dict(image_size=33), r"model.image_size is 33, which the 4 downsamplings of channel_mult \[1, 2, 2, 4, 4\] "
+                          "cannot halve evenly; give a multiple of 16"),
+    (dict(image_size=30), "model.image_size is 30, which the 4 downsamplings"),
+    (dict(image_size=20, channel_mult=[1, 2, 2, 4]), "model.image_size is 20, .* give a multiple of 8"),
+    (dict(txt_depth=-1), "model.txt_depth must be >= 0"),
+    (dict(in_channels=0), "model.in_channels must be at least 1"),
+    (dict(cross_attn_init_gain=0.0), "model.cross_attn_init_gain is 0.0; it must be positive"),
+    (dict(cross_attn_init_gain=-1.0), "model.cross_attn_init_gain is -1.0; it must be positive"),
+    (dict(cross_attn_gain_scale=0.0), "model.cross_attn_gain_scale must not be 0"),
+    (dict(txt_dim=0), "model.txt_dim must be positive"),
+])
+def test_sizes_depths_and_gains_that_cannot_build_a_model_name_the_key(keys, message):
+    with pytest.raises(ConfigError, match=message):
+        model(**keys)
+
+
+def test_sizes_the_downsamplings_halve_evenly_are_accepted():
+    assert model(image_size=48, attention_resolutions=[3, 6, 12]).model.image_size == 48  # 48 / 2**4 = 3 px
+    assert model(image_size=24, channel_mult=[1, 2, 2, 4], attention_resolutions=[3, 6, 12]).model.image_size == 24
+
+
+@pytest.mark.parametrize("override, message", [
+    ("deepspeed.zero_optimisation.stage=2",
+     "unknown DeepSpeed key deepspeed.zero_optimisation; did you mean deepspeed.zero_optimization?"),
+    ("deepspeed.gradient_cliping=1.0",
+     "unknown DeepSpeed key deepspeed.gradient_cliping; did you mean deepspeed.gradient_clipping?"),
+    ("deepspeed.zero_optimization.stag=2",
+     "unknown DeepSpeed key deepspeed.zero_optimization.stag; did you mean deepspeed.zero_optimization.stage?"),
+    ('deepspeed.zero_optimization.offload_optimizer={"devic": "cpu"}',
+     "deepspeed.zero_optimization.offload_optimizer.devic; did you mean "
+     "deepspeed.zero_optimization.offload_optimizer.device?"),
+    ("deepspeed.fp16.loss_scale_windw=100", "did you mean deepspeed.fp16.loss_scale_window?"),
+    ("deepspeed.optimizer.params.weight_decy=0.1", "did you mean deepspeed.optimizer.params.weight_decay?"),
+    ("deepspeed.scheduler.params.warmup_num_step=5", "did you mean deepspeed.scheduler.params.warmup_num_steps?"),
+    ("deepspeed.scheduler.params.warmup_max_lr=-0.001",
+     "deepspeed.scheduler.params.warmup_max_lr is -0.001; a learning rate must not be negative"),
+    ("deepspeed.optimizer.params.lr=-0.001",
+     "deepspeed.optimizer.params.lr is -0.001; a learning rate must not be negative"),
+    ("deepspeed.checkpoint.load_universal=true", "torch.load\\(weights_only=False\\)"),
+])
+def test_deepspeed_keys_it_does_not_read_and_negative_learning_rates_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(BASE64, [override])
+
+
+def test_every_recipe_uses_only_keys_deepspeed_reads():
+    for recipe in sorted((ROOT / "ds_configs").glob("*.json")):
+        assert load_config(recipe).deepspeed, recipe
+    cfg = load_config(BASE64, ["deepspeed.scheduler.params.warmup_min_lr=0", "deepspeed.bf16.enabled=false",
+                               "deepspeed.zero_optimization.offload_optimizer.device=cpu"])
+    assert cfg.deepspeed["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}

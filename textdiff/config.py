@@ -123,6 +123,19 @@ class ModelConfig:
                      f"or change model.num_groups")
         _require(self.stem_patch >= 1 and self.image_size % self.stem_patch == 0, "model.stem_patch",
                  f"is {self.stem_patch}; give a factor >= 1 that divides model.image_size={self.image_size}")
+        downsamplings = len(self.channel_mult) - 1
+        factor = self.stem_patch * 2 ** downsamplings
+        _require(self.image_size % factor == 0, "model.image_size",
+                 f"is {self.image_size}, which the {downsamplings} downsamplings of channel_mult "
+                 f"{list(self.channel_mult)}" + (f" after the stem's {self.stem_patch}x" if self.stem_patch > 1 else "")
+                 + f" cannot halve evenly; give a multiple of {factor}")
+        _require(self.in_channels >= 1, "model.in_channels", "must be at least 1 (3 for RGB)")
+        _require(self.txt_depth >= 0, "model.txt_depth", "must be >= 0 (encoder layers of the transcription)")
+        _require(self.txt_dim >= 1, "model.txt_dim", "must be positive")
+        _require(self.cross_attn_init_gain > 0, "model.cross_attn_init_gain",
+                 f"is {self.cross_attn_init_gain}; it must be positive (the gain is stored as its logarithm)")
+        _require(self.cross_attn_gain_scale != 0, "model.cross_attn_gain_scale",
+                 "must not be 0 (the stored gain is log(cross_attn_init_gain) / cross_attn_gain_scale)")
         reached = {self.feature_size // 2 ** i for i in range(len(self.channel_mult))}
         for key in ("attention_resolutions", "txt_resolutions"):
             for res in getattr(self, key):
@@ -412,6 +425,12 @@ class TextdiffConfig:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate()
+        if self.deepspeed:
+            from textdiff.train.ds_keys import deepspeed_config_error  # late: DeepSpeed's own key lists
+
+            error = deepspeed_config_error(self.deepspeed)
+            if error:
+                raise ConfigError(error)
         return self
 
     def to_dict(self) -> dict:

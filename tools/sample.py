@@ -88,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# what --from-jsonl takes besides itself; every other flag is a setting its record already holds
+REPLAY_FLAGS = {"from_jsonl", "index", "out", "device", "quiet"}
+
+
+def given_flags(argv: Sequence[str]) -> dict[str, str]:
+    """{dest: flag name} of the flags written in ``argv``, whatever their values (a default given explicitly
+    counts too); flags sharing a dest are named together (``--ema/--raw``)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return {dest: "/".join(o for a in p._actions if a.dest == dest for o in a.option_strings if o.startswith("--"))
+            for dest in vars(p.parse_args(argv))}
+
+
 def cli_prompts(args: argparse.Namespace) -> list[Prompt]:
     """Prompts from --prompts, or from --txt/--capt/--seed/--count."""
     if args.prompts:
@@ -152,11 +166,17 @@ def stage_specs(args: argparse.Namespace) -> tuple[list[StageSpec], list[str]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the tool; returns the exit status (2 for bad input, found before any sampling)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         if args.from_jsonl or args.index is not None:
             if not (args.from_jsonl and args.index is not None):
                 raise CascadeError("--from-jsonl FILE and --index K go together")
+            ignored = [flag for dest, flag in given_flags(argv).items() if dest not in REPLAY_FLAGS]
+            if ignored:
+                raise CascadeError(f"--from-jsonl regenerates a sample with the model, prompt and settings its record "
+                                   f"holds, so {', '.join(ignored)} would be ignored; drop "
+                                   f"{'it' if len(ignored) == 1 else 'them'}, or sample afresh without --from-jsonl")
             record = replay(args.from_jsonl, args.index, args.out, device=args.device, progress=not args.quiet)
             print(f"regenerated sample {args.index} -> {args.out}/{record['image']}")
             return 0

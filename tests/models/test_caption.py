@@ -107,3 +107,39 @@ def test_learned_null_caption_is_trained_and_differs_from_the_placeholder(tiny):
     x, t = tiny.inputs()
     model(x, t, **model.prepare_cond(None, [None, "a cat"])).square().mean().backward()
     assert model.null_capt_token.grad.abs().sum() > 0 and model.null_capt_pooled.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("penultimate, block", [(True, -2), (False, -1)])
+def test_the_caption_tokens_are_the_chosen_layer_after_the_final_layernorm(tiny, penultimate, block):
+    torch.manual_seed(0)
+    encoder = CaptionEncoder(tiny.cfg(using_capt=True, clip_use_penultimate_layer=penultimate))
+    ids = encoder.tokenize(["a red stop sign", "a blue shop front"])
+    seen = []
+    blocks = encoder.tower.transformer.resblocks
+    assert len(blocks) >= 2  # the tiny tower has a penultimate layer to take
+    handle = blocks[block].register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad():
+        tokens, pooled = encoder(ids)
+        expected = encoder.tower.ln_final(seen[0])
+        handle.remove()
+        other_block = blocks[-1 if penultimate else -2]
+        seen.clear()
+        other_block.register_forward_hook(lambda module, args, out: seen.append(out))
+        encoder(ids)
+        other = encoder.tower.ln_final(seen[-1])
+    assert tokens.shape == (2, encoder.tower.context_length, encoder.width)
+    assert torch.allclose(tokens, expected, atol=1e-6)  # exactly the chosen block's output, normalised
+    assert (tokens - other).abs().max() > 1e-2  # and not the other block's
+    assert pooled.shape == (2, encoder.embed_dim)
+
+
+def test_the_penultimate_layer_changes_the_tokens_but_not_the_pooled_embedding(tiny):
+    encoders = []
+    for penultimate in (True, False):
+        torch.manual_seed(0)  # the same random weights in both
+        encoders.append(CaptionEncoder(tiny.cfg(using_capt=True, clip_use_penultimate_layer=penultimate)))
+    ids = encoders[0].tokenize(["a red stop sign"])
+    with torch.no_grad():
+        (tok_pen, pool_pen), (tok_last, pool_last) = encoders[0](ids), encoders[1](ids)
+    assert torch.equal(pool_pen, pool_last)  # the pooled embedding always comes from the last layer
+    assert (tok_pen - tok_last).abs().max() > 1e-2

@@ -27,10 +27,15 @@ def up(runs):
     return load_for_sampling(runs.up, "raw")
 
 
-def test_the_cascade_produces_the_upsamplers_size(base, up):
+def test_the_cascade_upsamples_the_base_models_images_to_the_upsamplers_size(base, up):
     images = run_cascade([base, up], [FAST, FAST], ["ab", ""], ["", ""], [0, 1], progress=False)
     assert [tuple(x.shape) for x in images] == [(2, 3, 16, 16), (2, 3, 32, 32)]
-    assert float(images[-1].abs().max()) <= 1.0
+    # stage 1 is the upsampler run on stage 0's images: the same call by hand gives the same pixels ...
+    alone = sample_stage(up, FAST, ["ab", ""], ["", ""], [0, 1], stage=1, low_res=images[0], progress=False)
+    assert torch.equal(alone, images[1])
+    # ... and those images matter: the negated low-res input moves each sample by about 1.2 (max |diff|)
+    other = sample_stage(up, FAST, ["ab", ""], ["", ""], [0, 1], stage=1, low_res=-images[0], progress=False)
+    assert (other - images[1]).abs().amax(dim=(1, 2, 3)).min() > 0.1
 
 
 def test_an_upsampler_for_other_sizes_is_an_error_before_any_work(runs):

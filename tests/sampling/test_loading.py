@@ -107,3 +107,24 @@ def test_raw_weights_of_a_real_zero_checkpoint_are_the_trained_fp32_weights(synt
         assert torch.equal(p.detach(), trained[name].reshape(p.shape)), name
     ema = load_for_sampling(tmp_path / "run", "ema")
     assert ema.weights == "ema:0.5"
+
+
+class _RunsCodeWhenUnpickled:
+    """A hostile checkpoint's payload: unpickling it calls exec, which writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("victim, weights", [("textdiff.pt", "ema"), ("mp_rank_00_model_states.pt", "raw")])
+def test_a_downloaded_checkpoint_whose_pickle_runs_code_is_refused(make_run, tmp_path, victim, weights):
+    make_run(tmp_path / "run")
+    bad = resolve_checkpoint(tmp_path / "run") / victim
+    marker = tmp_path / "marker"
+    torch.save({"module": {}, "ema": _RunsCodeWhenUnpickled(marker)}, bad)
+    with pytest.raises(LoadError, match=rf"{bad} is refused: its pickle calls exec"):
+        load_for_sampling(tmp_path / "run", weights)
+    assert not marker.exists()

@@ -62,6 +62,28 @@ def test_the_jsonl_regenerates_an_image_exactly(cascade_out, tmp_path):
     assert not (tmp_path / "samples" / "000000.png").exists()
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--steps", "50"], "--steps would be ignored; drop it"),  # the default, given explicitly, is still refused
+    (["--guidance-txt", "3", "--raw", "--up-steps", "2"], "--guidance-txt, --ema/--raw, --up-steps would be ignored; "
+                                                          "drop them"),
+    (["--txt", "hello", "--seed", "4"], "--txt, --seed would be ignored"),
+    (["--precision", "bf16", "--batch-size", "2"], "--precision, --batch-size would be ignored"),  # argv order
+])
+def test_sampling_flags_given_with_from_jsonl_are_refused_before_any_work(cascade_out, tmp_path, capsys, flags,
+                                                                           named):
+    assert _run("--from-jsonl", cascade_out / "samples.jsonl", "--index", 1, "--out", tmp_path / "out", *flags) == 2
+    err = capsys.readouterr().err
+    assert "--from-jsonl regenerates a sample with the model, prompt and settings its record holds" in err
+    assert named in err and "or sample afresh without --from-jsonl" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_from_jsonl_takes_out_device_and_quiet(cascade_out, tmp_path):
+    assert _run("--from-jsonl", cascade_out / "samples.jsonl", "--index", 0, "--device", "cpu",
+                "--out", tmp_path) == 0
+    assert (tmp_path / "samples" / "000000.png").is_file()
+
+
 def test_batch_size_does_not_change_the_images(runs, tmp_path):
     for bs in (1, 3):
         assert _run("--run-dir", runs.base, "--txt", "ab", "--txt", "cd", "--txt", "", "--steps", 3,

@@ -1,14 +1,25 @@
 """Checkpoint bookkeeping: retention, which checkpoint --resume picks, resume compatibility, remote copies."""
 
+import errno
 import json
+import logging
+import os
+import random
+import re
 import uuid
+from pathlib import Path
 
 import fsspec
+import numpy as np
 import pytest
+import torch
 
-from textdiff.config import ConfigError, TextdiffConfig
-from textdiff.train.checkpoint import (COMPLETE, PARTIAL_PREFIX, check_resume_compatible, checkpoint_name,
-                                       copy_to_remote, latest_checkpoint, resolve_resume, steps_to_delete)
+from textdiff.config import CheckpointConfig, ConfigError, TextdiffConfig
+from textdiff.train.checkpoint import (COMPLETE, PARTIAL_PREFIX, CheckpointManager, RunDirError,
+                                       UnsafeCheckpointError, atomic_torch_save,
+                                       check_resume_compatible, checkpoint_name, copy_to_remote, latest_checkpoint,
+                                       load_untrusted, resolve_resume, steps_to_delete)
+from textdiff.train.control import rng_state, set_rng_state
 
 
 def _fake_checkpoint(root, step, complete=True, prefix=""):
@@ -96,3 +107,184 @@ def test_copy_to_memory_filesystem_writes_complete_last(tmp_path):
     assert url.startswith("memory://") and url.endswith("/step_00000005")
     assert written[-1] == COMPLETE and len(written) == 3
     assert fs.cat(url + "/rank_00000.pt") == b"x" * 10
+
+
+class _RunsCodeWhenUnpickled:
+    """What a hostile checkpoint holds: unpickling it calls exec, which here writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def _poison(path, marker):
+    torch.save({"step": 1, "payload": _RunsCodeWhenUnpickled(marker)}, path)
+
+
+def test_a_pickle_that_would_run_code_is_refused_naming_the_file(tmp_path):
+    marker, bad = tmp_path / "marker", tmp_path / "rank_00000.pt"
+    _poison(bad, marker)
+    torch.load(bad, weights_only=False)  # the file really runs code when trusted ...
+    assert marker.read_text() == "ran"
+    marker.unlink()
+    with pytest.raises(UnsafeCheckpointError, match=rf"{bad} is refused: its pickle calls exec, "):
+        load_untrusted(bad)  # ... and load_untrusted does not let it
+    assert not marker.exists()
+
+
+def test_the_rank_state_round_trips_through_a_weights_only_load(tmp_path):
+    np.random.seed(5)
+    random.seed(6)
+    torch.manual_seed(7)
+    atomic_torch_save({"rng": rng_state()}, tmp_path / "rank.pt")
+    expected = (np.random.randn(4), random.random(), torch.rand(3))
+    set_rng_state(load_untrusted(tmp_path / "rank.pt")["rng"])
+    again = (np.random.randn(4), random.random(), torch.rand(3))
+    assert np.array_equal(expected[0], again[0]) and expected[1] == again[1] and torch.equal(expected[2], again[2])
+
+
+@pytest.mark.parametrize("victim", ["rank_00000.pt", "textdiff.pt", "mp_rank_00_model_states.pt"])
+def test_resuming_from_a_hostile_checkpoint_is_refused_before_any_code_runs(tiny, tmp_path, victim):
+    from textdiff.train.loop import Trainer
+
+    trainer = Trainer(tiny("train.max_steps=1"), tmp_path / "run")
+    trainer.run()
+    trainer.close()
+    bad = tmp_path / "run" / "checkpoints" / "step_00000001" / victim
+    marker = tmp_path / "marker"
+    _poison(bad, marker)
+    with pytest.raises(UnsafeCheckpointError, match=rf"{bad} is refused"):
+        Trainer(tiny("train.max_steps=2"), tmp_path / "run", resume="auto")
+    assert not marker.exists()
+
+
+class _FakeEngine:
+    """Stands in for DeepSpeed's engine: save_checkpoint writes one module file holding ``self.version``."""
+
+    version = b"old"
+
+    def save_checkpoint(self, root, tag, save_latest):
+        folder = Path(root) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "mp_rank_00_model_states.pt").write_bytes(self.version)
+
+
+def _manager(root):
+    return CheckpointManager(root, CheckpointConfig(keep_last=2), rank=0, world_size=1, barrier=lambda: None)
+
+
+def _save(manager, engine, step):
+    return manager.save(engine, step, {"step": step}, {"step": step}, {"textdiff": {}})
+
+
+def test_saving_a_step_again_keeps_a_complete_copy_of_it_at_every_instant(tmp_path, monkeypatch):
+    manager, engine = _manager(tmp_path), _FakeEngine()
+    _save(manager, engine, 5)
+    seen = []
+    real_replace = os.replace
+
+    def replace_and_look(src, dst):
+        real_replace(src, dst)
+        found = latest_checkpoint(tmp_path)  # what a resume would pick right after this rename
+        seen.append((found.name, (found / "mp_rank_00_model_states.pt").read_bytes()))
+
+    monkeypatch.setattr(os, "replace", replace_and_look)
+    engine.version = b"new"
+    final = _save(manager, engine, 5)
+    assert (".replaced-step_00000005", b"old") in seen  # the old copy, still found, while swapping
+    assert seen[-1] == ("step_00000005", b"new")
+    assert all(name.endswith("step_00000005") for name, _ in seen)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000005"] and final == tmp_path / "step_00000005"
+
+
+def test_a_crash_between_the_two_renames_of_a_resave_leaves_the_old_copy_found(tmp_path, monkeypatch):
+    manager, engine = _manager(tmp_path), _FakeEngine()
+    _save(manager, engine, 5)
+    real_replace = os.replace
+
+    def crash_on_the_folder_rename(src, dst):
+        if Path(src).name.startswith(PARTIAL_PREFIX):
+            raise KeyboardInterrupt  # kill -9 stand-in: nothing after this line runs
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_the_folder_rename)
+    engine.version = b"new"
+    with pytest.raises(KeyboardInterrupt):
+        _save(manager, engine, 5)
+    monkeypatch.setattr(os, "replace", real_replace)
+    found = latest_checkpoint(tmp_path)
+    assert found.name == ".replaced-step_00000005"
+    assert (found / "mp_rank_00_model_states.pt").read_bytes() == b"old"
+    _save(manager, engine, 5)  # the next save of the step tidies up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000005"]
+    assert (latest_checkpoint(tmp_path) / "mp_rank_00_model_states.pt").read_bytes() == b"new"
+
+
+def test_every_file_of_a_checkpoint_and_its_folders_are_fsynced(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    final = _save(_manager(tmp_path), _FakeEngine(), 3)
+    names = {re.sub(r"^\.(.+)\.tmp\d+$", r"\1", Path(p).name) for p in synced}  # temporary names count as theirs
+    # mp_rank_00_model_states.pt, rank_00000.pt, textdiff.pt, config.json, COMPLETE
+    assert {p.name for p in final.iterdir()} <= names
+    assert str(tmp_path) in synced  # the folder holding the rename
+
+
+def test_a_partial_checkpoint_ignored_at_resume_is_logged(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("textdiff"), "propagate", True)  # training's setup_logging turns it off
+    _fake_checkpoint(tmp_path, 10)
+    partial = _fake_checkpoint(tmp_path, 20, prefix=PARTIAL_PREFIX, complete=False)
+    with caplog.at_level(logging.WARNING, logger="textdiff.train.checkpoint"):
+        assert resolve_resume("auto", tmp_path).name == "step_00000010"
+    assert f"ignored the partial checkpoint {partial} (no COMPLETE file" in caplog.text
+    assert "resuming from " + str(tmp_path / "step_00000010") in caplog.text
+
+
+def test_a_full_disk_during_a_save_names_the_folder_and_the_last_checkpoint_stays_usable(tiny, tmp_path,
+                                                                                        monkeypatch):
+    from textdiff.train import checkpoint
+    from textdiff.train.loop import Trainer
+
+    real_save = checkpoint.atomic_torch_save
+
+    def full_at_step_two(obj, path):
+        if "step_00000002" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(obj, path)
+
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", full_at_step_two)
+    trainer = Trainer(tiny("train.max_steps=2", "checkpoint.save_every=1"), tmp_path / "run")
+    with pytest.raises(RunDirError, match=r"cannot write checkpoint step_00000002 under .*run/checkpoints: "
+                                          r".*\.partial-step_00000002/rank_00000.pt: No space left on device\. "
+                                          r"The last complete checkpoint \(.*step_00000001\) is intact"):
+        trainer.run()
+    trainer.close()
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in root.iterdir()] == ["step_00000001"]  # the failed save's partial folder is gone
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", real_save)
+    resumed = Trainer(tiny("train.max_steps=2", "checkpoint.save_every=1"), tmp_path / "run", resume="auto")
+    assert resumed.step == 1 and resumed.run()["step"] == 2
+    resumed.close()
+
+
+def test_a_read_only_run_dir_is_found_before_the_engine_is_built_and_exits_4(tiny, tmp_path, monkeypatch, capsys):
+    from textdiff.train import cli
+    from textdiff.train import engine as eng
+
+    recipe = tmp_path / "tiny.json"
+    recipe.write_text(json.dumps(tiny().to_dict()))
+    real_write = Path.write_bytes
+
+    def read_only(self, data):
+        if self.name.startswith(".write-test"):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    monkeypatch.setattr(eng, "build_engine", lambda *a, **k: pytest.fail("the engine was built"))
+    assert cli.main(["--config", str(recipe), "--run-dir", str(tmp_path / "run")]) == 4
+    assert f"launch.sh: --run-dir {tmp_path / 'run'} is not writable: {tmp_path / 'run'}/.write-test-rank0: " \
+           "Read-only file system" in capsys.readouterr().err

@@ -2,7 +2,9 @@
 
 import json
 
+import numpy as np
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from textdiff.config import ConfigError
@@ -27,20 +29,62 @@ def _tags(run_dir):
 def test_every_two_steps_logs_spelling_scalars_grid_and_jsonl(tiny, tmp_path):
     _run(tiny("train.max_steps=4", *EVAL), tmp_path / "run")
     events, tags = _tags(tmp_path / "run")
+    lines = (tmp_path / "run" / "eval.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
     for name in ("cer", "exact_match", "word_accuracy", "false_text_rate"):
         points = events.Scalars(f"eval/{name}")
         assert [p.step for p in points] == [2, 4], name
-        assert all(p.value >= 0 for p in points), name
-        if name != "cer":  # CER exceeds 1 when OCR reads extra characters
-            assert all(p.value <= 1 for p in points), name
+        assert [p.value for p in points] == pytest.approx([r[name] for r in records], rel=1e-6), name
     grids = events.Images("eval/samples")
     assert [g.step for g in grids] == [2, 4]
     assert (grids[0].width, grids[0].height) == (5 * 18 + 2, 18 + 2)  # 5 images of 16 px, one row, 2 px gaps
-    lines = (tmp_path / "run" / "eval.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
     assert [r["step"] for r in records] == [2, 4]
-    assert all(r["n"] == 5 and r["n_text"] == 4 and r["n_empty"] == 1 and r["cer"] >= 0 for r in records)
-    assert records[0]["cer"] == events.Scalars("eval/cer")[0].value
+    assert all(r["n"] == 5 and r["n_text"] == 4 and r["n_empty"] == 1 for r in records)
+    # a 16 px model after 4 steps draws no legible text: OCR reads (almost) nothing of the 4 transcriptions
+    assert all(r["exact_match"] == 0.0 and r["cer"] >= 0.5 for r in records), records
+
+
+KNOWN = ["hello", "textdiff", "ocr", "spelling", ""]  # 4 transcriptions and one text-free prompt
+
+
+def _known_prompts(path):
+    path.write_text("".join(json.dumps({"txt": t, "capt": "", "seed": 10 * i, "count": 1}) + "\n"
+                            for i, t in enumerate(KNOWN)))
+    return path
+
+
+def _evaluate_with(trainer, show):
+    """Trainer.evaluate with the sampler replaced by 64 px synthetic renders of ``show(txt)`` (what OCR reads
+    best: the renderer the demo set is drawn with), so the scores are known in advance."""
+    from textdiff.data.augment import to_tensor
+    from textdiff.data.synthetic import render_sample
+    from textdiff.eval.prompts import render_rng
+
+    def renders(txt, capt, seeds, steps, low_res):
+        return torch.stack([to_tensor(np.asarray(render_sample(show(t), render_rng(s, 0), 64).image.convert("RGB")))
+                            for t, s in zip(txt, seeds)])
+
+    trainer._sample_ema = renders
+    return trainer.evaluate()
+
+
+@pytest.mark.parametrize("show, cer, exact", [
+    (lambda t: t, (0.0, 0.15), (0.75, 1.0)),  # the asked text: measured CER 0.0, all 4 read exactly
+    # no text: each of the 24 characters is missing (CER 1), give or take what OCR makes of the background
+    # shapes (measured 0.958: one stray character that matched)
+    (lambda t: "", (0.75, 1.25), (0.0, 0.0)),
+])
+def test_the_hook_scores_images_of_known_text_with_the_cer_they_must_get(tiny, tmp_path, show, cer, exact):
+    cfg = tiny("train.max_steps=1", "eval.every=1", f"eval.prompts_file={_known_prompts(tmp_path / 'p.jsonl')}")
+    trainer = Trainer(cfg, tmp_path / "run")
+    record = _evaluate_with(trainer, show)
+    trainer.close()
+    assert (record["n"], record["n_text"], record["n_empty"]) == (5, 4, 1)
+    assert cer[0] <= record["cer"] <= cer[1], record
+    assert exact[0] <= record["exact_match"] <= exact[1], record
+    assert record["false_text_rate"] == 0.0  # the text-free prompt's blank render shows no text
+    events, _ = _tags(tmp_path / "run")
+    assert events.Scalars("eval/cer")[0].value == pytest.approx(record["cer"], rel=1e-6)
 
 
 def test_the_same_seeds_give_the_same_eval_for_the_same_weights(tiny, tmp_path):
@@ -76,7 +120,8 @@ def test_an_upsampler_is_evaluated_on_renders_of_the_prompts_at_its_low_res_size
     trainer.train_step()
     record = trainer.evaluate()
     trainer.close()
-    assert record["n"] == 5 and record["cer"] >= 0
+    assert record["n"] == 5 and record["n_text"] == 4
+    assert record["exact_match"] == 0.0 and record["cer"] >= 0.5  # 1 step of training spells nothing
     events, _ = _tags(tmp_path / "run")
     grid = events.Images("eval/samples")[0]
     assert (grid.width, grid.height) == (5 * 34 + 2, 34 + 2)  # five 32 px upsampled images

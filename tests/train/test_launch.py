@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from textdiff.train.checkpoint import complete_checkpoints
+from textdiff.train.checkpoint import complete_checkpoints, load_untrusted
 from textdiff.train.engine import free_port
 
 from .conftest import write_recipe
@@ -63,7 +62,7 @@ def test_two_cpu_ranks_train_checkpoint_log_and_resume(synthetic_shards, tmp_pat
     assert "resumed from" in proc.stderr and "step 30" in proc.stderr
     assert [s for s, _ in complete_checkpoints(run / "checkpoints")] == [30, 32]
     assert [e.step for e in _events(run).Scalars("train/loss")][-2:] == [31, 32]
-    state = torch.load(run / "checkpoints" / "step_00000032" / "textdiff.pt", weights_only=False)
+    state = load_untrusted(run / "checkpoints" / "step_00000032" / "textdiff.pt")  # 2 ranks write no pickle
     assert state["ema"]["num_updates"] == 32
 
 
@@ -79,3 +78,15 @@ def test_a_bad_override_exits_2_naming_the_key(tmp_path):
                           cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable},
                           timeout=120)
     assert proc.returncode == 2 and "train.max_step" in proc.stderr and "train.max_steps" in proc.stderr
+
+
+@pytest.mark.parametrize("override, named", [
+    ("deepspeed.zero_optimisation.stage=2", "did you mean deepspeed.zero_optimization?"),
+    ("deepspeed.scheduler.params.warmup_max_lr=-0.001", "deepspeed.scheduler.params.warmup_max_lr is -0.001"),
+    ("data.shards=/no/such/shard-{000000..000001}.tar", "data.shards: shard /no/such/shard-000000.tar does not exist"),
+])
+def test_a_bad_deepspeed_key_learning_rate_or_shards_path_exits_2(override, named):
+    proc = subprocess.run(["bash", "launch.sh", "--config", "ds_configs/demo_cpu.json", "--set", override],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable},
+                          timeout=120)
+    assert proc.returncode == 2 and named in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -140,3 +140,136 @@ def test_sigterm_to_the_data_worker_and_the_rank_still_saves(tiny, tmp_path):
     trainer.close()
     assert summary["stopped"] and summary["step"] in (2, 3)  # 3 only if the worker had queued batch 5 in time
     assert [s for s, _ in complete_checkpoints(tmp_path / "run" / "checkpoints")] == [summary["step"]]
+
+
+def _forbid_building(monkeypatch):
+    """Makes building the model or the engine fail the test: the check must come before either."""
+    from textdiff.train import engine as eng
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model or engine was built before the bad input was found")
+
+    monkeypatch.setattr(eng, "build_engine", built)
+    monkeypatch.setattr("textdiff.models.build_model", built)
+
+
+@pytest.fixture
+def nothing_built(monkeypatch):
+    _forbid_building(monkeypatch)
+
+
+@pytest.mark.parametrize("shards, message", [
+    ("{root}/no-such-dir/shard-{{000000..000002}}.tar",
+     r"data.shards: shard .*no-such-dir/shard-000000.tar does not exist"),
+    ("{root}/shard-{{}}.tar", r"data.shards: shard .*/shard-\{{\}}.tar does not exist"),
+    ("{root}/*.nothing", r"data.shards: the glob .*\*.nothing matches no file"),
+])
+def test_missing_shards_are_found_before_the_model_and_engine_are_built(tiny, tmp_path, nothing_built, shards,
+                                                                         message):
+    with pytest.raises(ConfigError, match=message.format(root=tmp_path)):
+        Trainer(tiny(f"data.shards={shards.format(root=tmp_path)}"), tmp_path / "run")
+
+
+def test_too_few_shards_for_the_readers_are_found_before_the_engine_is_built(tiny, tmp_path, nothing_built):
+    with pytest.raises(ConfigError, match=r"data.shards has 3 shards but world_size x data.num_workers = 4"):
+        Trainer(tiny("data.num_workers=4"), tmp_path / "run")
+
+
+@pytest.mark.parametrize("key, saved, now", [("num_workers", 0, 1), ("seed", 0, 3), ("shuffle_buffer", 16, 8)])
+def test_resuming_with_other_data_settings_is_refused_at_start_naming_the_key(tiny, tmp_path, monkeypatch, key,
+                                                                             saved, now):
+    _run(tiny("train.max_steps=1"), tmp_path / "run")
+    _forbid_building(monkeypatch)
+    with pytest.raises(ConfigError, match=rf"data.{key} is {now} now but {saved} in the saved run, .* resume with "
+                                          rf"--set data.{key}={saved}, or start a new --run-dir"):
+        Trainer(tiny("train.max_steps=2", f"data.{key}={now}"), tmp_path / "run", resume="auto")
+
+
+def test_resuming_on_other_shards_is_refused_at_start_naming_data_shards(tiny, tmp_path, monkeypatch,
+                                                                         synthetic_shards):
+    _run(tiny("train.max_steps=1"), tmp_path / "run")
+    _forbid_building(monkeypatch)
+    two = ",".join(str(synthetic_shards / f"shard-00000{i}.tar") for i in (0, 1))
+    with pytest.raises(ConfigError, match=r"cannot continue the data stream saved in .*step_00000001: .*num_shards=3.*"
+                                          r"data.shards or another data.\* key differs from .*config.json"):
+        Trainer(tiny("train.max_steps=2", f"data.shards={two}"), tmp_path / "run", resume="auto")
+
+
+def test_the_progress_bar_shows_the_loss_of_the_step_it_counts(tiny, tmp_path, monkeypatch):
+    import functools
+    import io
+    import re
+
+    from textdiff.train import loop
+
+    shown = io.StringIO()
+    monkeypatch.setattr(loop, "tqdm", functools.partial(loop.tqdm, file=shown, mininterval=0, miniters=1))
+    _, summary = _run(tiny("train.max_steps=3"), tmp_path / "run")
+    frames = re.findall(r"(\d)/3 \[[^\]]*loss=([\d.]+)\]", shown.getvalue())
+    assert {int(step) for step, _ in frames} == {1, 2, 3}
+    for step, loss in frames:
+        assert loss == f"{summary['losses'][int(step) - 1]:.4f}", (step, frames, summary["losses"])
+
+
+class _RecordingModel:
+    """diffusion_loss's model: records the low-res input and noise step that reach the network's conditioning."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def prepare_cond(self, txt, capt, low_res=None, noise_cond_t=None):
+        self.seen.update(low_res=low_res, noise_cond_t=noise_cond_t)
+        return {}
+
+
+class _ZeroLoss:
+    """diffusion_loss's process: the losses do not matter here, only what reaches the model."""
+
+    def training_losses(self, model_fn, x0, t, model_kwargs, noise):
+        zeros = torch.zeros(x0.shape[0])
+        return {"loss": zeros, "mse": zeros, "vb": zeros}
+
+
+def _noise_cond_loss(tiny, *overrides, n=2000):
+    from textdiff.diffusion.timesteps import build_timestep_sampler
+    from textdiff.train.loop import diffusion_loss
+
+    cfg = tiny("model.image_size=32", "model.low_res_size=16", "model.attention_resolutions=[16]",
+               "model.txt_resolutions=[16]", *overrides)
+    low_res = torch.linspace(-0.9, 0.9, 48).reshape(1, 3, 4, 4).repeat(n, 1, 1, 1)  # the same image n times
+    batch = {"image": torch.zeros(n, 3, 2, 2), "txt": ["ab"] * n, "capt": [""] * n, "low_res": low_res}
+    model = _RecordingModel()
+    diffusion_loss(model, None, _ZeroLoss(), build_timestep_sampler("uniform", 1000), batch, cfg,
+                   torch.Generator().manual_seed(0), torch.device("cpu"))
+    return low_res, model.seen
+
+
+def test_noise_conditioning_noises_the_low_res_input_to_the_step_the_model_is_given(tiny):
+    from textdiff.diffusion.noise_cond import noise_cond_alphas_cumprod
+
+    low_res, seen = _noise_cond_loss(tiny, "model.noise_cond=true", "model.noise_cond_max_step=600")
+    t = seen["noise_cond_t"]
+    assert t.shape == (2000,) and int(t.min()) == 0 and int(t.max()) == 600  # uniform on {0..600}: both ends drawn
+    assert float(t.float().mean()) == pytest.approx(300, abs=4 * 174 / 2000 ** 0.5)  # sd of U{0..600} is 174
+    abar = noise_cond_alphas_cumprod().float()[t].reshape(-1, 1, 1, 1)
+    # undo q(x_t | x_0) with the step the model was given: what is left must be unit Gaussian noise
+    z = (seen["low_res"] - abar.sqrt() * low_res) / (1 - abar).sqrt()
+    m = z.numel()  # 96000 values: mean within 4 sd (4 / sqrt(m)), variance within 4 sd (4 sqrt(2 / m))
+    assert float(z.mean()) == pytest.approx(0.0, abs=4 / m ** 0.5)
+    assert float(z.var()) == pytest.approx(1.0, abs=4 * (2 / m) ** 0.5)
+    assert float((z * low_res).mean()) == pytest.approx(0.0, abs=4 * float(low_res.pow(2).mean().sqrt()) / m ** 0.5)
+
+
+def test_without_noise_conditioning_the_low_res_input_reaches_the_model_unchanged(tiny):
+    low_res, seen = _noise_cond_loss(tiny, n=8)
+    assert seen["noise_cond_t"] is None and torch.equal(seen["low_res"], low_res)
+
+
+def test_resuming_with_another_micro_batch_starts_the_stream_afresh_warning_once(tiny, tmp_path, capsys):
+    _run(tiny("train.max_steps=1"), tmp_path / "run")
+    capsys.readouterr()
+    trainer = Trainer(tiny("train.max_steps=2", "deepspeed.train_micro_batch_size_per_gpu=2"), tmp_path / "run",
+                      resume="auto")
+    trainer.close()
+    assert trainer.step == 1 and trainer.stream.counters()["batches"] == 0
+    assert capsys.readouterr().err.count("the data stream starts afresh") == 1  # textdiff logs to stderr

@@ -24,7 +24,8 @@ import torch
 from textdiff.config import ConfigError, TextdiffConfig, config_from_dict
 from textdiff.diffusion import GaussianDiffusion, build_diffusion
 from textdiff.models import build_model
-from textdiff.train.checkpoint import COMPLETE, CONFIG_FILE, TEXTDIFF_STATE, find_complete_checkpoint
+from textdiff.train.checkpoint import (COMPLETE, CONFIG_FILE, TEXTDIFF_STATE, UnsafeCheckpointError,
+                                       find_complete_checkpoint, load_untrusted)
 from textdiff.train.ema import rate_key
 from textdiff.train.engine import zero_stage
 from textdiff.train.export import fit_shapes, read_export, read_export_config
@@ -62,6 +63,14 @@ def resolve_checkpoint(source: str | Path) -> Path:
                     f"{COMPLETE} file); was the run stopped before its first save?")
 
 
+def _load(path: Path):
+    """load_untrusted, its refusal as a LoadError (a downloaded checkpoint is untrusted)."""
+    try:
+        return load_untrusted(path)
+    except UnsafeCheckpointError as e:
+        raise LoadError(str(e)) from None
+
+
 def _is_export(source: str | Path) -> bool:
     return str(source).endswith(SAFETENSORS_SUFFIX)
 
@@ -89,7 +98,7 @@ def ema_state_dict(ckpt: Path, ema_rate: Optional[float] = None) -> tuple[dict[s
     if not path.is_file():
         raise LoadError(f"checkpoint {ckpt} has no {TEXTDIFF_STATE} (the EMA weights); use --raw for the "
                         "optimizer's weights")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = _load(path)
     ema = (state or {}).get("ema")
     if not ema:
         raise LoadError(f"{path} holds no EMA; use --raw for the optimizer's weights")
@@ -111,12 +120,16 @@ def raw_state_dict(ckpt: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     if zero_stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        # zero_to_fp32 calls torch.load(weights_only=False) itself: every file it may read is checked first
+        for path in sorted(ckpt.glob("*.pt")):
+            _load(path)
+
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise LoadError(f"checkpoint {ckpt} has no DeepSpeed module state (mp_rank_00_model_states.pt); is its "
                         "config.json's zero_optimization.stage right?")
-    module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    module = _load(files[0])["module"]
     return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
 
 

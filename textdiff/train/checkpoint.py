@@ -9,9 +9,13 @@ Layout under ``RUN_DIR/checkpoints/``::
         config.json              the whole config tree the run used
         COMPLETE                 written last; only directories with it are ever resumed from
     .partial-step_00002000/      a save in progress (or one killed mid-way); never picked, removed later
+    .replaced-step_00001000/     the previous copy of a step saved again, while the new one is renamed in
 
-A save writes into ``.partial-step_N`` and is renamed to ``step_N`` by rank 0 once every rank has finished,
-so a half-written checkpoint is never taken for the latest one. Afterwards only the last
+A save writes into ``.partial-step_N``; once every rank has finished and every file is fsync'ed, rank 0
+writes ``COMPLETE`` and renames the folder to ``step_N``, so a half-written checkpoint is never taken for the
+latest one. Saving a step again (a stop signal at a save step) first renames the old ``step_N`` to
+``.replaced-step_N``, which is found as step N until the new copy is in place: a complete copy of the step
+exists at every instant. Afterwards only the last
 ``checkpoint.keep_last`` and every ``checkpoint.keep_every``-th step are kept, and with
 ``checkpoint.remote_url`` the finished directory is copied there through fsspec (its ``COMPLETE`` last).
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -35,14 +40,18 @@ log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 PARTIAL_PREFIX = ".partial-"
+REPLACED_PREFIX = ".replaced-"
 TEXTDIFF_STATE = "textdiff.pt"
 CONFIG_FILE = "config.json"
-_NAME = re.compile(r"^step_(\d{8,})$")
+_NAME = re.compile(r"^(?:\.replaced-)?step_(\d{8,})$")
 
 # model keys that change no weight shape or meaning: changing them on resume is allowed without a warning
 _MODEL_KEYS_FREE = {"txt_pdrop", "capt_pdrop", "all_pdrop", "dropout", "silu_impl", "clip_weights_path"}
 # diffusion keys that change what the network's output means: changing them on resume is an error
 _DIFFUSION_KEYS_FIXED = {"diffusion_steps", "noise_schedule", "predict_xstart", "predict_v", "rescale_timesteps"}
+# data keys the saved stream position depends on (which reader reads which shard, in which order): changing them
+# on resume is an error, since the position would not mean the same samples
+_DATA_KEYS_FIXED = ("num_workers", "seed", "resampled", "shuffle_buffer", "open_shards")
 
 
 def checkpoint_name(step: int) -> str:
@@ -56,23 +65,97 @@ def rank_file(rank: int) -> str:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save through a temporary name and a rename."""
+    """torch.save through a temporary name, an fsync and a rename (a crash leaves the old file or the new one)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class UnsafeCheckpointError(ConfigError):
+    """A checkpoint file holds more than tensors and plain containers (its pickle would run code)."""
+
+
+def _deepspeed_safe_globals() -> list:
+    """The few DeepSpeed classes its optimizer-state files pickle: an enum, the loss scalers (plain attribute
+    holders) and a two-number dataclass, whose rebuilding runs no code of the file's choosing."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:  # sampling an export or a stage-0 checkpoint needs no DeepSpeed
+        return []
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def load_untrusted(path: str | Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers only, never a pickle
+    that runs code. Raises UnsafeCheckpointError naming the file and what it tried to load."""
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            what = f"calls {found.group(1)}" if found else "holds objects other than tensors and containers"
+            raise UnsafeCheckpointError(
+                f"{path} is refused: its pickle {what}, which torch.load(weights_only=True) does not allow, so "
+                "loading it could run code from the file. Use checkpoints written by textdiff's training, or "
+                "weights exported with tools/export.py (*.safetensors)") from None
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so the renames and new names in it survive a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file and folder below ``path`` (DeepSpeed writes its files without an fsync).
+
+    Other ranks write into the same folder meanwhile: a temporary file renamed away before it is opened here
+    is skipped (its writer, :func:`atomic_torch_save`, syncs it; every rank syncs the tree after its own
+    writes, so each file is synced by the rank that wrote it).
+    """
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                with open(os.path.join(folder, name), "rb") as f:
+                    os.fsync(f.fileno())
+            except FileNotFoundError:
+                continue
+        fsync_dir(Path(folder))
 
 
 def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """(step, directory) of every complete checkpoint under ``root``, oldest first."""
+    """(step, directory) of every complete checkpoint under ``root``, oldest first (``step_N``, or the
+    ``.replaced-step_N`` copy when a re-save of step N was cut between its two renames)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = []
-    for d in root.iterdir():
+    found: dict[int, Path] = {}
+    for d in sorted(root.iterdir(), key=lambda d: not d.name.startswith(REPLACED_PREFIX)):  # step_N wins
         m = _NAME.match(d.name)
         if m and d.is_dir() and (d / COMPLETE).is_file():
-            found.append((int(m.group(1)), d))
-    return sorted(found)
+            found[int(m.group(1))] = d
+    return sorted(found.items())
+
+
+def ignored_checkpoints(root: str | Path) -> list[Path]:
+    """Folders under ``root`` that look like checkpoints but are not complete (a save cut short)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir() if d.is_dir() and not (d / COMPLETE).is_file()
+                  and (d.name.startswith(PARTIAL_PREFIX) or _NAME.match(d.name)))
 
 
 def latest_checkpoint(root: str | Path) -> Optional[Path]:
@@ -106,7 +189,11 @@ def resolve_resume(resume: Optional[str], root: str | Path) -> Optional[Path]:
     if not resume:
         return None
     if resume == "auto":
-        return latest_checkpoint(root)
+        found = latest_checkpoint(root)
+        for d in ignored_checkpoints(root):
+            log.warning("ignored the partial checkpoint %s (no %s file: its save was cut short); resuming from %s",
+                        d, COMPLETE, found if found is not None else "the start")
+        return found
     found = find_complete_checkpoint(resume)
     if found is not None:
         return found
@@ -141,6 +228,13 @@ def check_resume_compatible(saved: dict, current: dict, where: str) -> list[str]
         detail = ", ".join(f"{k} (saved {_lookup(s_td, k)!r}, now {_lookup(c_td, k)!r})" for k in fixed)
         raise ConfigError(f"cannot resume from {where}: the model differs in {detail}; use the config saved "
                           f"in {where}/{CONFIG_FILE}, or start a new run directory")
+    s_data, c_data = s_td.get("data", {}), c_td.get("data", {})
+    for k in _DATA_KEYS_FIXED:
+        if k in s_data and s_data[k] != c_data.get(k, s_data[k]):
+            raise ConfigError(f"cannot resume from {where}: data.{k} is {c_data[k]!r} now but {s_data[k]!r} in the "
+                              f"saved run, and the saved data-stream position only holds for data.{k}="
+                              f"{json.dumps(s_data[k])}; resume with --set data.{k}={json.dumps(s_data[k])}, or "
+                              "start a new --run-dir to train with the new value")
     warnings = []
     s_ds = {k: v for k, v in saved.items() if k != "textdiff"}
     c_ds = {k: v for k, v in current.items() if k != "textdiff"}
@@ -179,6 +273,31 @@ def copy_to_remote(local_dir: Path, remote_url: str) -> str:
     return f"{protocol}://{target}" if protocol not in ("file", "local") else target
 
 
+class RunDirError(RuntimeError):
+    """A file of the run directory could not be written; the message names the path and the cause."""
+
+
+def write_failure(e: BaseException) -> Optional[str]:
+    """``"PATH: cause"`` when ``e`` is a failed write (an OSError, or torch.save's RuntimeError, which hides the
+    OSError's errno in its message), else None."""
+    if isinstance(e, OSError):
+        return f"{e.filename}: {e.strerror}" if e.filename else str(e)
+    text = str(e)
+    if "PytorchStreamWriter failed" in text or "file write failed" in text or "unexpected pos" in text:
+        return f"torch.save could not write ({text.splitlines()[0]}), most likely a full disk"
+    return None
+
+
+def load_safely(engine) -> None:
+    """Make ``engine.load_checkpoint`` read every file through :func:`load_untrusted`.
+
+    DeepSpeed reads module, optimizer and scheduler states through ``engine.checkpoint_engine.load``, whose
+    torch version calls ``torch.load(weights_only=False)``. (Its universal-checkpoint loader calls torch.load
+    itself; ``checkpoint.load_universal`` is refused by the config check for that reason.)
+    """
+    engine.checkpoint_engine.load = lambda path, map_location=None: load_untrusted(path, map_location)
+
+
 class CheckpointManager:
     """Saves and finds checkpoints under ``root`` for one rank of a run.
 
@@ -194,8 +313,23 @@ class CheckpointManager:
         """Write the checkpoint after ``step`` steps on every rank; returns its final directory.
 
         rank_state: this rank's state (stream position, RNG); textdiff_state: rank 0's (EMA...), None elsewhere;
-        config: the recipe dict. Every rank must call this at the same step.
+        config: the recipe dict. Every rank must call this at the same step. Raises RunDirError naming the
+        file and the cause when a write fails (read-only folder, full disk); earlier checkpoints stay intact.
         """
+        try:
+            return self._save(engine, step, rank_state, textdiff_state, config)
+        except (OSError, RuntimeError) as e:
+            cause = write_failure(e)
+            if cause is None:
+                raise
+            if self.rank == 0:  # what was written of it only takes the space a resumed run needs
+                shutil.rmtree(self.root / (PARTIAL_PREFIX + checkpoint_name(step)), ignore_errors=True)
+            last = latest_checkpoint(self.root)
+            raise RunDirError(f"cannot write checkpoint {checkpoint_name(step)} under {self.root}: {cause}. The last "
+                              f"complete checkpoint ({last if last is not None else 'none yet'}) is intact; free "
+                              "space or make the folder writable, then continue with --resume auto") from e
+
+    def _save(self, engine, step: int, rank_state: dict, textdiff_state: Optional[dict], config: dict) -> Path:
         final = self.root / checkpoint_name(step)
         partial_tag = PARTIAL_PREFIX + final.name
         partial = self.root / partial_tag
@@ -207,30 +341,47 @@ class CheckpointManager:
         engine.save_checkpoint(str(self.root), tag=partial_tag, save_latest=False)
         partial.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(rank_state, partial / rank_file(self.rank))
+        fsync_tree(partial)  # this rank's DeepSpeed files too, before COMPLETE vouches for them
         self.barrier()
         if self.rank == 0:
             atomic_torch_save(textdiff_state, partial / TEXTDIFF_STATE)
             atomic_write_bytes(partial / CONFIG_FILE, json.dumps(config, indent=2).encode())
             atomic_write_bytes(partial / COMPLETE, f"{step}\n".encode())
-            if final.exists():  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
-                shutil.rmtree(final)
-            os.replace(partial, final)
+            fsync_dir(partial)
+            self._publish(partial, final)
             self._prune()
             if self.cfg.remote_url:
                 log.info("copied checkpoint to %s", copy_to_remote(final, self.cfg.remote_url))
         self.barrier()
         return final
 
+    def _publish(self, partial: Path, final: Path) -> None:
+        """Rename the finished ``partial`` to ``final``; a ``final`` already there (the same step saved again,
+        e.g. SIGTERM right after a periodic save) is first renamed aside, and removed only once the new one
+        is in place."""
+        replaced = final.with_name(REPLACED_PREFIX + final.name)
+        if final.exists():
+            if replaced.exists():
+                shutil.rmtree(replaced)
+            os.replace(final, replaced)
+        os.replace(partial, final)
+        fsync_dir(self.root)
+        if replaced.exists():
+            shutil.rmtree(replaced)
+
     def _prune(self) -> None:
         found = dict(complete_checkpoints(self.root))
         for step in steps_to_delete(found, self.cfg.keep_last, self.cfg.keep_every):
             shutil.rmtree(found[step], ignore_errors=True)
-        for stale in self.root.glob(PARTIAL_PREFIX + "*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in [*self.root.glob(PARTIAL_PREFIX + "*"), *self.root.glob(REPLACED_PREFIX + "*")]:
+            if stale.name.startswith(PARTIAL_PREFIX) or (self.root / stale.name[len(REPLACED_PREFIX):]).is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
 
     def load(self, engine, path: Path) -> tuple[dict, Optional[dict]]:
         """Restore the engine from checkpoint ``path``; returns (this rank's state, the textdiff state (rank 0's
-        EMA...; None on other ranks)). Raises ConfigError when the checkpoint lacks this rank's state."""
+        EMA...; None on other ranks)). Raises ConfigError when the checkpoint lacks this rank's state, and
+        UnsafeCheckpointError when any file DeepSpeed or textdiff reads holds a pickle that would run code."""
+        load_safely(engine)
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if load_path is None:
@@ -239,7 +390,6 @@ class CheckpointManager:
         if not mine.is_file():
             raise ConfigError(f"checkpoint {path} has no {mine.name}: it was written by fewer ranks than this "
                               f"run's {self.world_size}; resume with the same number of ranks")
-        rank_state = torch.load(mine, map_location="cpu", weights_only=False)
-        textdiff_state = (torch.load(path / TEXTDIFF_STATE, map_location="cpu", weights_only=False)
-                          if self.rank == 0 else None)
+        rank_state = load_untrusted(mine)
+        textdiff_state = load_untrusted(path / TEXTDIFF_STATE) if self.rank == 0 else None
         return rank_state, textdiff_state

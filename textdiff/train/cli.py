@@ -42,6 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"launch.sh: {e}", file=sys.stderr)
         return 2
+    from textdiff.train.checkpoint import RunDirError, write_failure
     from textdiff.train.loop import TrainingDiverged, train
 
     try:
@@ -52,4 +53,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingDiverged as e:
         print(f"launch.sh: {e}", file=sys.stderr)
         return 3
+    except RunDirError as e:
+        print(f"launch.sh: {e}", file=sys.stderr)
+        return 4
+    except OSError as e:  # any other file of the run (events, samples, config copy) that could not be written
+        if not e.filename:
+            raise
+        print(f"launch.sh: cannot write {write_failure(e)}; free space or make the folder writable, then "
+              "continue with --resume auto", file=sys.stderr)
+        return 4
     return 0

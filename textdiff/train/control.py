@@ -13,8 +13,15 @@ log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict:
-    """Global RNG states of torch (CPU and CUDA), numpy and random, for checkpoints."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+    """Global RNG states of torch (CPU and CUDA), numpy and random, for checkpoints.
+
+    Only tensors, numbers and tuples, so ``torch.load(weights_only=True)`` reads it back (numpy's own state
+    holds an ndarray, which needs pickle).
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"bit_generator": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "random": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -23,7 +30,9 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     """Restore what :func:`rng_state` returned."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     random.setstate(state["random"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

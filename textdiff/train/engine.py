@@ -9,8 +9,12 @@ modules on every rank, in the engine's compute dtype.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import socket
+import sys
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -31,6 +35,40 @@ def cpu_threads_per_rank(cores: int, local_ranks: int) -> int:
     return max(1, cores // max(1, local_ranks))
 
 
+def extension_cache_dir() -> Path:
+    """Where DeepSpeed's JIT-built ops go (``TORCH_EXTENSIONS_DIR``): one folder per Python, torch and DeepSpeed
+    version and environment, so the runs of one environment share one build, and another environment (other
+    headers, other flags) never rebuilds it under them, as torch's shared default folder lets happen."""
+    import deepspeed
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    env = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
+    return (base / "textdiff" / "torch_extensions" /
+            f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-"
+            f"deepspeed{deepspeed.__version__}-{env}")
+
+
+def build_shm_op_once() -> None:
+    """Build (first run) or load DeepSpeed's shared-memory op while holding an exclusive lock in its cache folder.
+
+    Runs that start together wait for the one build instead of compiling it side by side. The lock is
+    ``flock``, which the kernel drops when its holder dies, so a killed build never blocks the next run
+    (older torch's lock *file* does, for ever). DeepSpeed's own call at ``init_distributed`` then finds
+    the op loaded. A no-op where the accelerator has no such op (CUDA).
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return
+    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or extension_cache_dir())
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / "textdiff-build.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder.load(verbose=False)
+
+
 def init_distributed() -> tuple[int, int, int]:
     """Join (or, when started without a launcher, create) the process group; returns (rank, world, local_rank).
 
@@ -43,6 +81,8 @@ def init_distributed() -> tuple[int, int, int]:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extension_cache_dir()))
+    build_shm_op_once()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if get_accelerator().device_name() == "cuda":

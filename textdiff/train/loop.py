@@ -29,8 +29,8 @@ from textdiff.config import ConfigError, TextdiffConfig
 from textdiff.diffusion.gaussian import quartile_means
 from textdiff.files import atomic_write_bytes
 from textdiff.train import engine as eng
-from textdiff.train.checkpoint import (CheckpointManager, check_resume_compatible, read_config,
-                                       resolve_resume)
+from textdiff.train.checkpoint import (CONFIG_FILE, CheckpointManager, RunDirError, check_resume_compatible,
+                                       load_untrusted, rank_file, read_config, resolve_resume, write_failure)
 from textdiff.train.control import StopFlag, rng_state, seed_everything, set_rng_state
 from textdiff.train.ema import EMA
 from textdiff.train.logging import (EVAL_GRID_COLUMNS, TrainLogger, append_jsonl, eval_scalars, gpu_memory_gib,
@@ -111,6 +111,7 @@ class Trainer:
         if resume is None and resolve_resume("auto", self.ckpt.root) is not None:
             raise ConfigError(f"--run-dir {self.run_dir} already holds checkpoints; pass --resume auto to "
                               "continue that run, or choose a new --run-dir")
+        self._check_before_building(resume_from)
 
         self.generator = seed_everything(cfg.train.seed, self.rank)
         model = build_model(cfg.model, load_capt_weights=load_capt_weights)
@@ -168,10 +169,55 @@ class Trainer:
             raise ConfigError(error or "rank 0 could not set up the spelling evaluation (eval.*); see its error")
         return prompts
 
-    def _load(self, path: Path) -> Optional[dict]:
-        for warning in check_resume_compatible(read_config(path), self.cfg.to_dict(), str(path)):
+    def _check_before_building(self, resume_from: Optional[Path]) -> None:
+        """What a run can get wrong, found before the model and engine are built: a run directory it cannot
+        write (RunDirError), the batch keys, the shards ``data.shards`` names, and whether ``resume_from``'s
+        config and data-stream position fit this run (ConfigError)."""
+        from textdiff.data.stream import build_train_stream
+
+        cfg = self.cfg
+        try:  # a read-only folder or a full disk, found now rather than at the first checkpoint
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / f".write-test-rank{self.rank}"
+            probe.write_bytes(b"textdiff\n")
+            probe.unlink()
+        except OSError as e:
+            raise RunDirError(f"--run-dir {self.run_dir} is not writable: {write_failure(e)}") from None
+        eng.check_batch_keys(cfg.deepspeed, self.world_size)
+        micro = cfg.deepspeed["train_micro_batch_size_per_gpu"]
+        try:  # building a stream reads no sample yet: this resolves and counts the shards only
+            build_train_stream(cfg.data, cfg.augment, cfg.model.image_size, cfg.model.low_res_size, micro,
+                               self.rank, self.world_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if resume_from is None:
+            return
+        for warning in check_resume_compatible(read_config(resume_from), cfg.to_dict(), str(resume_from)):
             if self.rank == 0:
                 log.warning(warning)
+        mine = resume_from / rank_file(self.rank)
+        state = None  # a missing rank file is reported by CheckpointManager.load, naming the world size
+        if mine.is_file():
+            state = self._usable_stream_state(load_untrusted(mine)["stream"], micro, resume_from, warn=False)
+        try:
+            build_train_stream(cfg.data, cfg.augment, cfg.model.image_size, cfg.model.low_res_size, micro,
+                               self.rank, self.world_size, state=state)
+        except ValueError as e:  # a saved position that does not fit this run's data.* (e.g. other shards)
+            raise ConfigError(f"cannot continue the data stream saved in {resume_from}: {e}. data.shards or "
+                              f"another data.* key differs from {resume_from / CONFIG_FILE}: resume with its "
+                              "values, or start a new --run-dir") from None
+
+    def _usable_stream_state(self, stream_state: dict, micro_batch: int, path: Path, warn: bool = True
+                             ) -> Optional[dict]:
+        """The saved stream position, or None (start the stream afresh) when the batch or world size changed."""
+        if stream_state.get("batch_size") != micro_batch or stream_state.get("world_size") != self.world_size:
+            if warn:
+                log.warning("batch size or world size changed since %s: the data stream starts afresh, so "
+                            "samples seen before may repeat", path)
+            return None
+        return stream_state
+
+    def _load(self, path: Path) -> Optional[dict]:
         rank_state, textdiff_state = self.ckpt.load(self.engine, path)
         self.step = rank_state["step"]
         self.losses.extend(rank_state["losses"])
@@ -181,12 +227,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(textdiff_state["ema"])
         log.info("resumed from %s at step %d", path, self.step)
-        stream_state = rank_state["stream"]
-        if stream_state.get("batch_size") != self.micro_batch or stream_state.get("world_size") != self.world_size:
-            log.warning("batch size or world size changed since %s: the data stream starts afresh, so samples "
-                        "seen before may repeat", path)
-            return None
-        return stream_state
+        return self._usable_stream_state(rank_state["stream"], self.micro_batch, path)
 
     def _full_parameters(self) -> list[torch.Tensor]:
         full = eng.full_fp32_parameters(self.engine, self.params)
@@ -489,8 +530,8 @@ class Trainer:
                 # the ranks' agreed vote, not this rank's live flag: a signal landing after the vote must not
                 # send one rank into save() while the others start the next step (it counts next step)
                 stopping = bool(metrics["_stop"])
+                progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)  # update(1) shows it
                 progress.update(1)
-                progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or stopping:
                     self.log_metrics(metrics)
                 if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.max_steps):

@@ -1,0 +1,80 @@
+"""The engine's process setup: one extension cache per environment, and one build of DeepSpeed's shm op at a time."""
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import deepspeed.ops
+import pytest
+import torch
+
+from textdiff.train import engine as eng
+
+
+def test_the_extension_cache_is_one_folder_per_torch_deepspeed_and_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = eng.extension_cache_dir()
+    assert first.parent == tmp_path / "textdiff" / "torch_extensions"
+    assert f"torch{torch.__version__}-deepspeed{deepspeed.__version__}" in first.name
+    assert eng.extension_cache_dir() == first  # stable: every run of this environment shares it
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    assert eng.extension_cache_dir() != first
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(sys, "prefix", "/another/venv")
+    assert eng.extension_cache_dir() != first
+
+
+class _SlowBuilder:
+    """Stands in for DeepSpeed's op builder: a load that takes 0.3 s and notes when it ran."""
+
+    NAME = "textdiff_test_op"
+
+    def __init__(self, spans):
+        self.spans = spans
+
+    def load(self, verbose=False):
+        start = time.monotonic()
+        time.sleep(0.3)
+        self.spans.append((start, time.monotonic()))
+
+
+@pytest.fixture
+def slow_builder(tmp_path, monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    spans = []
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, _SlowBuilder.NAME, True)  # probed with the real builders
+    monkeypatch.setattr(get_accelerator(), "create_op_builder", lambda name: _SlowBuilder(spans))
+    return spans
+
+
+def test_runs_starting_together_build_the_op_one_after_the_other(slow_builder):
+    threads = [threading.Thread(target=eng.build_shm_op_once) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    spans = sorted(slow_builder)
+    assert len(spans) == 3
+    assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:]))  # never two at once
+
+
+def test_a_build_killed_while_holding_the_lock_does_not_block_the_next_run(slow_builder, tmp_path):
+    (tmp_path / "ext").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"f = open({str(tmp_path / 'ext' / 'textdiff-build.lock')!r}, 'a')\n"
+        "fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    holder.send_signal(signal.SIGKILL)  # a build killed mid-way (kill -9, OOM)
+    holder.wait(timeout=10)
+    started = time.monotonic()
+    eng.build_shm_op_once()
+    assert time.monotonic() - started < 5.0 and len(slow_builder) == 1
+    assert (tmp_path / "ext" / "textdiff-build.lock").exists()  # the file stays; only the kernel's lock went
