@@ -68,6 +68,9 @@ class ModelConfig:
     txt_t5: bool = True
     # the research code's TextEncoder adds an embedding of the diffusion time to every token
     txt_timestep_emb: bool = True
+    # add a projection of the first token's encoding (START / NULL) to the timestep embedding (Imagen's pooled
+    # text embedding): global conditioning of every residual block; off in the seed
+    txt_pooled_emb: bool = False
     txt_resolutions: tuple[int, ...] = ()
     cross_attn_channels_per_head: int = -1  # -1: same as channels_per_head
     cross_attn_q_t_emb: bool = False
@@ -156,7 +159,7 @@ class ModelConfig:
         _require(middle % self.num_heads == 0, "model.num_heads",
                  f"is {self.num_heads}, which does not divide the middle width {middle}")
         if not self.txt:
-            for key in ("txt_resolutions", "weave_attn", "txt_pdrop"):
+            for key in ("txt_resolutions", "weave_attn", "txt_pdrop", "txt_pooled_emb"):
                 _require(not getattr(self, key), f"model.{key}", "is set but model.txt is false; set model.txt=true")
         else:
             _require(len(self.txt_resolutions) > 0, "model.txt_resolutions",

@@ -130,3 +130,16 @@ def test_group_count_is_a_model_option_so_widths_like_48_work(tiny):
     fused = {m.groups for m in model.modules() if isinstance(m, GroupNormSiLU)}
     plain = {m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)}
     assert fused == {16} and plain == {16}
+
+
+def test_pooled_transcription_embedding_conditions_every_block_through_the_timestep_stream(tiny):
+    """With txt_pooled_emb the first token's encoding joins the embedding that every ResBlock reads."""
+    model = tiny.model(tiny.cfg(txt=True, txt_pooled_emb=True))
+    x, t = tiny.inputs()
+    seen = []
+    model.input_steps[1].layers[0].emb_proj.register_forward_hook(lambda m, a, o: seen.append(a[0].clone()))
+    with torch.no_grad():
+        model(x, t, **model.prepare_cond(["ab", "ab"], None))
+        model(x, t, **model.prepare_cond(["ab", "cd"], None))
+    assert torch.equal(seen[0][0], seen[1][0]) and float((seen[0][1] - seen[1][1]).abs().max()) > 1e-3
+    assert sum(p.numel() for p in model.txt_emb_proj.parameters()) == 2 * 32 + 32 * 128 + 128

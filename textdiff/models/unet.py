@@ -81,13 +81,17 @@ class TextdiffUNet(nn.Module):
         self.time_embed = TimestepMLP(nc, emb_dim)
         self.noise_cond_embed = TimestepMLP(nc, emb_dim) if cfg.noise_cond else None
 
-        self.tokenizer = self.text_encoder = self.pos_tables = None
+        self.tokenizer = self.text_encoder = self.pos_tables = self.txt_emb_proj = None
         if cfg.txt:
             self.tokenizer = CharTokenizer(cfg.max_seq_len)
             self.text_encoder = TextEncoder(self.tokenizer.vocab_size, cfg.max_seq_len, cfg.txt_dim, cfg.txt_depth,
                                             cfg.txt_ff_mult, cfg.txt_ff_glu, cfg.txt_rezero, cfg.txt_t5,
                                             cfg.txt_timestep_emb)
             widths = {cfg.feature_size // 2 ** i: nc * m for i, m in enumerate(cfg.channel_mult)}
+            # Imagen/GLIDE-style global conditioning: the first token's encoding (START, or NULL for the
+            # dropped transcription) joins the timestep embedding, so every residual block sees the string
+            self.txt_emb_proj = (nn.Sequential(nn.LayerNorm(cfg.txt_dim), nn.Linear(cfg.txt_dim, emb_dim))
+                                 if cfg.txt_pooled_emb else None)
             self.pos_tables = nn.ModuleDict({str(r): AxialPositionTable(r, widths[r]) for r in cfg.txt_resolutions})
         self.capt_encoder = self.capt_emb_proj = self.null_capt_token = self.null_capt_pooled = None
         capt_dim = 0
@@ -232,6 +236,9 @@ class TextdiffUNet(nn.Module):
         ctx = Context(emb=emb, pos=self.pos_tables)
         if cfg.txt:
             ctx.txt, ctx.txt_mask = self.text_encoder(txt_ids, txt_mask, t), txt_mask
+            if self.txt_emb_proj is not None:  # an "empty" null (no token kept) adds nothing
+                first = ctx.txt[:, 0] * txt_mask[:, :1].to(ctx.txt.dtype)
+                ctx.emb = ctx.emb + self.txt_emb_proj(first).to(ctx.emb.dtype)
         if cfg.using_capt:
             tokens, mask, pooled = self._caption(capt_ids, capt_keep.bool())
             if cfg.glide_style_capt_attn:
