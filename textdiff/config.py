@@ -365,6 +365,7 @@ class EvalConfig:
     tesseract_cmd: str = "tesseract"  # program name on PATH or full path
     ocr_lang: str = "eng"
     psm: int = 7  # Tesseract page segmentation mode; 7: one line of text
+    ocr_retry_psm: int = 0  # read images that came back empty once more in this mode (8: one word); 0: no retry
     ocr_height: int = 192  # upscale images by a whole factor to about this height before OCR (64 px: x3)
     # upscale instead so the text's ink is about this tall (px), at most to ocr_height; 0: ocr_height alone
     ocr_glyph_height: int = 0
@@ -394,6 +395,8 @@ class EvalConfig:
         _require(self.steps > 0, "eval.steps", "must be positive")
         _require(self.num_prompts > 0, "eval.num_prompts", "must be positive")
         _require(0 <= self.psm <= 13, "eval.psm", f"is {self.psm}; Tesseract's modes are 0..13 (7: one line)")
+        _require(0 <= self.ocr_retry_psm <= 13, "eval.ocr_retry_psm",
+                 f"is {self.ocr_retry_psm}; 0 (no retry) or one of Tesseract's modes 1..13 (8: one word)")
         _require(16 <= self.ocr_height <= 4096, "eval.ocr_height", "must lie in [16, 4096] px")
         _require(self.ocr_glyph_height == 0 or 8 <= self.ocr_glyph_height <= 512, "eval.ocr_glyph_height",
                  "must be 0 (scale to eval.ocr_height) or lie in [8, 512] px (Tesseract reads 30-50 px glyphs best)")

@@ -18,7 +18,7 @@ import json
 import sys
 
 from textdiff.config import ConfigError
-from textdiff.eval.experiment import RESULT_KEYS, Design, ExperimentError, run_experiment
+from textdiff.eval.experiment import RESULT_KEYS, Design, ExperimentError, rescore, run_experiment
 from textdiff.eval.ocr import TesseractError, TesseractMissingError
 
 
@@ -39,13 +39,19 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe key (repeatable), as for launch.sh")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--rescore", action="store_true",
+                   help="no training or sampling: read the images a finished run in --out saved again with the "
+                        "recipe's current eval settings (and the ceiling on fresh renders); updates result.json")
     args = p.parse_args(argv)
     per_string = args.eval_per_string or (d.eval_per_string if args.minutes >= 20 else 1)
     steps = args.steps or (d.steps if args.minutes >= 20 else 10)
     design = Design(renders=args.renders, seed=args.seed, guidance=args.guidance, sampler=args.sampler,
                     steps=steps, eval_per_string=per_string, recipe=args.recipe, overrides=tuple(args.overrides))
     try:
-        result = run_experiment(args.out, args.minutes, design)
+        result = rescore(args.out) if args.rescore else run_experiment(args.out, args.minutes, design)
+    except FileNotFoundError as e:
+        print(f"prove_spelling: --rescore needs a finished run in --out: {e}", file=sys.stderr)
+        return 2
     except (ConfigError, ExperimentError, TesseractMissingError, TesseractError) as e:
         print(f"prove_spelling: {e}", file=sys.stderr)
         return 2

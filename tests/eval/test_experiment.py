@@ -43,7 +43,8 @@ def test_the_experiment_ends_within_its_budget_and_prints_every_figure(experimen
     assert set(RESULT_KEYS) <= set(result)
     assert result["minutes"] <= MINUTES * 1.1
     assert result["n_eval"] == 110 and result["heldout_strings"] == 110 and result["train_strings"] == 990
-    assert result["steps"] >= 1 and result["samples_seen"] == 64 * result["steps"]
+    batch = json.loads((REPO / "ds_configs" / "spell_cpu.json").read_text())["train_micro_batch_size_per_gpu"]
+    assert result["steps"] >= 1 and result["samples_seen"] == batch * result["steps"]
     # the OCR ceiling on real renders of the held-out strings (measured 0.015-0.02) and chance for 2-3 digits
     assert 0.0 <= result["cer_ceiling"] <= 0.05
     assert 0.85 <= result["cer_chance"] <= 0.95
@@ -78,3 +79,14 @@ def test_the_control_samples_the_null_transcription_and_both_are_scored_against_
 def test_a_budget_too_small_for_training_is_refused_before_any_work(tmp_path, capsys):
     assert prove.main(["--minutes", "1", "--out", str(tmp_path / "x"), "--renders", "1"]) == 2
     assert "give more minutes" in capsys.readouterr().err
+
+
+def test_rescore_reads_the_saved_images_again_and_keeps_the_training_figures(experiment):
+    _, out = experiment
+    before = json.loads((out / "result.json").read_text())
+    assert prove.main(["--rescore", "--out", str(out), "--json"]) == 0
+    after = json.loads((out / "result.json").read_text())
+    assert (after["steps"], after["samples_seen"], after["curve"]) == (before["steps"], before["samples_seen"],
+                                                                      before["curve"])
+    assert after["before_rescore"]["cer_txt"] == before["cer_txt"] and after["n_eval"] == 110
+    assert after["rescored_with"]["ocr_retry_psm"] == 8

@@ -238,8 +238,8 @@ def _png(image: Image.Image | np.ndarray) -> bytes:
 
 
 def evaluate(out: Path, design: Design, heldout: Sequence[str], cfg: TextdiffConfig) -> dict:
-    """Score the EMA weights of ``out/run`` on the held-out strings; writes ``out/eval/``. Returns the
-    figures of result.json (without the time and training counts)."""
+    """Sample the EMA weights of ``out/run`` on the held-out strings (with the transcription and the null
+    control, same seeds) and score them (:func:`score_images`); returns result.json's figures."""
     from textdiff.sampling.loading import load_for_sampling
 
     loaded = load_for_sampling(out / "run", "ema")
@@ -247,10 +247,16 @@ def evaluate(out: Path, design: Design, heldout: Sequence[str], cfg: TextdiffCon
     seeds = [design.seed * 100_000 + i for i in range(len(targets))]
     with_txt = _sample(loaded, targets, seeds, design, design.guidance, "sample held-out")
     null = _sample(loaded, [None] * len(targets), seeds, design, 1.0, "sample null control")
+    return {**score_images(out, design, targets, seeds, with_txt, null, cfg.eval), "weights": loaded.weights}
+
+
+def score_images(out: Path, design: Design, targets: Sequence[str], seeds: Sequence[int],
+                 with_txt: Sequence[np.ndarray], null: Sequence[np.ndarray], ocr_cfg: EvalConfig) -> dict:
+    """OCR the samples (uint8 [S, S, 3] each), fresh renders of the targets (the ceiling) and score all three
+    against the targets; writes ``out/eval/`` (images, samples.jsonl, grids.png). Returns the figures."""
     renders = [np.asarray(spelling_set.render_string(t, spelling_set.render_rng(design.seed + 7919, t, i),
                                                      design.size)[0]) for i, t in enumerate(targets)]
-    ocr_cfg = cfg.eval
-    readings = [r.text for r in ocr_images(with_txt + null + renders, ocr_cfg, workers=2)]
+    readings = [r.text for r in ocr_images(list(with_txt) + list(null) + renders, ocr_cfg, workers=2)]
     n = len(targets)
     cer_txt, exact_txt, s_txt = cer_of(readings[:n], targets, ocr_cfg)
     cer_null, exact_null, s_null = cer_of(readings[n:2 * n], targets, ocr_cfg)
@@ -275,7 +281,30 @@ def evaluate(out: Path, design: Design, heldout: Sequence[str], cfg: TextdiffCon
     atomic_write_bytes(ev / "grids.png", _png(grids))
     return {"cer_txt": cer_txt, "exact_txt": exact_txt, "cer_null": cer_null, "exact_null": exact_null,
             "cer_ceiling": cer_ceiling, "exact_ceiling": exact_ceiling,
-            "cer_chance": chance_cer(targets, ocr_cfg), "n_eval": n, "weights": loaded.weights}
+            "cer_chance": chance_cer(targets, ocr_cfg), "n_eval": n}
+
+
+def rescore(out: str | Path) -> dict:
+    """Score the images a finished experiment saved (``out/eval/samples.jsonl``) again with the recipe's
+    current ``eval`` settings, and the ceiling on fresh renders; no sampling, no training. result.json keeps
+    its training figures and gets the new ones, with the old ones under ``"before_rescore"`` and the eval
+    settings used under ``"rescored_with"``."""
+    out = Path(out)
+    result = json.loads((out / "result.json").read_text())
+    saved = result["design"]
+    design = Design(**{**saved, "lengths": tuple(saved["lengths"]), "overrides": tuple(saved["overrides"])})
+    cfg = load_config(REPO / design.recipe, list(design.overrides))
+    records = [json.loads(line) for line in (out / "eval" / "samples.jsonl").read_text().splitlines()]
+    by_kind = {k: [r for r in records if r["condition"] == k] for k in ("txt", "null")}
+    images = {k: [np.asarray(Image.open(out / "eval" / r["image"]).convert("RGB")) for r in v]
+              for k, v in by_kind.items()}
+    targets, seeds = [r["target"] for r in by_kind["txt"]], [r["seed"] for r in by_kind["txt"]]
+    figures = score_images(out, design, targets, seeds, images["txt"], images["null"], cfg.eval)
+    result["before_rescore"] = {k: result[k] for k in figures if k in result}
+    result.update(figures)
+    result["rescored_with"] = asdict(cfg.eval)
+    atomic_write_bytes(out / "result.json", (json.dumps(result, indent=1) + "\n").encode())
+    return result
 
 
 def curve(out: Path, started_unix: Optional[float]) -> list[dict]:

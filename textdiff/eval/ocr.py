@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
@@ -205,7 +205,9 @@ def ocr_images(images: Iterable[ImageLike], cfg: EvalConfig, workers: int = 1,
                progress: bool = True) -> list[Reading]:
     """Read the text of each image (uint8 ``[H, W, 3]`` arrays or PIL images); one Reading per image.
 
-    ``workers`` Tesseract processes run side by side, each on chunks of 32 images.
+    ``workers`` Tesseract processes run side by side, each on chunks of 32 images. With
+    ``cfg.ocr_retry_psm`` > 0, images read as empty are read once more in that page segmentation mode
+    (one-line mode 7 returns nothing for about 4% of clean 32 px digit renders, which word mode 8 reads).
     """
     if workers < 1:
         raise ValueError(f"workers is {workers}; give at least 1 (--workers)")
@@ -218,6 +220,14 @@ def ocr_images(images: Iterable[ImageLike], cfg: EvalConfig, workers: int = 1,
         for chunk_readings in pool.map(lambda chunk: _ocr_chunk(binary, chunk, cfg), chunks):
             readings.extend(chunk_readings)
             bar.update(len(chunk_readings))
+        empty = [i for i, r in enumerate(readings) if not r.text.strip()]
+        if cfg.ocr_retry_psm and empty:
+            retry = replace(cfg, psm=cfg.ocr_retry_psm)
+            again = [images[i] for i in empty]
+            parts = [again[i:i + _CHUNK] for i in range(0, len(again), _CHUNK)]
+            reread = [r for got in pool.map(lambda chunk: _ocr_chunk(binary, chunk, retry), parts) for r in got]
+            for i, reading in zip(empty, reread):
+                readings[i] = reading
     return readings
 
 
