@@ -60,7 +60,7 @@ def _evaluate_with(trainer, show):
     from textdiff.data.synthetic import render_sample
     from textdiff.eval.prompts import render_rng
 
-    def renders(txt, capt, seeds, steps, low_res):
+    def renders(txt, capt, seeds, steps, low_res, *settings):
         return torch.stack([to_tensor(np.asarray(render_sample(show(t), render_rng(s, 0), 64).image.convert("RGB")))
                             for t, s in zip(txt, seeds)])
 

@@ -78,12 +78,20 @@ def init_distributed() -> tuple[int, int, int]:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+    alone = "RANK" not in os.environ
+    if alone:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extension_cache_dir()))
     build_shm_op_once()
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    for attempt in range(3 if alone else 1):
+        if alone:  # picked just before binding; another process can still take it in between, so retry
+            os.environ["MASTER_PORT"] = str(free_port())
+        try:
+            deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+            break
+        except torch.distributed.DistNetworkError as e:
+            if not alone or "EADDRINUSE" not in str(e) or attempt == 2:
+                raise
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if get_accelerator().device_name() == "cuda":
         get_accelerator().set_device(local_rank)
