@@ -196,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samplers", default=",".join(SAMPLERS), help=f"comma list of {', '.join(SAMPLERS)}")
     parser.add_argument("--steps", default="5,10,20,50,80,200", help="comma list of step counts "
                         "(80 and 200 are added for the DDIM comparison)")
-    parser.add_argument("--spacing", choices=("default", "quad", "logsnr", "karras", "trailing", "leading", "uniform"),
-                        default="default", help="timestep grid: each sampler's default_grid, a named grid, or "
-                        "even integer steps (respacing)")
+    parser.add_argument("--spacing", default="default", help="timestep grid: default (each sampler's default_grid), "
+                        "a named grid (quad, logsnr, karras, trailing, leading, or powP_ such as pow1.5_) or uniform "
+                        "(even integer steps, respacing)")
     parser.add_argument("--peer", action="store_true", help="textdiff next to diffusers' same method at steps "
                         f"{','.join(map(str, PEER_STEPS))} (--steps is ignored); needs pip install '.[bench]'")
     parser.add_argument("--methods", default=",".join(PEERS), help=f"--peer: comma list of {', '.join(PEERS)}")
@@ -220,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--steps {args.steps!r} must be a comma list of integers")
     betas = betas_for(args.schedule, 1000)
     abar = alphas_cumprod(betas)
+    if args.spacing not in ("default", "uniform"):
+        try:
+            sampling_timesteps(len(abar), f"{args.spacing}10", abar)
+        except ValueError:
+            parser.error(f"--spacing {args.spacing!r}: choose default, uniform, quad, logsnr, karras, trailing, "
+                         "leading or powP_ (an exponent P > 0 and an underscore, e.g. pow1.5_)")
     if args.peer:
         return run_peer_table(args, parser, cases, betas, abar)
 

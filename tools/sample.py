@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--sampler", default=RECOMMENDED_SAMPLER,
                     help=f"one of {', '.join(SAMPLERS)} (default: the most accurate at every step count, docs/samplers.md)")
     st.add_argument("--steps", default="50", help="step count (\"50\": the sampler's own grid, e.g. quad50), a named "
-                    "grid (\"quad50\", \"trailing50\", \"karras50\", \"logsnr50\", \"leading50\") or a respacing spec (\"ddim50\", \"10,10,10\")")
+                    "grid (\"quad50\", \"pow1.5_50\", \"trailing50\", \"karras50\", \"logsnr50\", \"leading50\") "
+                    "or a respacing spec (\"ddim50\", \"10,10,10\")")
     st.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     st.add_argument("--guidance-txt", type=float, default=1.0, help="guidance scale of the transcription (1: off)")
     st.add_argument("--guidance-capt", type=float, default=1.0, help="guidance scale of the caption (1: off)")

@@ -103,7 +103,9 @@ def test_data_prediction_step_integrates_a_linear_x0_prediction_in_log_snr_exact
 
 
 def test_plain_step_counts_run_on_each_samplers_default_grid():
-    assert default_grid("ddim", "20") == "quad20"
+    assert default_grid("ddim", "20") == "pow1.5_20"
+    assert default_grid("plms", "20") == "pow1.5_20"
+    assert default_grid("ipndm", "20") == "quad20"
     assert default_grid("dpmpp_3m", " 20") == "quad20"
     assert default_grid("prk", "20") == "karras20"
     assert default_grid("ddpm", "20") == "20"
@@ -111,10 +113,21 @@ def test_plain_step_counts_run_on_each_samplers_default_grid():
     assert default_grid("plms", "ddim50") == "ddim50"
 
 
+@pytest.mark.parametrize("spec", ["pow1.5", "pow_20", "pow0_20", "pow1.5_0", "pow1.5_1001", "pow-1_20", "pow1.5_2x"])
+def test_malformed_power_grid_names_the_spec_and_the_form(spec):
+    with pytest.raises(ValueError, match=rf"{spec}.*powP_N with an exponent P > 0 and N in \[1, 1000\]"):
+        sampling_timesteps(1000, spec)
+
+
 def test_named_grids():
     assert sampling_timesteps(1000, "trailing10").tolist() == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
     assert sampling_timesteps(1000, "leading10").tolist() == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
     assert sampling_timesteps(1000, "quad4").tolist() == [999, 999 * 0.5625, 999 * 0.25, 999 * 0.0625]
+    assert sampling_timesteps(1000, "pow2_4").tolist() == sampling_timesteps(1000, "quad4").tolist()
+    # (1 - i/4)^1.5 for i = 0..3: 1, 0.75^1.5, 0.5^1.5, 0.25^1.5 = 0.125
+    assert sampling_timesteps(1000, "pow1.5_4").tolist() == pytest.approx(
+        [999, 999 * 0.75 ** 1.5, 999 * 0.5 ** 1.5, 999 * 0.125], rel=1e-15)
+    assert sampling_timesteps(1000, "pow1_5").tolist() == pytest.approx([999, 799.2, 599.4, 399.6, 199.8], rel=1e-15)
     karras = sampling_timesteps(1000, "karras10", ABAR)
     from textdiff.diffusion.schedules import alpha_bar_at
     sigma = ((1 - alpha_bar_at(ABAR, karras)) / alpha_bar_at(ABAR, karras)).sqrt()
@@ -235,6 +248,18 @@ def test_bench_tool_prints_json_rows_and_passes_the_ordering_check(capsys):
     assert {"sampler", "steps", "error", "nfe", "seconds", "case"} <= set(rows[0])
     assert {(r["sampler"], r["steps"], r["nfe"]) for r in rows if r["steps"] == 20} == {
         ("ddim", 20, 20), ("prk", 20, 77), ("plms", 20, 29)}
+
+
+def test_bench_spacing_takes_a_power_grid_and_refuses_a_bad_one(capsys):
+    import json
+
+    rc = _bench_module().main(["--json", "--n", "8", "--ref-steps", "50", "--steps", "10", "--cases", "smooth",
+                               "--samplers", "ddim", "--spacing", "pow1.5_"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 0 and [r["grid"] for r in rows] == ["pow1.5_10", "pow1.5_80", "pow1.5_200"]
+    with pytest.raises(SystemExit) as e:
+        _bench_module().main(["--spacing", "pow-2_"])
+    assert e.value.code == 2 and "--spacing 'pow-2_'" in capsys.readouterr().err
 
 
 def test_bench_ordering_check_reports_a_loss_to_ddim():

@@ -1,13 +1,14 @@
 """Step grids: the decreasing (fractional) indices into ``alphas_cumprod`` that a sampler visits.
 
 A grid is named by a spec: a respacing spec (``"50"``, ``"ddim50"``, ``"10,10,10"``) or a named grid with a
-count (``"quad20"``, ``"trailing20"``, ``"leading20"``, ``"karras20"``, ``"logsnr20"``). Fractional indices are
+count (``"quad20"``, ``"pow1.5_20"``, ``"trailing20"``, ``"leading20"``, ``"karras20"``, ``"logsnr20"``). Fractional indices are
 fine: samplers interpolate ``log abar`` between integer steps (``alpha_bar_at``).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Optional
 
 import torch
@@ -15,7 +16,8 @@ import torch
 from textdiff.diffusion.respace import space_timesteps
 
 
-GRIDS = ("logsnr", "karras", "trailing", "leading", "quad")
+GRIDS = ("logsnr", "karras", "trailing", "leading", "quad", "pow")
+_POW_SPEC = re.compile(r"pow(\d+(?:\.\d+)?)_(\d+)")
 
 
 def sampling_timesteps(num_timesteps: int, spec: str | int,
@@ -33,7 +35,9 @@ def sampling_timesteps(num_timesteps: int, spec: str | int,
     - ``"leadingN"``: integer steps ``(N - 1 - i) (K // N)``, from ``K - K // N`` (diffusers' "leading":
       it skips the top of the schedule, so its start is not pure noise);
     - ``"quadN"``: fractional ``(K - 1) (1 - i / N)^2``: trailing's ends, steps shrinking quadratically towards
-      clean data (the DDIM paper's "quad" spacing, from the top instead of from 0).
+      clean data (the DDIM paper's "quad" spacing, from the top instead of from 0);
+    - ``"powP_N"``: fractional ``(K - 1) (1 - i / N)^P`` for an exponent P > 0 (``"pow1.5_20"``); ``"quadN"`` is
+      ``"pow2_N"``, P = 1 spaces the indices evenly.
 
     The named grids need ``alphas_cumprod`` (``[num_timesteps]``) only for logsnr and karras.
     """
@@ -41,6 +45,8 @@ def sampling_timesteps(num_timesteps: int, spec: str | int,
     name = next((g for g in GRIDS if spec.startswith(g)), None)
     if name is None:
         return torch.tensor(space_timesteps(num_timesteps, spec)[::-1], dtype=torch.float64)
+    if name == "pow":
+        return _pow_timesteps(num_timesteps, spec)
     count = spec[len(name):]
     if not count.isdigit() or not 1 <= int(count) <= num_timesteps:
         raise ValueError(f"sampling steps {spec!r}: write {name}N with N in [1, {num_timesteps}], e.g. {name}20")
@@ -50,10 +56,23 @@ def sampling_timesteps(num_timesteps: int, spec: str | int,
     if name == "leading":
         return torch.arange(count - 1, -1, -1, dtype=torch.float64) * (num_timesteps // count)
     if name == "quad":
-        return (num_timesteps - 1) * (1 - torch.arange(count, dtype=torch.float64) / count) ** 2
+        return power_timesteps(num_timesteps, count, 2.0)
     if alphas_cumprod is None or len(alphas_cumprod) != num_timesteps:
         raise ValueError(f"sampling steps {spec!r} need the process's alphas_cumprod ([{num_timesteps}])")
     return logsnr_timesteps(alphas_cumprod, count) if name == "logsnr" else karras_timesteps(alphas_cumprod, count)
+
+
+def power_timesteps(num_timesteps: int, steps: int, power: float) -> torch.Tensor:
+    """``(K - 1) (1 - i / steps)^power`` for ``i < steps``: ``[steps]`` float64 from the top down to near 0."""
+    return (num_timesteps - 1) * (1 - torch.arange(steps, dtype=torch.float64) / steps) ** power
+
+
+def _pow_timesteps(num_timesteps: int, spec: str) -> torch.Tensor:
+    match = _POW_SPEC.fullmatch(spec)
+    if match is None or float(match[1]) <= 0 or not 1 <= int(match[2]) <= num_timesteps:
+        raise ValueError(f"sampling steps {spec!r}: write powP_N with an exponent P > 0 and N in [1, {num_timesteps}], "
+                         "e.g. pow1.5_20")
+    return power_timesteps(num_timesteps, int(match[2]), float(match[1]))
 
 
 def timesteps_at_log_snr(alphas_cumprod: torch.Tensor, log_snr: torch.Tensor) -> torch.Tensor:

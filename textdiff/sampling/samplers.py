@@ -35,7 +35,10 @@ Callback = Optional[Callable[[dict], None]]
 
 
 # Each sampler's grid for a plain step count, chosen by measurement (tools/bench_samplers.py, docs/samplers.md).
-DEFAULT_GRIDS = {"ddpm": "", "ddim": "quad", "prk": "karras", "plms": "quad", "ipndm": "quad",
+# Each sampler's grid for a plain step count, chosen on tools/bench_samplers.py --peer (docs/samplers.md): the
+# first-order ddim and the PRK-started plms do best on the flatter pow1.5 grid (its steps shrink less towards
+# clean data than quad's), the other multistep methods on quad.
+DEFAULT_GRIDS = {"ddpm": "", "ddim": "pow1.5_", "prk": "karras", "plms": "pow1.5_", "ipndm": "quad",
                  "dpmpp_2m": "quad", "dpmpp_3m": "quad", "unipc": "quad", "deis": "quad"}
 
 
