@@ -31,6 +31,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
+def png_bytes(image: Image.Image | np.ndarray) -> bytes:
+    """The PNG file of a PIL image or a ``[H, W, 3]`` (or ``[H, W]``) uint8 array."""
+    buf = io.BytesIO()
+    (Image.fromarray(image) if isinstance(image, np.ndarray) else image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _label(text: str, font: ImageFont.ImageFont, width: int) -> str:
     """``text`` on one line, shortened with an ellipsis to fit ``width`` px."""
     text = " ".join(text.split())
@@ -87,10 +94,7 @@ def save_batch_preview(batch: dict, out_dir: str | Path, name: str = "first_batc
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png, js = out_dir / f"{name}.png", out_dir / f"{name}.json"
-    grid = batch_grid(batch)
-    buf = io.BytesIO()
-    grid.save(buf, format="PNG")
-    atomic_write_bytes(png, buf.getvalue())
+    atomic_write_bytes(png, png_bytes(batch_grid(batch)))
     text = json.dumps(batch_record(batch), indent=1, ensure_ascii=False)
     atomic_write_bytes(js, (text + "\n").encode("utf-8"))
     return png, js

@@ -11,7 +11,6 @@ CER 0.015 (docs/spelling.md). Everything random comes from a ``random.Random``, 
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import math
@@ -23,6 +22,7 @@ from typing import Sequence
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from textdiff.data.preview import png_bytes
 from textdiff.data.synthetic import luma
 
 DIGITS = "0123456789"
@@ -107,14 +107,10 @@ def write_folder(out_dir: str | Path, strings: Sequence[str], renders: int, seed
     for text, k in tqdm(jobs, desc="render", unit="img", disable=not progress):
         image, box = render_string(text, render_rng(seed, text, k), size)
         key = f"{text}_{k:03d}"
-        (out / f"{key}.png").write_bytes(_png(image))
+        (out / f"{key}.png").write_bytes(png_bytes(image))
         (out / f"{key}.txt").write_text(text, encoding="utf-8")
         safeboxes[key] = box
     (out / "safeboxes.json").write_text(json.dumps(safeboxes), encoding="utf-8")
     return len(jobs)
 
 
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()

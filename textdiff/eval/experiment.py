@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from textdiff.config import EvalConfig, TextdiffConfig, load_config
 from textdiff.data import spelling_set
+from textdiff.data.preview import png_bytes
 from textdiff.eval.metrics import aggregate, score
 from textdiff.eval.ocr import ocr_images
 from textdiff.files import atomic_write_bytes
@@ -229,14 +230,6 @@ def side_by_side(left: Image.Image, right: Image.Image, gap: int = 16) -> Image.
     return out
 
 
-def _png(image: Image.Image | np.ndarray) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    (Image.fromarray(image) if isinstance(image, np.ndarray) else image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def evaluate(out: Path, design: Design, heldout: Sequence[str], cfg: TextdiffConfig) -> dict:
     """Sample the EMA weights of ``out/run`` on the held-out strings (with the transcription and the null
     control, same seeds) and score them (:func:`score_images`); returns result.json's figures."""
@@ -268,7 +261,7 @@ def score_images(out: Path, design: Design, targets: Sequence[str], seeds: Seque
         for i, (image, s) in enumerate(zip(images, scores)):
             path = f"{kind}/{i:04d}.png"
             (ev / kind).mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(ev / path, _png(image))
+            atomic_write_bytes(ev / path, png_bytes(image))
             records.append({"image": path, "condition": kind, "txt": asked[i], "target": targets[i],
                             "seed": seeds[i], "reading": s.pred, "cer": s.cer})
     atomic_write_bytes(ev / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
@@ -278,7 +271,7 @@ def score_images(out: Path, design: Design, targets: Sequence[str], seeds: Seque
                       f"with the transcription (guidance {design.guidance:g}): CER {cer_txt:.2f}"),
         labelled_grid(null[:shown], [f"{t}>{s.pred or '-'}" for t, s in zip(targets, s_null)],
                       f"null transcription (control): CER {cer_null:.2f}"))
-    atomic_write_bytes(ev / "grids.png", _png(grids))
+    atomic_write_bytes(ev / "grids.png", png_bytes(grids))
     return {"cer_txt": cer_txt, "exact_txt": exact_txt, "cer_null": cer_null, "exact_null": exact_null,
             "cer_ceiling": cer_ceiling, "exact_ceiling": exact_ceiling,
             "cer_chance": chance_cer(targets, ocr_cfg), "n_eval": n}

@@ -16,7 +16,6 @@ also read as an evaluation prompt file (``txt``, ``capt``, ``seed``, ``count`` a
 
 from __future__ import annotations
 
-import io
 import json
 import unicodedata
 from dataclasses import dataclass, field
@@ -24,12 +23,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from textdiff.config import ModelConfig
 from textdiff.diffusion import build_diffusion
-from textdiff.data.preview import batch_grid, to_uint8
+from textdiff.data.preview import batch_grid, png_bytes, to_uint8
 from textdiff.eval.prompts import Prompt, read_jsonl
 from textdiff.sampling.cascade import CascadeError, StageSettings, check_cascade, run_cascade
 from textdiff.sampling.loading import LoadedModel, load_for_sampling, read_source_config
@@ -127,12 +125,6 @@ def check_job(stages: Sequence[StageSpec], names: Sequence[str], requests: Seque
     return cfgs, prompt_warnings(requests, cfgs, names)
 
 
-def _png_bytes(image) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _write_records(out_dir: Path, records: list[dict]) -> None:
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     atomic_write_bytes(out_dir / RECORDS_FILE, text.encode("utf-8"))
@@ -173,9 +165,7 @@ def run_job(stages: Sequence[StageSpec], requests: Sequence[SampleRequest], out_
             "key": [f"#{r.index} seed {r.seed}" for r in shown]}
     if len(stages) > 1:
         grid["low_res"] = torch.cat(firsts)
-    png = io.BytesIO()
-    batch_grid(grid).save(png, format="PNG")
-    atomic_write_bytes(out_dir / GRID_FILE, png.getvalue())
+    atomic_write_bytes(out_dir / GRID_FILE, png_bytes(batch_grid(grid)))
     return records
 
 
@@ -196,7 +186,7 @@ def write_batch(out_dir: Path, stages: Sequence[StageSpec], models: Sequence[Loa
                 path = f"stages/stage{k}/{r.index:06d}.png"
             if path is not None:
                 (out_dir / path).parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(out_dir / path, _png_bytes(per_stage[k][row]))
+                atomic_write_bytes(out_dir / path, png_bytes(per_stage[k][row]))
             # the resolved checkpoint, not the run directory, whose latest checkpoint may change
             stage_records.append({**spec.to_dict(), "source": loaded.source, "given": spec.source,
                                   "loaded_weights": loaded.weights, "image_size": loaded.cfg.model.image_size,

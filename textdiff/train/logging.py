@@ -7,7 +7,6 @@ line prefixed with its rank, so a multi-rank console stays readable.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -48,15 +47,12 @@ def image_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
 
 def save_png(grid: torch.Tensor, path: Path) -> None:
     """Write a [3, H, W] grid in [0, 1] as a PNG, atomically."""
-    from PIL import Image
-
+    from textdiff.data.preview import png_bytes
     from textdiff.files import atomic_write_bytes
 
     array = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, png_bytes(array))
 
 
 EVAL_GRID_COLUMNS = 8  # images per row of the eval/samples grid
