@@ -59,12 +59,17 @@ class ModelConfig:
 
     # transcription conditioning
     txt: bool = False
-    max_seq_len: int = 64
+    max_seq_len: int = 64  # tokens, the start and end tokens included (as the research code's tokenizer counts)
+    # character vocabulary: "printable" (the research code's string.printable) or "textdiff" (printable ASCII,
+    # Latin-1 and common typography); both use the research code's special tokens and null transcription
+    txt_vocab: Literal["printable", "textdiff"] = "printable"
+    # the research code's line embedding: each token also gets a learned vector for its line (0..31)
+    txt_line_emb: bool = True
     txt_dim: int = 256
     txt_depth: int = 2
     txt_ff_mult: int = 4
     txt_ff_glu: bool = False
-    txt_rezero: bool = False
+    txt_rezero: bool = False  # false: ScaleNorm pre-norm layers (the research code's); true: rezero, no norms
     txt_t5: bool = True
     # the research code's TextEncoder adds an embedding of the diffusion time to every token
     txt_timestep_emb: bool = True
@@ -178,7 +183,8 @@ class ModelConfig:
         _require(0 <= self.noise_cond_max_step < 1000, "model.noise_cond_max_step", "must lie in [0, 999]")
         _require(not self.monochrome_adapter or self.monochrome, "model.monochrome_adapter",
                  "adapts a monochrome U-net to RGB; set model.monochrome=true too")
-        _require(self.max_seq_len >= 2, "model.max_seq_len", "must be at least 2 (start token + one character)")
+        _require(self.max_seq_len >= 3, "model.max_seq_len",
+                 f"is {self.max_seq_len}; it counts the start and end tokens, so give at least 3 (one character)")
         _require(self.txt_dim % min(64, self.txt_dim) == 0, "model.txt_dim",
                  f"is {self.txt_dim}; the encoder uses 64-channel heads, so give a multiple of 64 (or less than 64)")
         if self.txt and self.weave_attn and self.weave_qkv_dim_always_text:

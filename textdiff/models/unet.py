@@ -83,13 +83,14 @@ class TextdiffUNet(nn.Module):
 
         self.tokenizer = self.text_encoder = self.pos_tables = self.txt_emb_proj = None
         if cfg.txt:
-            self.tokenizer = CharTokenizer(cfg.max_seq_len)
+            self.tokenizer = CharTokenizer(cfg.max_seq_len, cfg.txt_vocab)
             self.text_encoder = TextEncoder(self.tokenizer.vocab_size, cfg.max_seq_len, cfg.txt_dim, cfg.txt_depth,
                                             cfg.txt_ff_mult, cfg.txt_ff_glu, cfg.txt_rezero, cfg.txt_t5,
-                                            cfg.txt_timestep_emb)
+                                            cfg.txt_timestep_emb,
+                                            self.tokenizer.newline_id if cfg.txt_line_emb else None)
             widths = {cfg.feature_size // 2 ** i: nc * m for i, m in enumerate(cfg.channel_mult)}
-            # Imagen/GLIDE-style global conditioning: the first token's encoding (START, or NULL for the
-            # dropped transcription) joins the timestep embedding, so every residual block sees the string
+            # Imagen/GLIDE-style global conditioning: the first token's encoding (START, which attends over the
+            # string or over the null's MASK tokens) joins the timestep embedding, so every residual block sees it
             self.txt_emb_proj = (nn.Sequential(nn.LayerNorm(cfg.txt_dim), nn.Linear(cfg.txt_dim, emb_dim))
                                  if cfg.txt_pooled_emb else None)
             self.pos_tables = nn.ModuleDict({str(r): AxialPositionTable(r, widths[r]) for r in cfg.txt_resolutions})
