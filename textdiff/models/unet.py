@@ -61,8 +61,8 @@ class Step(nn.Module):
         return h
 
 
-def _heads(channels: int, per_head: int) -> int:
-    return max(1, channels // per_head)
+def _heads(channels: int, per_head: int, num_heads: int) -> int:
+    return channels // per_head if per_head > 0 else num_heads
 
 
 class TextdiffUNet(nn.Module):
@@ -122,7 +122,7 @@ class TextdiffUNet(nn.Module):
 
         def attn_block(ch: int, res: int, per_head: int) -> list[nn.Module]:
             wanted = res in cfg.attention_resolutions
-            return [AttentionBlock(ch, _heads(ch, per_head), capt_dim, cfg.num_groups)] if wanted else []
+            return [AttentionBlock(ch, _heads(ch, per_head, cfg.num_heads), capt_dim, cfg.num_groups)] if wanted else []
 
         def extras(ch: int, res: int, per_head: int, decoder: bool) -> list[nn.Module]:
             txt, attn = text_block(ch, res, decoder), attn_block(ch, res, per_head)
