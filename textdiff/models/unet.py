@@ -95,12 +95,15 @@ class TextdiffUNet(nn.Module):
                                  if cfg.txt_pooled_emb else None)
             self.pos_tables = nn.ModuleDict({str(r): AxialPositionTable(r, widths[r]) for r in cfg.txt_resolutions})
         self.capt_encoder = self.capt_emb_proj = self.null_capt_token = self.null_capt_pooled = None
+        self.capt_norm = None
         capt_dim = 0
         if cfg.using_capt:
             from textdiff.models.caption import CaptionEncoder  # open_clip takes seconds to import; only when used
 
             self.capt_encoder = CaptionEncoder(cfg, load_weights=load_capt_weights)
             capt_dim = self.capt_encoder.width if cfg.glide_style_capt_attn else 0
+            if capt_dim and cfg.clip_use_penultimate_layer:  # CLIP's ln_final was trained for the last layer
+                self.capt_norm = nn.LayerNorm(capt_dim)
             if cfg.glide_style_capt_emb:
                 self.capt_emb_proj = nn.Linear(self.capt_encoder.embed_dim, emb_dim)
             if cfg.capt_null == "learned":
@@ -214,6 +217,8 @@ class TextdiffUNet(nn.Module):
         capt_ids [N, Lc], keep [N] bool -> tokens [N, Lc, width], key mask [N, Lc] bool, pooled [N, embed_dim].
         """
         tokens, pooled = self.capt_encoder(capt_ids)
+        if self.capt_norm is not None:
+            tokens = self.capt_norm(tokens.to(self.capt_norm.weight.dtype))
         mask, null = capt_ids != 0, ~keep[:, None]
         if self.null_capt_token is None:  # "empty" (with "placeholder" every caption is kept)
             return tokens, mask & ~null, pooled * keep[:, None].to(pooled.dtype)
