@@ -117,6 +117,13 @@ class ModelConfig:
     capt_null: Literal["placeholder", "learned", "empty"] = "placeholder"
 
     @property
+    def text_attn_heads(self) -> int:
+        """Heads of every text block, as the research code counts them: ``txt_dim // cross_attn_channels_per_head``,
+        or ``num_heads`` when that is -1 (the same heads in both directions of a weave block)."""
+        per_head = self.cross_attn_channels_per_head
+        return self.txt_dim // per_head if per_head > 0 else self.num_heads
+
+    @property
     def feature_size(self) -> int:
         """Side of the U-net's first feature map: ``image_size / stem_patch``."""
         return self.image_size // self.stem_patch
@@ -201,7 +208,7 @@ class ModelConfig:
         per_head = self.cross_attn_channels_per_head
         _require(per_head == -1 or per_head > 0, "model.cross_attn_channels_per_head",
                  f"is {per_head}; give a positive width or -1 (model.num_heads heads)")
-        heads = self.txt_dim // per_head if per_head > 0 else self.num_heads
+        heads = self.text_attn_heads
         key = "model.cross_attn_channels_per_head" if per_head > 0 else "model.num_heads"
         _require(heads >= 1 and self.txt_dim % heads == 0, key,
                  f"gives {heads} text-attention heads, which do not split txt_dim={self.txt_dim} evenly; change "

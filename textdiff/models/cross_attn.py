@@ -156,13 +156,6 @@ class ImageToText(nn.Module):
         return txt + (f if self.ff_gain is None else self.ff_gain(f))
 
 
-def cross_attn_heads(cfg: ModelConfig) -> int:
-    """Heads of every text block, as the research code counts them: ``txt_dim // cross_attn_channels_per_head``,
-    or ``num_heads`` when that is -1 (the same heads in both directions of a weave block)."""
-    per_head = cfg.cross_attn_channels_per_head
-    return cfg.txt_dim // per_head if per_head > 0 else cfg.num_heads
-
-
 def cross_attn_widths(channels: int, cfg: ModelConfig) -> tuple[int, int]:
     """(image-to-text width, text-to-image width) of the attention at a level of ``channels`` image channels.
 
@@ -181,7 +174,7 @@ class TextCrossAttnBlock(nn.Module):
 
     def __init__(self, channels: int, emb_dim: int, cfg: ModelConfig):
         super().__init__()
-        heads, (weave_dim, cross_dim) = cross_attn_heads(cfg), cross_attn_widths(channels, cfg)
+        heads, (weave_dim, cross_dim) = cfg.text_attn_heads, cross_attn_widths(channels, cfg)
         self.weave = ImageToText(channels, cfg.txt_dim, weave_dim, heads, emb_dim, cfg) if cfg.weave_attn else None
         self.cross = TextToImage(channels, cfg.txt_dim, cross_dim, heads, emb_dim, cfg)
 
