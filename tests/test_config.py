@@ -65,8 +65,15 @@ def test_wrong_type_names_the_key(key, value, message):
     (dict(num_channels=100), "model.num_channels is 100, so a level is 100 channels wide, which GroupNorm\\(32\\)"),
     (dict(num_channels=48, num_groups=32), "GroupNorm\\(32\\) cannot split; give a multiple of model.num_groups"),
     (dict(image_size=32, stem_patch=3), "model.stem_patch is 3; give a factor >= 1 that divides model.image_size=32"),
-    (dict(txt=True, txt_resolutions=[8], weave_attn=True, weave_qkv_dim_always_text=True, txt_dim=192,
-          cross_attn_channels_per_head=128), "model.weave_qkv_dim_always_text makes the attention width txt_dim=192"),
+    (dict(txt=True, txt_resolutions=[8], weave_attn=True, txt_dim=384, cross_attn_channels_per_head=128),
+     "model.cross_attn_channels_per_head gives 3 heads, which do not split the 1024 channels that the weave's "
+     "image-to-text attention has at 8 px"),
+    (dict(txt=True, txt_resolutions=[8], txt_dim=192, num_heads=256),
+     "model.num_heads gives 256 text-attention heads, which do not split txt_dim=192"),
+    (dict(txt=True, txt_resolutions=[8], cross_attn_channels_per_head=0),
+     "model.cross_attn_channels_per_head is 0; give a positive width or -1"),
+    (dict(max_seq_len=2), "model.max_seq_len is 2; it counts the start and end tokens"),
+    (dict(channels_per_head=0, num_heads=3), "model.num_heads is 3, which does not divide the block width 256"),
     (dict(all_pdrop=1.5), "model.all_pdrop must lie in \\[0, 1\\]"),
 ])
 def test_impossible_combination_names_the_key(keys, message):
@@ -122,9 +129,9 @@ def test_defaults_are_valid():
     (dict(image_size=20, channel_mult=[1, 2, 2, 4]), "model.image_size is 20, .* give a multiple of 8"),
     (dict(txt_depth=-1), "model.txt_depth must be >= 0"),
     (dict(in_channels=0), "model.in_channels must be at least 1"),
-    (dict(cross_attn_init_gain=0.0), "model.cross_attn_init_gain is 0.0; it must be positive"),
+    (dict(cross_attn_init_gain=0.0), "model.cross_attn_init_gain is 0.0; it must be positive .*use model.cross_attn_rezero=true"),
     (dict(cross_attn_init_gain=-1.0), "model.cross_attn_init_gain is -1.0; it must be positive"),
-    (dict(cross_attn_gain_scale=0.0), "model.cross_attn_gain_scale must not be 0"),
+    (dict(cross_attn_gain_scale=0.0), "model.cross_attn_gain_scale must not be 0: .*give e.g. 1"),
     (dict(txt_dim=0), "model.txt_dim must be positive"),
 ])
 def test_sizes_depths_and_gains_that_cannot_build_a_model_name_the_key(keys, message):

@@ -42,9 +42,9 @@ class ModelConfig:
     # feature-map sizes, as in the seed (64px base: attention at 16, 8, 4 px); with a stem the first map is
     # image_size / stem_patch
     attention_resolutions: tuple[int, ...] = (4, 8, 16)
-    num_heads: int = 16  # middle block
-    channels_per_head: int = 64  # everywhere else
-    channels_per_head_upsample: int = -1  # -1: same as channels_per_head
+    num_heads: int = 16  # the middle block; every self-attention block when channels_per_head is 0
+    channels_per_head: int = 64  # self-attention outside the middle block; 0: num_heads heads instead
+    channels_per_head_upsample: int = -1  # the decoder's; -1: same as channels_per_head
     learn_sigma: bool = True
     use_scale_shift_norm: bool = True
     resblock_updown: bool = True
@@ -59,12 +59,17 @@ class ModelConfig:
 
     # transcription conditioning
     txt: bool = False
-    max_seq_len: int = 64
+    max_seq_len: int = 64  # tokens, the start and end tokens included (as the research code's tokenizer counts)
+    # character vocabulary: "printable" (the research code's string.printable) or "textdiff" (printable ASCII,
+    # Latin-1 and common typography); both use the research code's special tokens and null transcription
+    txt_vocab: Literal["printable", "textdiff"] = "printable"
+    # the research code's line embedding: each token also gets a learned vector for its line (0..31)
+    txt_line_emb: bool = True
     txt_dim: int = 256
     txt_depth: int = 2
     txt_ff_mult: int = 4
     txt_ff_glu: bool = False
-    txt_rezero: bool = False
+    txt_rezero: bool = False  # false: ScaleNorm pre-norm layers (the research code's); true: rezero, no norms
     txt_t5: bool = True
     # the research code's TextEncoder adds an embedding of the diffusion time to every token
     txt_timestep_emb: bool = True
@@ -72,7 +77,8 @@ class ModelConfig:
     # text embedding): global conditioning of every residual block; off in the seed
     txt_pooled_emb: bool = False
     txt_resolutions: tuple[int, ...] = ()
-    cross_attn_channels_per_head: int = -1  # -1: same as channels_per_head
+    # text blocks have txt_dim // cross_attn_channels_per_head heads; -1: num_heads heads (the research code's)
+    cross_attn_channels_per_head: int = -1
     cross_attn_q_t_emb: bool = False
     cross_attn_orth_init: bool = False
     cross_attn_init_gain: float = 1.0
@@ -111,6 +117,13 @@ class ModelConfig:
     capt_null: Literal["placeholder", "learned", "empty"] = "placeholder"
 
     @property
+    def text_attn_heads(self) -> int:
+        """Heads of every text block, as the research code counts them: ``txt_dim // cross_attn_channels_per_head``,
+        or ``num_heads`` when that is -1 (the same heads in both directions of a weave block)."""
+        per_head = self.cross_attn_channels_per_head
+        return self.txt_dim // per_head if per_head > 0 else self.num_heads
+
+    @property
     def feature_size(self) -> int:
         """Side of the U-net's first feature map: ``image_size / stem_patch``."""
         return self.image_size // self.stem_patch
@@ -136,9 +149,11 @@ class ModelConfig:
         _require(self.txt_depth >= 0, "model.txt_depth", "must be >= 0 (encoder layers of the transcription)")
         _require(self.txt_dim >= 1, "model.txt_dim", "must be positive")
         _require(self.cross_attn_init_gain > 0, "model.cross_attn_init_gain",
-                 f"is {self.cross_attn_init_gain}; it must be positive (the gain is stored as its logarithm)")
+                 f"is {self.cross_attn_init_gain}; it must be positive (the gain is stored as its logarithm); "
+                 "to start the text blocks switched off use model.cross_attn_rezero=true")
         _require(self.cross_attn_gain_scale != 0, "model.cross_attn_gain_scale",
-                 "must not be 0 (the stored gain is log(cross_attn_init_gain) / cross_attn_gain_scale)")
+                 "must not be 0: the stored gain is log(cross_attn_init_gain) / cross_attn_gain_scale and the "
+                 "effective one exp(cross_attn_gain_scale * g); give e.g. 1 (the seed's run) or 200")
         reached = {self.feature_size // 2 ** i for i in range(len(self.channel_mult))}
         for key in ("attention_resolutions", "txt_resolutions"):
             for res in getattr(self, key):
@@ -147,17 +162,22 @@ class ModelConfig:
                          f"{self.image_size} and channel_mult {list(self.channel_mult)} the feature maps are "
                          f"{sorted(reached, reverse=True)} px")
         widths = {self.num_channels * m for m in self.channel_mult}
-        for key in ("channels_per_head", "cross_attn_channels_per_head", "channels_per_head_upsample"):
-            heads = getattr(self, key)
-            if heads == -1:
+        for key in ("channels_per_head", "channels_per_head_upsample"):
+            per_head = getattr(self, key)
+            if per_head == -1 and key == "channels_per_head_upsample":
                 continue
-            _require(heads > 0, f"model.{key}", "must be positive or -1")
-            for w in widths:
-                _require(w % heads == 0, f"model.{key}",
-                         f"is {heads}, which does not divide the block width {w}")
-        middle = self.num_channels * self.channel_mult[-1]
-        _require(middle % self.num_heads == 0, "model.num_heads",
-                 f"is {self.num_heads}, which does not divide the middle width {middle}")
+            _require(per_head >= 0, f"model.{key}", "must be >= 0 (0: model.num_heads heads in every block)"
+                     + (" or -1 (same as model.channels_per_head)" if key == "channels_per_head_upsample" else ""))
+            for w in widths if per_head else ():
+                _require(w % per_head == 0, f"model.{key}",
+                         f"is {per_head}, which does not divide the block width {w}")
+        every = self.channels_per_head == 0 or self.channels_per_head_upsample == 0
+        for w in (widths if every else {self.num_channels * self.channel_mult[-1]}):
+            _require(w % self.num_heads == 0, "model.num_heads",
+                     f"is {self.num_heads}, which does not divide the " + ("block" if every else "middle")
+                     + f" width {w}")
+        if self.txt:
+            self._validate_text_heads()
         if not self.txt:
             for key in ("txt_resolutions", "weave_attn", "txt_pdrop", "txt_pooled_emb"):
                 _require(not getattr(self, key), f"model.{key}", "is set but model.txt is false; set model.txt=true")
@@ -178,14 +198,28 @@ class ModelConfig:
         _require(0 <= self.noise_cond_max_step < 1000, "model.noise_cond_max_step", "must lie in [0, 999]")
         _require(not self.monochrome_adapter or self.monochrome, "model.monochrome_adapter",
                  "adapts a monochrome U-net to RGB; set model.monochrome=true too")
-        _require(self.max_seq_len >= 2, "model.max_seq_len", "must be at least 2 (start token + one character)")
+        _require(self.max_seq_len >= 3, "model.max_seq_len",
+                 f"is {self.max_seq_len}; it counts the start and end tokens, so give at least 3 (one character)")
         _require(self.txt_dim % min(64, self.txt_dim) == 0, "model.txt_dim",
                  f"is {self.txt_dim}; the encoder uses 64-channel heads, so give a multiple of 64 (or less than 64)")
-        if self.txt and self.weave_attn and self.weave_qkv_dim_always_text:
-            cross = self.channels_per_head if self.cross_attn_channels_per_head == -1 else self.cross_attn_channels_per_head
-            _require(self.txt_dim % cross == 0, "model.weave_qkv_dim_always_text",
-                     f"makes the attention width txt_dim={self.txt_dim}, which cross_attn_channels_per_head={cross} "
-                     "does not divide; change one of them")
+
+    def _validate_text_heads(self) -> None:
+        """Text blocks: txt_dim // cross_attn_channels_per_head heads (or num_heads) over widths they divide."""
+        per_head = self.cross_attn_channels_per_head
+        _require(per_head == -1 or per_head > 0, "model.cross_attn_channels_per_head",
+                 f"is {per_head}; give a positive width or -1 (model.num_heads heads)")
+        heads = self.text_attn_heads
+        key = "model.cross_attn_channels_per_head" if per_head > 0 else "model.num_heads"
+        _require(heads >= 1 and self.txt_dim % heads == 0, key,
+                 f"gives {heads} text-attention heads, which do not split txt_dim={self.txt_dim} evenly; change "
+                 f"{key} or model.txt_dim")
+        if self.weave_attn and not self.weave_qkv_dim_always_text:
+            widths = {self.feature_size // 2 ** i: self.num_channels * m for i, m in enumerate(self.channel_mult)}
+            for res in self.txt_resolutions:
+                _require(widths.get(res, heads) % heads == 0, key,
+                         f"gives {heads} heads, which do not split the {widths.get(res)} channels that the weave's "
+                         f"image-to-text attention has at {res} px; change {key} or set "
+                         "model.weave_qkv_dim_always_text=true")
 
 
 @dataclass

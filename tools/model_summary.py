@@ -10,6 +10,7 @@ part, ``total`` and ``total_trainable``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -25,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     try:
-        counts = count_without_weights(load_config(args.config, args.set).model)
+        # DeepSpeed, imported on the way, logs its accelerator choice to stdout: keep stdout for the counts
+        with contextlib.redirect_stdout(sys.stderr):
+            counts = count_without_weights(load_config(args.config, args.set).model)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

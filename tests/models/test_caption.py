@@ -110,27 +110,45 @@ def test_learned_null_caption_is_trained_and_differs_from_the_placeholder(tiny):
 
 
 @pytest.mark.parametrize("penultimate, block", [(True, -2), (False, -1)])
-def test_the_caption_tokens_are_the_chosen_layer_after_the_final_layernorm(tiny, penultimate, block):
+def test_the_caption_tokens_are_the_chosen_layer_raw_or_after_clips_final_layernorm(tiny, penultimate, block):
+    """The penultimate layer comes out raw (the U-net's own LayerNorm follows); the last after CLIP's ln_final."""
     torch.manual_seed(0)
     encoder = CaptionEncoder(tiny.cfg(using_capt=True, clip_use_penultimate_layer=penultimate))
     ids = encoder.tokenize(["a red stop sign", "a blue shop front"])
     seen = []
     blocks = encoder.tower.transformer.resblocks
     assert len(blocks) >= 2  # the tiny tower has a penultimate layer to take
+    norm = (lambda x: x) if penultimate else encoder.tower.ln_final
     handle = blocks[block].register_forward_hook(lambda module, args, out: seen.append(out))
     with torch.no_grad():
         tokens, pooled = encoder(ids)
-        expected = encoder.tower.ln_final(seen[0])
+        expected = norm(seen[0])
         handle.remove()
         other_block = blocks[-1 if penultimate else -2]
         seen.clear()
         other_block.register_forward_hook(lambda module, args, out: seen.append(out))
         encoder(ids)
-        other = encoder.tower.ln_final(seen[-1])
+        other = norm(seen[-1])
     assert tokens.shape == (2, encoder.tower.context_length, encoder.width)
-    assert torch.allclose(tokens, expected, atol=1e-6)  # exactly the chosen block's output, normalised
+    assert torch.allclose(tokens, expected, atol=1e-6)  # exactly the chosen block's output
     assert (tokens - other).abs().max() > 1e-2  # and not the other block's
     assert pooled.shape == (2, encoder.embed_dim)
+
+
+def test_penultimate_caption_tokens_get_a_new_trainable_layernorm_outside_the_frozen_tower(tiny):
+    """The research code's capt_ln_final: LayerNorm(width) = 2 x width trainable parameters, weight 1, bias 0,
+    not CLIP's ln_final (frozen, trained for the last layer)."""
+    model = build_model(tiny.cfg(using_capt=True, clip_use_penultimate_layer=True))
+    width = model.capt_encoder.width
+    assert isinstance(model.capt_norm, torch.nn.LayerNorm) and model.capt_norm is not model.capt_encoder.tower.ln_final
+    assert [p.requires_grad for p in model.capt_norm.parameters()] == [True, True]
+    assert sum(p.numel() for p in model.capt_norm.parameters()) == 2 * width
+    assert build_model(tiny.cfg(using_capt=True, clip_use_penultimate_layer=False)).capt_norm is None
+    ids, keep = model.capt_encoder.tokenize(["a red stop sign"]), torch.tensor([True])
+    with torch.no_grad():
+        model.capt_norm.bias.fill_(0.5)
+        tokens, _, _ = model._caption(ids, keep)
+    assert torch.allclose(tokens.mean(-1), torch.full(tokens.shape[:2], 0.5), atol=1e-5)
 
 
 def test_the_penultimate_layer_changes_the_tokens_but_not_the_pooled_embedding(tiny):

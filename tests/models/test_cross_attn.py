@@ -1,9 +1,16 @@
 """Transcription cross-attention and weave attention inside the U-net."""
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
-from textdiff.models.cross_attn import AxialPositionTable, ImageToText, TextCrossAttnBlock
+from textdiff.config import load_config
+from textdiff.models import build_model
+from textdiff.models.cross_attn import AxialPositionTable, BranchGain, ImageToText, TextCrossAttnBlock
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def blocks(steps):
@@ -104,5 +111,67 @@ def test_weave_ff_gain_and_rezero_choose_the_mlp_branch_scale(tiny):
     rezero = ImageToText(32, 32, 32, 2, 128, tiny.cfg(txt=True, weave_attn=True, weave_ff_rezero=True))
     gained = ImageToText(32, 32, 32, 2, 128, tiny.cfg(txt=True, weave_attn=True, weave_ff_rezero=False,
                                                        weave_use_ff_gain=True))
-    assert rezero.ff_gain.item() == 0.0 and gained.ff_gain.exp().item() == 1.0
+    assert rezero.ff_rezero.item() == 0.0 and rezero.ff_gain is None
+    assert gained.ff_rezero is None and gained.ff_gain(torch.ones(1)).item() == 1.0
     assert isinstance(gained.ff_norm, torch.nn.LayerNorm) and not isinstance(rezero.ff_norm, torch.nn.LayerNorm)
+
+
+def test_weave_mlp_gain_is_exp_of_gain_scale_times_g(tiny):
+    """The research code's effective MLP gain: exp(gain_scale * g), g starting at log(init_gain) / gain_scale."""
+    weave = ImageToText(32, 32, 32, 2, 128, tiny.cfg(txt=True, weave_attn=True, weave_ff_rezero=False,
+                                                      weave_use_ff_gain=True, cross_attn_init_gain=0.5,
+                                                      cross_attn_gain_scale=10.0))
+    assert weave.ff_gain(torch.ones(2)).tolist() == pytest.approx([0.5, 0.5], rel=1e-6)
+    with torch.no_grad():
+        weave.ff_gain.gain.fill_(0.1)
+    assert weave.ff_gain(torch.ones(1)).item() == pytest.approx(math.exp(10.0 * 0.1), rel=1e-6)
+
+
+def test_layerscale_and_rezero_gains_are_multiplied_by_gain_scale(tiny):
+    layerscale = BranchGain(4, tiny.cfg(txt=True, cross_attn_use_layerscale=True, cross_attn_gain_scale=200.0))
+    assert layerscale(torch.ones(4)).tolist() == pytest.approx([200.0 * 1e-5] * 4, rel=1e-5)
+
+
+def test_adaptive_norms_have_the_research_codes_groupnorm_affine(tiny):
+    """AdaGN normalises with GroupNorm(1, C) and its own C weights and C biases, before the scale/shift."""
+    block = TextCrossAttnBlock(64, 128, tiny.cfg(txt=True, weave_attn=True, cross_attn_q_t_emb=True))
+    for norm in (block.cross.img_norm.norm, block.weave.img_norm.norm):
+        assert isinstance(norm, torch.nn.GroupNorm) and norm.num_groups == 1
+        assert norm.weight.shape == (64,) and norm.bias.shape == (64,)
+
+
+def test_axial_position_tables_start_standard_normal():
+    """rows and cols: 2 x 512 x 32 = 32,768 draws each; the sample mean of N(0, 1) lies within
+    4 / sqrt(32768) = 0.022 of 0 and the sample std within 4 * sqrt(1 / (2 * 32768)) = 0.016 of 1."""
+    torch.manual_seed(0)
+    table = AxialPositionTable(32, 512)
+    for w in (table.rows.detach(), table.cols.detach()):
+        n = w.numel()
+        assert n == 32_768
+        assert abs(float(w.mean())) < 4 / n ** 0.5 and abs(float(w.std()) - 1.0) < 4 * (1 / (2 * n)) ** 0.5
+
+
+def test_up256_text_blocks_have_four_heads_of_128_over_txt_dim_512():
+    """The research code's text-to-image attention is txt_dim wide (512) with txt_dim // 128 = 4 heads,
+    also where the image has 256 channels (up256's 32 and 64 px levels)."""
+    cfg = load_config(str(ROOT / "ds_configs/up256.json")).model
+    with torch.device("meta"):
+        model = build_model(cfg, load_capt_weights=False)
+    crosses = [b.cross for b in blocks(model.output_steps)]
+    assert len(crosses) == 6
+    assert all(c.heads == 4 and c.q.weight.shape == (512, 256) and c.out.weight.shape == (256, 512)
+               for c in crosses)
+
+
+@pytest.mark.parametrize("always_text, width", [(True, 512), (False, 64)])
+def test_weave_image_to_text_width_is_the_images_unless_always_text(tiny, always_text, width):
+    cfg = tiny.cfg(txt=True, txt_dim=512, weave_attn=True, weave_qkv_dim_always_text=always_text,
+                   cross_attn_channels_per_head=128)
+    block = TextCrossAttnBlock(64, 128, cfg)
+    assert block.weave.heads == block.cross.heads == 4
+    assert block.weave.q.weight.shape == (width, 512) and block.cross.q.weight.shape == (512, 64)
+
+
+def test_cross_attn_channels_per_head_minus_one_means_num_heads(tiny):
+    cfg = tiny.cfg(txt=True, cross_attn_channels_per_head=-1, num_heads=4)
+    assert TextCrossAttnBlock(32, 128, cfg).cross.heads == 4

@@ -118,7 +118,7 @@ def test_a_too_long_transcription_is_cut_with_a_warning(runs, tmp_path, capsys):
     assert _run("--run-dir", runs.base, "--txt", "abcdefghijk", "--steps", 2, "--out", tmp_path / "o") == 0
     err = capsys.readouterr().err
     assert "warning: transcription 'abcdefghijk' (11 characters) is longer than" in err
-    assert "model.max_seq_len=8" in err and "cut to 'abcdefg'" in err
+    assert "model.max_seq_len=8" in err and "cut to 'abcdef'" in err
 
 
 def test_upsampler_flags_without_an_upsampler_are_an_error(runs, tmp_path, capsys):

@@ -8,8 +8,9 @@ OpenAI's TorchScript ``.pt``) wins; else ``model.clip_pretrained`` (an open_clip
 fetched through open_clip's cache); an empty tag means random weights, which only makes sense for tests and
 parameter counts.
 
-Only the text tower is built (never the image tower). The U-net uses its per-token activations (the
-penultimate layer with ``clip_use_penultimate_layer``, after the final LayerNorm) for Imagen-style attention
+Only the text tower is built (never the image tower). The U-net uses its per-token activations for
+Imagen-style attention (with ``clip_use_penultimate_layer`` the penultimate layer's, raw: the U-net gives them a
+new trainable LayerNorm, as the research code does; otherwise the last layer's after CLIP's own final LayerNorm)
 and its pooled, projected embedding for GLIDE-style addition to the timestep embedding. With
 ``freeze_capt_encoder`` its parameters have ``requires_grad=False`` and it runs in eval mode under
 ``torch.no_grad``; ``TextdiffUNet.trainable_parameters()`` lists what the optimizer should see.
@@ -117,7 +118,8 @@ def _pretrained_weights_file(cfg: ModelConfig) -> str:
 class CaptionEncoder(nn.Module):
     """Frozen (or trainable) CLIP text tower.
 
-    forward(ids [N, Lc] long) -> (tokens [N, Lc, width], pooled [N, embed_dim]).
+    forward(ids [N, Lc] long) -> (tokens [N, Lc, width], pooled [N, embed_dim]); the tokens of the penultimate
+    layer come without a norm (the caller owns that LayerNorm, which trains while the tower is frozen).
     ``tokenize(captions)`` -> ids [N, Lc]; ``None`` and ``""`` become :data:`PLACEHOLDER_CAPTION`.
     """
 
@@ -138,7 +140,8 @@ class CaptionEncoder(nn.Module):
         self.tower = _build_text_tower(model_cfg["embed_dim"], model_cfg["text_cfg"], quick_gelu=quick_gelu)
         self.width = self.tower.width
         self.embed_dim = model_cfg["embed_dim"]
-        self.layer = len(self.tower.transformer.resblocks) - (2 if cfg.clip_use_penultimate_layer else 1)
+        self.penultimate = cfg.clip_use_penultimate_layer
+        self.layer = len(self.tower.transformer.resblocks) - (2 if self.penultimate else 1)
         self.tokenizer = open_clip.SimpleTokenizer(context_length=self.tower.context_length)
         if weights:
             missing, unexpected = self.tower.load_state_dict(read_text_tower_weights(weights), strict=False)
@@ -162,6 +165,6 @@ class CaptionEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            out = self.tower.forward_intermediates(ids, indices=[self.layer], normalize_intermediates=True,
-                                                   output_fmt="NLC")
+            out = self.tower.forward_intermediates(ids, indices=[self.layer], output_fmt="NLC",
+                                                   normalize_intermediates=not self.penultimate)
         return out["text_intermediates"][0], out["text_features"]

@@ -14,7 +14,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from textdiff.config import ModelConfig
@@ -23,12 +22,15 @@ from textdiff.models.text_encoder import FeedForward
 
 
 class AxialPositionTable(nn.Module):
-    """Learned row and column tables summed into a [1, 2C, res, res] map (C scales and C shifts)."""
+    """Learned row and column tables summed into a [1, 2C, res, res] map (C scales and C shifts).
+
+    Both start N(0, 1), as the research code's AxialPositionalEmbedding does.
+    """
 
     def __init__(self, res: int, channels: int):
         super().__init__()
-        self.rows = nn.Parameter(torch.randn(2 * channels, res, 1) * 0.02)
-        self.cols = nn.Parameter(torch.randn(2 * channels, 1, res) * 0.02)
+        self.rows = nn.Parameter(torch.randn(2 * channels, res, 1))
+        self.cols = nn.Parameter(torch.randn(2 * channels, 1, res))
 
     def forward(self) -> torch.Tensor:
         return (self.rows + self.cols).unsqueeze(0)
@@ -39,19 +41,22 @@ class AdaptiveNorm(nn.Module):
     table plus, when ``emb_dim`` > 0, a projection of the timestep embedding.
 
     forward(x [N, C, H, W], pos [1, 2C, H, W], emb [N, E] or None) -> [N, C, H, W].
-    ``layer_norm`` normalises each position over channels instead of GroupNorm(1) over the whole map.
+    The norm is GroupNorm(1) over the whole map with a per-channel affine (the research code's AdaGN);
+    ``layer_norm`` normalises each position over channels instead (with the same affine); no ``do_norm``: none.
     """
 
     def __init__(self, channels: int, emb_dim: int, do_norm: bool, layer_norm: bool):
         super().__init__()
-        self.do_norm, self.layer_norm = do_norm, layer_norm
+        self.layer_norm = layer_norm
+        self.norm = ((nn.LayerNorm(channels) if layer_norm else nn.GroupNorm(1, channels)) if do_norm
+                     else None)
         self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * channels)) if emb_dim else None
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, emb: Optional[torch.Tensor]) -> torch.Tensor:
-        if self.do_norm and self.layer_norm:
-            x = F.layer_norm(x.transpose(1, -1), x.shape[1:2]).transpose(1, -1)
-        elif self.do_norm:
-            x = F.group_norm(x, 1)
+        if self.norm is not None and self.layer_norm:
+            x = self.norm(x.transpose(1, -1)).transpose(1, -1)
+        elif self.norm is not None:
+            x = self.norm(x)
         mod = pos.to(x.dtype)
         if self.emb_proj is not None:
             mod = mod + self.emb_proj(emb)[:, :, None, None].to(x.dtype)
@@ -60,24 +65,25 @@ class AdaptiveNorm(nn.Module):
 
 
 class BranchGain(nn.Module):
-    """Scales a residual branch: layerscale (per channel, 1e-5), rezero (scalar, 0), or
-    exp(gain_scale * g) with g initialised to log(init_gain) / gain_scale."""
+    """Scales a residual branch by the research code's effective gain, with s = ``cross_attn_gain_scale``:
+    s * g with layerscale (g per channel, starting at 1e-5) or rezero (g scalar, starting at 0), else
+    exp(s * g) with g starting at log(init_gain) / s, so the branch starts scaled by ``cross_attn_init_gain``."""
 
     def __init__(self, dim: int, cfg: ModelConfig):
         super().__init__()
-        self.exp_scale = None
+        self.scale, self.exp = cfg.cross_attn_gain_scale, False
         if cfg.cross_attn_use_layerscale:
             self.gain = nn.Parameter(torch.full((dim,), 1e-5))
         elif cfg.cross_attn_rezero:
             self.gain = nn.Parameter(torch.zeros(1))
         else:
-            self.exp_scale = cfg.cross_attn_gain_scale
+            self.exp = True
             # shape [1], not 0-dim: DeepSpeed cannot broadcast 0-dim parameters
             self.gain = nn.Parameter(torch.full((1,), math.log(cfg.cross_attn_init_gain) / cfg.cross_attn_gain_scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., dim]
-        g = self.gain if self.exp_scale is None else torch.exp(self.exp_scale * self.gain)
-        return x * g.to(x.dtype)
+        g = self.scale * self.gain
+        return x * (g.exp() if self.exp else g).to(x.dtype)
 
 
 def _project(in_dim: int, out_dim: int, orth: bool) -> nn.Linear:
@@ -134,10 +140,10 @@ class ImageToText(nn.Module):
         self.gain = BranchGain(txt_dim, cfg)
         self.ff = FeedForward(txt_dim, cfg.weave_ff_mult, cfg.weave_ff_glu)
         self.ff_norm = nn.Identity() if cfg.weave_ff_rezero else nn.LayerNorm(txt_dim)
-        # rezero: the MLP starts switched off; ff gain: a learned log-gain starting at 1; else no gain
-        self.ff_gain = (nn.Parameter(torch.zeros(1)) if cfg.weave_ff_rezero
-                        else nn.Parameter(torch.zeros(1)) if cfg.weave_use_ff_gain else None)
-        self.ff_gain_is_log = not cfg.weave_ff_rezero and cfg.weave_use_ff_gain
+        # weave_ff_rezero: the MLP starts switched off (a zero-init scalar, x-transformers' Rezero); weave_use_ff_gain:
+        # a second gain of the attention branch's kind (exp(gain_scale * g), starting at cross_attn_init_gain)
+        self.ff_rezero = nn.Parameter(torch.zeros(1)) if cfg.weave_ff_rezero else None
+        self.ff_gain = BranchGain(txt_dim, cfg) if cfg.weave_use_ff_gain else None
 
     def forward(self, txt: torch.Tensor, txt_mask: torch.Tensor, h: torch.Tensor, pos: torch.Tensor,
                 emb: torch.Tensor) -> torch.Tensor:
@@ -145,16 +151,19 @@ class ImageToText(nn.Module):
         q = self.q(self.txt_norm(txt).to(img.dtype))
         txt = txt + self.gain(self.out(attention(q, self.k(img), self.v(img), self.heads))).to(txt.dtype)
         f = self.ff(self.ff_norm(txt))
-        if self.ff_gain is not None:
-            f = f * (self.ff_gain.exp() if self.ff_gain_is_log else self.ff_gain)
-        return txt + f
+        if self.ff_rezero is not None:
+            f = f * self.ff_rezero.to(f.dtype)
+        return txt + (f if self.ff_gain is None else self.ff_gain(f))
 
 
-def cross_attn_heads(channels: int, cfg: ModelConfig) -> tuple[int, int]:
-    """(attention width, heads) of the text blocks at a level of ``channels`` image channels."""
-    per_head = cfg.channels_per_head if cfg.cross_attn_channels_per_head == -1 else cfg.cross_attn_channels_per_head
-    qkv_dim = cfg.txt_dim if (cfg.weave_attn and cfg.weave_qkv_dim_always_text) else channels
-    return qkv_dim, max(1, qkv_dim // per_head)
+def cross_attn_widths(channels: int, cfg: ModelConfig) -> tuple[int, int]:
+    """(image-to-text width, text-to-image width) of the attention at a level of ``channels`` image channels.
+
+    Text-to-image attention is ``txt_dim`` wide (the research code sizes it by its keys, the text). The weave's
+    image-to-text attention is sized by its keys too, the image's ``channels``, unless
+    ``weave_qkv_dim_always_text`` makes it ``txt_dim`` as well.
+    """
+    return (cfg.txt_dim if cfg.weave_qkv_dim_always_text else channels), cfg.txt_dim
 
 
 class TextCrossAttnBlock(nn.Module):
@@ -165,9 +174,9 @@ class TextCrossAttnBlock(nn.Module):
 
     def __init__(self, channels: int, emb_dim: int, cfg: ModelConfig):
         super().__init__()
-        qkv_dim, heads = cross_attn_heads(channels, cfg)
-        self.weave = ImageToText(channels, cfg.txt_dim, qkv_dim, heads, emb_dim, cfg) if cfg.weave_attn else None
-        self.cross = TextToImage(channels, cfg.txt_dim, qkv_dim, heads, emb_dim, cfg)
+        heads, (weave_dim, cross_dim) = cfg.text_attn_heads, cross_attn_widths(channels, cfg)
+        self.weave = ImageToText(channels, cfg.txt_dim, weave_dim, heads, emb_dim, cfg) if cfg.weave_attn else None
+        self.cross = TextToImage(channels, cfg.txt_dim, cross_dim, heads, emb_dim, cfg)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, txt: torch.Tensor, txt_mask: torch.Tensor,
                 pos: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,10 @@
-"""Parameter counts of a built U-net, per part (what ``tools/model_summary.py`` prints)."""
+"""Parameter counts of a built U-net, per part (what ``tools/model_summary.py`` prints).
+
+The parts and the research code's modules they stand for: ``unet`` (UNetModel's blocks, time embedding, in/out
+layers), ``txt_encoder`` (TextEncoder), ``weave_attn`` (ImageToTextCrossAttention), ``cross_attn``
+(CrossAttention), ``pos_tables`` (tgt_pos_embs), ``capt_adapters`` (AttentionBlock.encoder_kv, capt_embed),
+``capt_norm`` (capt_ln_final), ``capt_encoder_*`` (the CLIP text tower, trainable or frozen).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,8 @@ from torch import nn
 
 from textdiff.config import ModelConfig
 
-PARTS = ("unet", "txt_encoder", "cross_attn", "weave_attn", "capt_adapters", "capt_encoder_trainable",
-         "capt_encoder_frozen")
+PARTS = ("unet", "txt_encoder", "cross_attn", "weave_attn", "pos_tables", "capt_adapters", "capt_norm",
+         "capt_encoder_trainable", "capt_encoder_frozen")
 
 
 def part_of(name: str, param: nn.Parameter) -> str:
@@ -19,10 +25,14 @@ def part_of(name: str, param: nn.Parameter) -> str:
         return "txt_encoder"
     if ".weave." in name:
         return "weave_attn"
-    if ".cross." in name or name.startswith("pos_tables."):
+    if ".cross." in name:
         return "cross_attn"
+    if name.startswith("pos_tables."):
+        return "pos_tables"
     if ".capt_kv." in name or name.startswith(("capt_emb_proj.", "null_capt_")):
         return "capt_adapters"
+    if name.startswith("capt_norm."):
+        return "capt_norm"
     return "unet"
 
 

@@ -61,8 +61,8 @@ class Step(nn.Module):
         return h
 
 
-def _heads(channels: int, per_head: int) -> int:
-    return max(1, channels // per_head)
+def _heads(channels: int, per_head: int, num_heads: int) -> int:
+    return channels // per_head if per_head > 0 else num_heads
 
 
 class TextdiffUNet(nn.Module):
@@ -83,23 +83,27 @@ class TextdiffUNet(nn.Module):
 
         self.tokenizer = self.text_encoder = self.pos_tables = self.txt_emb_proj = None
         if cfg.txt:
-            self.tokenizer = CharTokenizer(cfg.max_seq_len)
+            self.tokenizer = CharTokenizer(cfg.max_seq_len, cfg.txt_vocab)
             self.text_encoder = TextEncoder(self.tokenizer.vocab_size, cfg.max_seq_len, cfg.txt_dim, cfg.txt_depth,
                                             cfg.txt_ff_mult, cfg.txt_ff_glu, cfg.txt_rezero, cfg.txt_t5,
-                                            cfg.txt_timestep_emb)
+                                            cfg.txt_timestep_emb,
+                                            self.tokenizer.newline_id if cfg.txt_line_emb else None)
             widths = {cfg.feature_size // 2 ** i: nc * m for i, m in enumerate(cfg.channel_mult)}
-            # Imagen/GLIDE-style global conditioning: the first token's encoding (START, or NULL for the
-            # dropped transcription) joins the timestep embedding, so every residual block sees the string
+            # Imagen/GLIDE-style global conditioning: the first token's encoding (START, which attends over the
+            # string or over the null's MASK tokens) joins the timestep embedding, so every residual block sees it
             self.txt_emb_proj = (nn.Sequential(nn.LayerNorm(cfg.txt_dim), nn.Linear(cfg.txt_dim, emb_dim))
                                  if cfg.txt_pooled_emb else None)
             self.pos_tables = nn.ModuleDict({str(r): AxialPositionTable(r, widths[r]) for r in cfg.txt_resolutions})
         self.capt_encoder = self.capt_emb_proj = self.null_capt_token = self.null_capt_pooled = None
+        self.capt_norm = None
         capt_dim = 0
         if cfg.using_capt:
             from textdiff.models.caption import CaptionEncoder  # open_clip takes seconds to import; only when used
 
             self.capt_encoder = CaptionEncoder(cfg, load_weights=load_capt_weights)
             capt_dim = self.capt_encoder.width if cfg.glide_style_capt_attn else 0
+            if capt_dim and cfg.clip_use_penultimate_layer:  # CLIP's ln_final was trained for the last layer
+                self.capt_norm = nn.LayerNorm(capt_dim)
             if cfg.glide_style_capt_emb:
                 self.capt_emb_proj = nn.Linear(self.capt_encoder.embed_dim, emb_dim)
             if cfg.capt_null == "learned":
@@ -121,7 +125,7 @@ class TextdiffUNet(nn.Module):
 
         def attn_block(ch: int, res: int, per_head: int) -> list[nn.Module]:
             wanted = res in cfg.attention_resolutions
-            return [AttentionBlock(ch, _heads(ch, per_head), capt_dim, cfg.num_groups)] if wanted else []
+            return [AttentionBlock(ch, _heads(ch, per_head, cfg.num_heads), capt_dim, cfg.num_groups)] if wanted else []
 
         def extras(ch: int, res: int, per_head: int, decoder: bool) -> list[nn.Module]:
             txt, attn = text_block(ch, res, decoder), attn_block(ch, res, per_head)
@@ -213,6 +217,8 @@ class TextdiffUNet(nn.Module):
         capt_ids [N, Lc], keep [N] bool -> tokens [N, Lc, width], key mask [N, Lc] bool, pooled [N, embed_dim].
         """
         tokens, pooled = self.capt_encoder(capt_ids)
+        if self.capt_norm is not None:
+            tokens = self.capt_norm(tokens.to(self.capt_norm.weight.dtype))
         mask, null = capt_ids != 0, ~keep[:, None]
         if self.null_capt_token is None:  # "empty" (with "placeholder" every caption is kept)
             return tokens, mask & ~null, pooled * keep[:, None].to(pooled.dtype)

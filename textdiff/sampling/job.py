@@ -29,6 +29,7 @@ from textdiff.config import ModelConfig
 from textdiff.diffusion import build_diffusion
 from textdiff.data.preview import batch_grid, png_bytes, to_uint8
 from textdiff.eval.prompts import Prompt, read_jsonl
+from textdiff.models.text_encoder import max_characters
 from textdiff.sampling.cascade import CascadeError, StageSettings, check_cascade, run_cascade
 from textdiff.sampling.loading import LoadedModel, load_for_sampling, read_source_config
 from textdiff.files import atomic_write_bytes
@@ -81,9 +82,9 @@ def expand_prompts(prompts: Sequence[Prompt]) -> list[SampleRequest]:
 
 
 def fit_transcription(txt: str, cfg: ModelConfig) -> str:
-    """``txt`` as the model reads it: NFC-normalised and cut to ``model.max_seq_len - 1`` characters (the
-    start token takes one place)."""
-    return unicodedata.normalize("NFC", txt)[: cfg.max_seq_len - 1]
+    """``txt`` as the model reads it: NFC-normalised and cut to ``model.max_seq_len - 2`` characters (the
+    start and end tokens take two places)."""
+    return unicodedata.normalize("NFC", txt)[: max_characters(cfg.max_seq_len)]
 
 
 def prompt_warnings(requests: Sequence[SampleRequest], cfgs: Sequence[ModelConfig], names: Sequence[str]) -> list[str]:
@@ -95,7 +96,7 @@ def prompt_warnings(requests: Sequence[SampleRequest], cfgs: Sequence[ModelConfi
                        and fit_transcription(r.txt, cfg) != unicodedata.normalize("NFC", r.txt)})
         for txt in long:
             out.append(f"transcription {txt!r} ({len(txt)} characters) is longer than {name} reads "
-                       f"(model.max_seq_len={cfg.max_seq_len} tokens, start token included); it was cut to "
+                       f"(model.max_seq_len={cfg.max_seq_len} tokens, start and end tokens included); it was cut to "
                        f"{fit_transcription(txt, cfg)!r}")
         if not cfg.txt and any(r.txt for r in requests):
             out.append(f"{name} has no transcription conditioning (model.txt=false): transcriptions are ignored")
