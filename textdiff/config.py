@@ -204,6 +204,10 @@ class DiffusionConfig:
     # RESCALED_MSE_SNR_PLUS_ONE and RESCALED_MSE_V losses)
     loss_weighting: Literal["none", "min_snr", "snr_plus_one", "v"] = "none"
     min_snr_gamma: float = 5.0
+    # normal CDF of the t = 0 decoder NLL in the VLB: "tanh" (the research code's approximation) or "exact"
+    decoder_nll_cdf: Literal["tanh", "exact"] = "tanh"
+    # the VLB term of the hybrid loss is scaled by K / vb_loss_ratio with rescale_learned_sigmas (research flag)
+    vb_loss_ratio: float = 1000.0
     rescale_timesteps: bool = True
     rescale_learned_sigmas: bool = True
     schedule_sampler: Literal["uniform", "loss-second-moment"] = "uniform"
@@ -214,6 +218,7 @@ class DiffusionConfig:
         _require(not (self.predict_xstart and self.predict_v), "diffusion.predict_v",
                  "and diffusion.predict_xstart are both true; the network predicts one target, choose one")
         _require(self.min_snr_gamma > 0, "diffusion.min_snr_gamma", "must be positive (Hang et al. use 5)")
+        _require(self.vb_loss_ratio > 0, "diffusion.vb_loss_ratio", "must be positive (the research code's 1000)")
         if self.timestep_respacing:
             from textdiff.diffusion.respace import space_timesteps  # late: only a respaced config needs the diffusion package
             try:
