@@ -55,7 +55,8 @@ class ModelConfig:
     # upsampler: size of the low-res image concatenated to the input; 0 for a base model
     low_res_size: int = 0
     noise_cond: bool = False
-    noise_cond_max_step: int = 600
+    # training noise-conditioning steps are drawn from 0..noise_cond_max_step - 1; -1: all 1000 (research default)
+    noise_cond_max_step: int = -1
 
     # transcription conditioning
     txt: bool = False
@@ -175,7 +176,8 @@ class ModelConfig:
                  "model.low_res_size", "must be 0 (base model) or smaller than model.image_size")
         _require(not self.noise_cond or self.low_res_size > 0, "model.noise_cond",
                  "needs an upsampler (model.low_res_size > 0)")
-        _require(0 <= self.noise_cond_max_step < 1000, "model.noise_cond_max_step", "must lie in [0, 999]")
+        _require(self.noise_cond_max_step == -1 or 1 <= self.noise_cond_max_step <= 1000, "model.noise_cond_max_step",
+                 "must be -1 (all 1000 steps) or an exclusive limit in [1, 1000] (600: steps 0..599)")
         _require(not self.monochrome_adapter or self.monochrome, "model.monochrome_adapter",
                  "adapts a monochrome U-net to RGB; set model.monochrome=true too")
         _require(self.max_seq_len >= 2, "model.max_seq_len", "must be at least 2 (start token + one character)")

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from textdiff.config import ModelConfig
-from textdiff.diffusion.noise_cond import NOISE_COND_STEPS, noise_low_res
+from textdiff.diffusion.noise_cond import NOISE_COND_STEPS, sampling_low_res
 from textdiff.sampling.guidance import guidance_conds, guided_model
 from textdiff.sampling.loading import LoadedModel
 from textdiff.sampling.samplers import SAMPLERS, sample, sampling_timesteps
@@ -155,12 +155,12 @@ def network_fn(loaded: LoadedModel, precision: str) -> Callable[..., torch.Tenso
 
 def _low_res_input(loaded: LoadedModel, low_res: torch.Tensor, seeds: Sequence[int], stage: int,
                    level: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The low-res image the upsampler sees and its noise-conditioning steps (None without noise_cond)."""
+    """The low-res image the upsampler sees and its noise-conditioning steps (None without noise_cond);
+    level 0 leaves it un-noised (:func:`sampling_low_res`)."""
     if not loaded.cfg.model.noise_cond:
         return low_res, None
-    steps = torch.full((low_res.shape[0],), level, dtype=torch.long)
     noise = per_sample_noise(seeds, low_res.shape[1:], stage, "noise_cond").to(low_res)
-    return noise_low_res(low_res, steps, noise=noise), steps
+    return sampling_low_res(low_res, level, noise)
 
 
 def sample_stage(loaded: LoadedModel, settings: StageSettings, txt: Sequence[str], capt: Sequence[str],
