@@ -266,8 +266,11 @@ class AugmentConfig:
     use_special_crop_for_empty_string: bool = False
     use_random_safebox_for_empty_string: bool = False
     flip_lr_prob_es: float = 0.0
-    antialias: bool = True
-    bicubic_down: bool = True
+    # low-res conditioning of upsamplers, as the research code: area for power-of-two factors, else bilinear;
+    # antialias: bilinear with antialiasing; bicubic_down: bicubic (up256.json turns both on, as the seed's README)
+    antialias: bool = False
+    bicubic_down: bool = False
+    low_res_clamp: bool = False  # clamp the low-res image to [-1, 1] (bicubic overshoots); the research code does not
     blur_prob: float = 0.0
     blur_sigma_min: float = 0.4
     blur_sigma_max: float = 0.6

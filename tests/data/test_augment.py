@@ -12,7 +12,7 @@ from PIL import Image
 from textdiff.config import AugmentConfig
 from textdiff.data.augment import (
     augment_sample, choose_crop, clamp_box, crop_resize, downsample, draft_for_crop, draw_crop_box,
-    largest_square, min_crop_side, pad_to_hold, random_safebox, sample_rng,
+    largest_square, low_res_mode, min_crop_side, pad_to_hold, random_safebox, sample_rng,
 )
 
 EPS = 1e-6
@@ -167,8 +167,26 @@ def test_low_res_is_the_antialiased_bicubic_downsample_of_the_same_crop():
     image = Image.fromarray(rng_image.integers(0, 256, (80, 120, 3), dtype=np.uint8))
     cfg = AugmentConfig(crop_prob=1.0, antialias=True, bicubic_down=True)
     out = augment_sample(image, "x", (30, 20, 60, 40), (1, 1), cfg, 32, 8, sample_rng(5, 1))
-    expected = F.interpolate(out["image"][None], size=(8, 8), mode="bicubic", antialias=True)[0].clamp(-1, 1)
+    expected = F.interpolate(out["image"][None], size=(8, 8), mode="bicubic", antialias=True)[0]
     assert torch.allclose(out["low_res"], expected, atol=1e-6)
+
+
+def test_low_res_mode_is_area_for_powers_of_two_bilinear_otherwise_as_the_research_code():
+    assert [low_res_mode(256, 64, False, False), low_res_mode(128, 64, False, False)] == ["area", "area"]
+    assert [low_res_mode(96, 64, False, False), low_res_mode(192, 64, False, False)] == ["bilinear", "bilinear"]
+    assert low_res_mode(256, 64, True, False) == "bilinear" and low_res_mode(256, 64, False, True) == "bicubic"
+    image = torch.linspace(-1, 1, 3 * 96 * 96).reshape(3, 96, 96)
+    assert torch.equal(downsample(image, 64), F.interpolate(image[None], size=(64, 64), mode="bilinear")[0])
+    image = torch.rand(3, 256, 256, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert torch.allclose(downsample(image, 64), image.reshape(3, 64, 4, 64, 4).mean(dim=(2, 4)), atol=1e-6)
+
+
+def test_bicubic_low_res_is_clamped_only_when_asked():
+    image = torch.full((3, 64, 64), -1.0)
+    image[:, :, 31:] = 1.0  # a full-contrast edge: the antialiased bicubic kernel's negative lobes ring past it
+    raw = downsample(image, 24, antialias=True, bicubic_down=True)
+    assert raw.max().item() > 1.05  # 1.083 measured
+    assert downsample(image, 24, antialias=True, bicubic_down=True, clamp=True).abs().max().item() <= 1.0
 
 
 def test_antialiased_downsample_removes_a_pixel_checkerboard_that_plain_sampling_aliases():

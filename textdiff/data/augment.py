@@ -12,8 +12,8 @@ in an image; a crop of an image with text always contains its whole safebox. An 
 The seed's knobs (``cfg.augment``): ``crop_prob``, ``crop_min_scale``, ``crop_max_scale`` for images with
 text; ``use_special_crop_for_empty_string`` switches text-free images to ``crop_prob_es`` and
 ``crop_min_scale_es``; ``use_random_safebox_for_empty_string`` crops text-free images as if a random box
-held text; ``flip_lr_prob_es`` flips text-free images only; ``antialias``, ``bicubic_down``, ``blur_prob``,
-``blur_sigma_min``, ``blur_sigma_max`` shape the low-resolution conditioning image of upsamplers.
+held text; ``flip_lr_prob_es`` flips text-free images only; ``antialias``, ``bicubic_down``, ``low_res_clamp``,
+``blur_prob``, ``blur_sigma_min``, ``blur_sigma_max`` shape the low-resolution conditioning image of upsamplers.
 """
 
 from __future__ import annotations
@@ -169,12 +169,33 @@ def to_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def downsample(image: torch.Tensor, size: int, antialias: bool = True, bicubic_down: bool = True) -> torch.Tensor:
-    """``[3, S, S]`` in [-1, 1] -> ``[3, size, size]``: bicubic (``bicubic_down``) or bilinear, with
-    ``antialias``; plain area averaging when neither is set (the seed's power-of-two default)."""
-    mode = "bicubic" if bicubic_down else ("bilinear" if antialias else "area")
+def is_power_of_two_factor(size: int, small: int) -> bool:
+    """Whether halving ``size`` some number of times (at least once) reaches ``small`` (256 -> 64: yes, 96 -> 64: no)."""
+    while size > small:
+        size //= 2
+        if size == small:
+            return True
+    return False
+
+
+def low_res_mode(size: int, small: int, antialias: bool, bicubic_down: bool) -> str:
+    """``F.interpolate`` mode of the research code's low-res conditioning: ``"bicubic"`` with ``bicubic_down``,
+    else ``"bilinear"`` with ``antialias`` or a factor that is not a power of two, else ``"area"``."""
+    if bicubic_down:
+        return "bicubic"
+    if antialias or not is_power_of_two_factor(size, small):
+        return "bilinear"
+    return "area"
+
+
+def downsample(image: torch.Tensor, size: int, antialias: bool = False, bicubic_down: bool = False,
+               clamp: bool = False) -> torch.Tensor:
+    """``[3, S, S]`` in [-1, 1] -> ``[3, size, size]`` by :func:`low_res_mode`, antialiased only with ``antialias``
+    (as the research code), clamped to [-1, 1] only with ``clamp`` (bicubic overshoots it slightly)."""
+    mode = low_res_mode(image.shape[-1], size, antialias, bicubic_down)
     kwargs = {"antialias": antialias} if mode != "area" else {}
-    return F.interpolate(image[None], size=(size, size), mode=mode, **kwargs)[0].clamp(-1.0, 1.0)
+    out = F.interpolate(image[None], size=(size, size), mode=mode, **kwargs)[0]
+    return out.clamp(-1.0, 1.0) if clamp else out
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -193,7 +214,7 @@ def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
 def low_res_condition(image: torch.Tensor, size: int, cfg: AugmentConfig, rng: np.random.Generator) -> torch.Tensor:
     """The upsampler's conditioning image: ``image [3, S, S]`` downsampled to ``[3, size, size]``, then with
     probability ``blur_prob`` blurred with sigma uniform in [``blur_sigma_min``, ``blur_sigma_max``]."""
-    low = downsample(image, size, cfg.antialias, cfg.bicubic_down)
+    low = downsample(image, size, cfg.antialias, cfg.bicubic_down, cfg.low_res_clamp)
     blur_roll, sigma = rng.random(), rng.uniform(cfg.blur_sigma_min, cfg.blur_sigma_max)
     if blur_roll < cfg.blur_prob:
         low = gaussian_blur(low, sigma)
