@@ -265,6 +265,12 @@ class AugmentConfig:
     crop_min_scale_es: float = 0.25
     use_special_crop_for_empty_string: bool = False
     use_random_safebox_for_empty_string: bool = False
+    # where that box comes from: "borrowed", a real safebox of another image of the shuffle block (the research
+    # code's); "random", a synthetic box with edges 10-90% of the short side (also the fallback without one)
+    es_safebox: Literal["borrowed", "random"] = "borrowed"
+    # an image with text but no safebox: "centre_crop", its largest centred square (the research code's, which
+    # may cut text); "pad", protected whole, padded to a square where it is not one
+    no_safebox: Literal["centre_crop", "pad"] = "centre_crop"
     flip_lr_prob_es: float = 0.0
     # low-res conditioning of upsamplers, as the research code: area for power-of-two factors, else bilinear;
     # antialias: bilinear with antialiasing; bicubic_down: bicubic (up256.json turns both on, as the seed's README)
