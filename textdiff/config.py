@@ -313,10 +313,20 @@ class TrainConfig:
     # Imagen's dynamic thresholding quantile for the grid's x_0 predictions; None: none (early in training the
     # unclipped x_0 at the last steps of a cosine schedule blows up to saturated noise)
     sample_dynamic_threshold: Optional[float] = 0.995
+    # the research code's per-group learning rates (textdiff/train/param_groups.py): the transcription encoder and
+    # the cross/weave attention layers, their learned gains, an unfrozen caption encoder; -1: optimizer.params.lr
+    text_lr: float = -1.0
+    gain_lr: float = -1.0
+    capt_lr: float = -1.0
+    channels_last: bool = False  # the model's weights and the batches in channels-last memory format
+    cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark: cuDNN times its kernels for each new shape
 
     def validate(self) -> None:
         """Raise ConfigError for impossible combinations, naming the key."""
         _require(self.max_steps > 0, "train.max_steps", "must be positive")
+        for key in ("text_lr", "gain_lr", "capt_lr"):
+            _require(getattr(self, key) == -1 or getattr(self, key) > 0, f"train.{key}",
+                     "must be -1 (the optimizer's lr, as the research code) or positive")
         _require(self.max_minutes >= 0, "train.max_minutes", "must be >= 0 (0: no time limit)")
         _require(self.log_every > 0, "train.log_every", "must be positive")
         _require(self.sample_every >= 0, "train.sample_every", "must be >= 0 (0: no sample grids)")
@@ -448,6 +458,11 @@ class TextdiffConfig:
             if hasattr(section, "validate"):
                 section.validate()
         if self.deepspeed:
+            # ZeRO 1-3 keep the weights as views of flat buffers, contiguous by construction
+            stage = (self.deepspeed.get("zero_optimization") or {}).get("stage", 0)
+            _require(not self.train.channels_last or stage == 0, "train.channels_last",
+                     f"needs zero_optimization.stage 0, not {stage}: ZeRO keeps the weights as views of one flat "
+                     "buffer, which cannot be channels-last; set the stage to 0 or leave train.channels_last off")
             from textdiff.train.ds_keys import deepspeed_config_error  # late: DeepSpeed's own key lists
 
             error = deepspeed_config_error(self.deepspeed)
