@@ -318,7 +318,8 @@ class TrainConfig:
     text_lr: float = -1.0
     gain_lr: float = -1.0
     capt_lr: float = -1.0
-    channels_last: bool = False  # the model's weights and the batches in channels-last memory format
+    # the batches (so the activations) and, in fp32 ZeRO 0, the weights in channels-last memory format
+    channels_last: bool = False
     cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark: cuDNN times its kernels for each new shape
 
     def validate(self) -> None:
@@ -458,11 +459,6 @@ class TextdiffConfig:
             if hasattr(section, "validate"):
                 section.validate()
         if self.deepspeed:
-            # ZeRO 1-3 keep the weights as views of flat buffers, contiguous by construction
-            stage = (self.deepspeed.get("zero_optimization") or {}).get("stage", 0)
-            _require(not self.train.channels_last or stage == 0, "train.channels_last",
-                     f"needs zero_optimization.stage 0, not {stage}: ZeRO keeps the weights as views of one flat "
-                     "buffer, which cannot be channels-last; set the stage to 0 or leave train.channels_last off")
             from textdiff.train.ds_keys import deepspeed_config_error  # late: DeepSpeed's own key lists
 
             error = deepspeed_config_error(self.deepspeed)

@@ -96,9 +96,15 @@ def test_channels_last_stores_the_conv_weights_channels_last_and_computes_the_sa
     assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_channels_last_under_zero_1_is_refused_naming_the_key(tiny):
-    with pytest.raises(ConfigError, match="train.channels_last needs zero_optimization.stage 0, not 1"):
-        tiny("train.channels_last=true", "deepspeed.zero_optimization.stage=1")
+def test_channels_last_under_zero_1_feeds_channels_last_inputs_and_leaves_deepspeeds_flat_weights(tiny):
+    engine = _engine(tiny("train.channels_last=true", "deepspeed.zero_optimization.stage=1"))
+    assert engine.module.out_conv.weight.is_contiguous()  # a view of ZeRO's flat buffer
+    seen = []
+    engine.module.out_conv.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
+    eng.engine_forward(engine, torch.float32, channels_last=True)(x, t, **engine.module.prepare_cond(["ab", ""], None))
+    # the last convolution's input: the whole U-net's activations stayed channels-last
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
 
 
 def test_the_trainer_sets_cudnn_benchmark_and_channels_last_from_the_recipe(tiny, tmp_path):

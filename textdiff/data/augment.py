@@ -12,8 +12,9 @@ in an image; a crop of an image with text always contains its whole safebox. An 
 The seed's knobs (``cfg.augment``): ``crop_prob``, ``crop_min_scale``, ``crop_max_scale`` for images with
 text; ``use_special_crop_for_empty_string`` switches text-free images to ``crop_prob_es`` and
 ``crop_min_scale_es``; ``use_random_safebox_for_empty_string`` crops text-free images around a real safebox
-borrowed from another training image (``es_safebox``), with the main ``crop_prob`` and ``crop_min_scale``, as the
-research code; ``no_safebox`` centre-crops (or pads) an image with text but no safebox; ``flip_lr_prob_es`` flips text-free images only; ``antialias``, ``bicubic_down``, ``low_res_clamp``,
+borrowed from another training image (``es_safebox``), with the main ``crop_prob`` and ``crop_min_scale``, as
+the research code; ``no_safebox`` centre-crops (or pads) an image with text but no safebox;
+``flip_lr_prob_es`` flips text-free images only; ``antialias``, ``bicubic_down``, ``low_res_clamp``,
 ``blur_prob``, ``blur_sigma_min``, ``blur_sigma_max`` shape the low-resolution conditioning image of upsamplers.
 """
 

@@ -134,8 +134,9 @@ def _as_input(v: torch.Tensor, dtype: torch.dtype, fmt: torch.memory_format) -> 
 
 def engine_forward(engine: nn.Module, dtype: torch.dtype, channels_last: bool = False):
     """``fn(x, t, **cond)`` running the engine in its compute ``dtype`` (floating inputs cast to it, image-shaped
-    ``[N, C, H, W]`` ones in channels-last memory format with ``channels_last``) and returning float32, as the
-    diffusion losses expect."""
+    ``[N, C, H, W]`` ones in channels-last memory format with ``channels_last``, so every convolution's output,
+    and with it the U-net's activations, is channels-last too) and returning float32, as the diffusion losses
+    expect."""
     fmt = memory_format(channels_last)
 
     def fn(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
@@ -210,8 +211,8 @@ def build_engine(model: nn.Module, cfg: TextdiffConfig, world_size: int):
 
     Only parameters with ``requires_grad`` reach the optimizer, in the per-group learning rates of
     ``train.text_lr``/``gain_lr``/``capt_lr`` when set (textdiff/train/param_groups.py); with
-    ``train.channels_last`` (ZeRO stage 0 only, see :class:`textdiff.config.TextdiffConfig`) the 4-D weights
-    are stored channels-last. The frozen modules are moved to this rank's
+    ``train.channels_last`` the 4-D weights are stored channels-last where :func:`weights_stay_plain` (the
+    inputs are channels-last always, :func:`engine_forward`). The frozen modules are moved to this rank's
     device and compute dtype by hand, since DeepSpeed no longer owns them.
     """
     import deepspeed
@@ -225,11 +226,18 @@ def build_engine(model: nn.Module, cfg: TextdiffConfig, world_size: int):
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     parameters, ds_config = optimizer_inputs(trainable, cfg.train, dict(cfg.deepspeed))
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameters, config=ds_config)
-    if cfg.train.channels_last:
+    if cfg.train.channels_last and weights_stay_plain(cfg.deepspeed):
         # after initialize: DeepSpeed broadcasts each weight as a flat byte view, which a channels-last tensor
         # has not; the optimizer keeps the same Parameter objects, only their storage changes
         engine.module.to(memory_format=torch.channels_last)
     return engine, frozen, promoted
+
+
+def weights_stay_plain(ds_config: dict) -> bool:
+    """Whether DeepSpeed leaves the weights as the module's own tensors, updated in place (fp32, ZeRO stage 0),
+    so they can be stored channels-last. Under fp16/bf16 or ZeRO 1-3 it makes them views of one flat buffer,
+    contiguous by construction, and points them back there after each step."""
+    return zero_stage(ds_config) == 0 and compute_dtype(ds_config) == torch.float32
 
 
 def trainable_named_parameters(engine) -> list[tuple[str, nn.Parameter]]:
