@@ -55,7 +55,8 @@ class ModelConfig:
     # upsampler: size of the low-res image concatenated to the input; 0 for a base model
     low_res_size: int = 0
     noise_cond: bool = False
-    noise_cond_max_step: int = 600
+    # training noise-conditioning steps are drawn from 0..noise_cond_max_step - 1; -1: all 1000 (research default)
+    noise_cond_max_step: int = -1
 
     # transcription conditioning
     txt: bool = False
@@ -195,7 +196,8 @@ class ModelConfig:
                  "model.low_res_size", "must be 0 (base model) or smaller than model.image_size")
         _require(not self.noise_cond or self.low_res_size > 0, "model.noise_cond",
                  "needs an upsampler (model.low_res_size > 0)")
-        _require(0 <= self.noise_cond_max_step < 1000, "model.noise_cond_max_step", "must lie in [0, 999]")
+        _require(self.noise_cond_max_step == -1 or 1 <= self.noise_cond_max_step <= 1000, "model.noise_cond_max_step",
+                 "must be -1 (all 1000 steps) or an exclusive limit in [1, 1000] (600: steps 0..599)")
         _require(not self.monochrome_adapter or self.monochrome, "model.monochrome_adapter",
                  "adapts a monochrome U-net to RGB; set model.monochrome=true too")
         _require(self.max_seq_len >= 3, "model.max_seq_len",
@@ -238,6 +240,10 @@ class DiffusionConfig:
     # RESCALED_MSE_SNR_PLUS_ONE and RESCALED_MSE_V losses)
     loss_weighting: Literal["none", "min_snr", "snr_plus_one", "v"] = "none"
     min_snr_gamma: float = 5.0
+    # normal CDF of the t = 0 decoder NLL in the VLB: "tanh" (the research code's approximation) or "exact"
+    decoder_nll_cdf: Literal["tanh", "exact"] = "tanh"
+    # the VLB term of the hybrid loss is scaled by K / vb_loss_ratio with rescale_learned_sigmas (research flag)
+    vb_loss_ratio: float = 1000.0
     rescale_timesteps: bool = True
     rescale_learned_sigmas: bool = True
     schedule_sampler: Literal["uniform", "loss-second-moment"] = "uniform"
@@ -248,6 +254,7 @@ class DiffusionConfig:
         _require(not (self.predict_xstart and self.predict_v), "diffusion.predict_v",
                  "and diffusion.predict_xstart are both true; the network predicts one target, choose one")
         _require(self.min_snr_gamma > 0, "diffusion.min_snr_gamma", "must be positive (Hang et al. use 5)")
+        _require(self.vb_loss_ratio > 0, "diffusion.vb_loss_ratio", "must be positive (the research code's 1000)")
         if self.timestep_respacing:
             from textdiff.diffusion.respace import space_timesteps  # late: only a respaced config needs the diffusion package
             try:
@@ -292,9 +299,18 @@ class AugmentConfig:
     crop_min_scale_es: float = 0.25
     use_special_crop_for_empty_string: bool = False
     use_random_safebox_for_empty_string: bool = False
+    # where that box comes from: "borrowed", a real safebox of another image of the shuffle block (the research
+    # code's); "random", a synthetic box with edges 10-90% of the short side (also the fallback without one)
+    es_safebox: Literal["borrowed", "random"] = "borrowed"
+    # an image with text but no safebox: "centre_crop", its largest centred square (the research code's, which
+    # may cut text); "pad", protected whole, padded to a square where it is not one
+    no_safebox: Literal["centre_crop", "pad"] = "centre_crop"
     flip_lr_prob_es: float = 0.0
-    antialias: bool = True
-    bicubic_down: bool = True
+    # low-res conditioning of upsamplers, as the research code: area for power-of-two factors, else bilinear;
+    # antialias: bilinear with antialiasing; bicubic_down: bicubic (up256.json turns both on, as the seed's README)
+    antialias: bool = False
+    bicubic_down: bool = False
+    low_res_clamp: bool = False  # clamp the low-res image to [-1, 1] (bicubic overshoots); the research code does not
     blur_prob: float = 0.0
     blur_sigma_min: float = 0.4
     blur_sigma_max: float = 0.6
@@ -331,10 +347,21 @@ class TrainConfig:
     # Imagen's dynamic thresholding quantile for the grid's x_0 predictions; None: none (early in training the
     # unclipped x_0 at the last steps of a cosine schedule blows up to saturated noise)
     sample_dynamic_threshold: Optional[float] = 0.995
+    # the research code's per-group learning rates (textdiff/train/param_groups.py): the transcription encoder and
+    # the cross/weave attention layers, their learned gains, an unfrozen caption encoder; -1: optimizer.params.lr
+    text_lr: float = -1.0
+    gain_lr: float = -1.0
+    capt_lr: float = -1.0
+    # the batches (so the activations) and, in fp32 ZeRO 0, the weights in channels-last memory format
+    channels_last: bool = False
+    cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark: cuDNN times its kernels for each new shape
 
     def validate(self) -> None:
         """Raise ConfigError for impossible combinations, naming the key."""
         _require(self.max_steps > 0, "train.max_steps", "must be positive")
+        for key in ("text_lr", "gain_lr", "capt_lr"):
+            _require(getattr(self, key) == -1 or getattr(self, key) > 0, f"train.{key}",
+                     "must be -1 (the optimizer's lr, as the research code) or positive")
         _require(self.max_minutes >= 0, "train.max_minutes", "must be >= 0 (0: no time limit)")
         _require(self.log_every > 0, "train.log_every", "must be positive")
         _require(self.sample_every >= 0, "train.sample_every", "must be >= 0 (0: no sample grids)")

@@ -25,7 +25,7 @@ from textdiff.sampling.samplers import RECOMMENDED_SAMPLER, SAMPLERS, default_gr
 # per-upsampler flags: given once (all upsamplers) or once per --upsampler, in order
 UP_FLAGS = {"up_sampler": "sampler", "up_steps": "steps", "up_eta": "eta", "up_guidance_txt": "guidance_txt",
             "up_guidance_capt": "guidance_capt", "up_dynamic_threshold": "dynamic_threshold",
-            "noise_cond_level": "noise_cond_level"}
+            "noise_cond_level": "noise_cond_level", "up_guidance_after_step": "guidance_after_step"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     st.add_argument("--guidance-txt", type=float, default=1.0, help="guidance scale of the transcription (1: off)")
     st.add_argument("--guidance-capt", type=float, default=1.0, help="guidance scale of the caption (1: off)")
+    st.add_argument("--guidance-after-step", type=float, metavar="STEP",
+                    help="guide only at steps below STEP of the training process (the research code's "
+                         "guidance_after_step; default: every step)")
     st.add_argument("--dynamic-threshold", type=float, metavar="P",
                     help="dynamic thresholding: quantile of |x0| per sample, e.g. 0.995 (off by default)")
     st.add_argument("--no-clip-denoised", dest="clip_denoised", action="store_false",
@@ -74,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--up-guidance-txt", action="append", type=float, help="transcription guidance (default 1)")
     up.add_argument("--up-guidance-capt", action="append", type=float, help="caption guidance (default 1)")
     up.add_argument("--up-dynamic-threshold", action="append", type=float, help="thresholding percentile")
+    up.add_argument("--up-guidance-after-step", action="append", type=float, metavar="STEP",
+                    help="guide the upsampler stages only below STEP (default: every step)")
     up.add_argument("--noise-cond-level", action="append", type=int,
                     help="noise level of the low-res image for noise-conditioned upsamplers (0..999; default 0)")
     up.add_argument("--save-intermediate", action="store_true", help="also save every earlier stage's images")
@@ -144,13 +149,14 @@ def stage_specs(args: argparse.Namespace) -> tuple[list[StageSpec], list[str]]:
         raise CascadeError("give exactly one of --run-dir RUN_DIR and --weights FILE.safetensors")
     base = StageSettings(sampler=args.sampler, steps=default_grid(args.sampler, args.steps), eta=args.eta, guidance_txt=args.guidance_txt,
                          guidance_capt=args.guidance_capt, dynamic_threshold=args.dynamic_threshold,
-                         clip_denoised=args.clip_denoised)
+                         clip_denoised=args.clip_denoised, guidance_after_step=args.guidance_after_step)
     weights = "raw" if args.raw else "ema"
     source = args.run_dir or args.weights
     specs = [StageSpec(source, base, weights, args.ema_rate)]
     names = [f"--{'run-dir' if args.run_dir else 'weights'} {source}"]
     defaults = {"sampler": base.sampler, "steps": args.steps, "eta": base.eta, "guidance_txt": 1.0,
-                "guidance_capt": 1.0, "dynamic_threshold": None, "noise_cond_level": 0}
+                "guidance_capt": 1.0, "dynamic_threshold": None, "noise_cond_level": 0,
+                "guidance_after_step": None}
     stray = [dest for dest in UP_FLAGS if getattr(args, dest)]
     stray += ["save_intermediate"] if args.save_intermediate else []
     if stray and not args.upsampler:

@@ -12,7 +12,7 @@ from PIL import Image
 from textdiff.config import AugmentConfig
 from textdiff.data.augment import (
     augment_sample, choose_crop, clamp_box, crop_resize, downsample, draft_for_crop, draw_crop_box,
-    largest_square, min_crop_side, pad_to_hold, random_safebox, sample_rng,
+    fit_box, largest_square, low_res_mode, min_crop_side, pad_to_hold, random_safebox, sample_rng,
 )
 
 EPS = 1e-6
@@ -167,8 +167,26 @@ def test_low_res_is_the_antialiased_bicubic_downsample_of_the_same_crop():
     image = Image.fromarray(rng_image.integers(0, 256, (80, 120, 3), dtype=np.uint8))
     cfg = AugmentConfig(crop_prob=1.0, antialias=True, bicubic_down=True)
     out = augment_sample(image, "x", (30, 20, 60, 40), (1, 1), cfg, 32, 8, sample_rng(5, 1))
-    expected = F.interpolate(out["image"][None], size=(8, 8), mode="bicubic", antialias=True)[0].clamp(-1, 1)
+    expected = F.interpolate(out["image"][None], size=(8, 8), mode="bicubic", antialias=True)[0]
     assert torch.allclose(out["low_res"], expected, atol=1e-6)
+
+
+def test_low_res_mode_is_area_for_powers_of_two_bilinear_otherwise_as_the_research_code():
+    assert [low_res_mode(256, 64, False, False), low_res_mode(128, 64, False, False)] == ["area", "area"]
+    assert [low_res_mode(96, 64, False, False), low_res_mode(192, 64, False, False)] == ["bilinear", "bilinear"]
+    assert low_res_mode(256, 64, True, False) == "bilinear" and low_res_mode(256, 64, False, True) == "bicubic"
+    image = torch.linspace(-1, 1, 3 * 96 * 96).reshape(3, 96, 96)
+    assert torch.equal(downsample(image, 64), F.interpolate(image[None], size=(64, 64), mode="bilinear")[0])
+    image = torch.rand(3, 256, 256, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert torch.allclose(downsample(image, 64), image.reshape(3, 64, 4, 64, 4).mean(dim=(2, 4)), atol=1e-6)
+
+
+def test_bicubic_low_res_is_clamped_only_when_asked():
+    image = torch.full((3, 64, 64), -1.0)
+    image[:, :, 31:] = 1.0  # a full-contrast edge: the antialiased bicubic kernel's negative lobes ring past it
+    raw = downsample(image, 24, antialias=True, bicubic_down=True)
+    assert raw.max().item() > 1.05  # 1.083 measured
+    assert downsample(image, 24, antialias=True, bicubic_down=True, clamp=True).abs().max().item() <= 1.0
 
 
 def test_antialiased_downsample_removes_a_pixel_checkerboard_that_plain_sampling_aliases():
@@ -243,7 +261,7 @@ def test_png_and_already_decoded_jpeg_are_not_drafted():
 
 def test_random_safebox_for_empty_string_crops_around_a_random_box_as_if_it_held_text():
     cfg = AugmentConfig(use_special_crop_for_empty_string=True, use_random_safebox_for_empty_string=True,
-                        crop_prob_es=1.0, crop_min_scale_es=0.01, crop_max_scale=0.01)
+                        es_safebox="random", crop_prob=1.0, crop_min_scale=0.01, crop_max_scale=0.01)
     for seed in range(300):
         crop = choose_crop(400, 300, False, None, (1, 1), 16, cfg, np.random.default_rng(seed))
         box = random_safebox(400, 300, np.random.default_rng(seed))  # the box the crop drew first
@@ -256,3 +274,63 @@ def test_without_special_crop_text_free_images_use_crop_prob_and_crop_min_scale(
                         crop_min_scale_es=0.04)
     crop = choose_crop(400, 400, False, None, (1, 1), 16, cfg, np.random.default_rng(0))
     assert crop[2] - crop[0] == pytest.approx(200.0)  # sqrt(0.25) * 400, not crop_min_scale_es
+
+
+SEED_ES = dict(crop_prob=0.95, crop_prob_es=0.1, crop_min_scale=0.44445, crop_min_scale_es=0.25,
+               use_special_crop_for_empty_string=True, use_random_safebox_for_empty_string=True)
+
+
+def test_text_free_crops_borrow_a_real_safebox_and_use_the_main_crop_prob_and_min_scale():
+    cfg = AugmentConfig(**SEED_ES)  # base64.json's flags
+    borrowed = [(50.0, 60.0, 60.0, 70.0), (300.0, 20.0, 390.0, 50.0)]
+    crops = [choose_crop(400, 400, False, None, (1, 1), 16, cfg, np.random.default_rng(seed), borrowed)
+             for seed in range(1000)]
+    cropped = [c for c in crops if c != (0.0, 0.0, 400.0, 400.0)]
+    # crop_prob 0.95 (not crop_prob_es 0.1): 950 expected, sd sqrt(1000 * 0.95 * 0.05) = 6.9; +-30 is 4.3 sd
+    assert 920 <= len(cropped) <= 980
+    sides = [c[2] - c[0] for c in cropped]
+    assert min(sides) >= 400 * 0.44445 ** 0.5 - EPS  # 266.7 px: crop_min_scale, not crop_min_scale_es (200 px)
+    assert sum(side < 280 for side in sides) > 30  # area fraction < 0.49: P = 0.083 of a uniform [0.444, 1]
+    held = [[contains(c, box) for box in borrowed] for c in cropped]
+    assert all(any(h) for h in held)  # every crop holds one of the borrowed boxes ...
+    assert 400 < sum(h[1] for h in held) and 400 < sum(h[0] for h in held)  # ... each drawn about half the time
+
+
+def test_a_borrowed_safebox_is_moved_into_the_image_keeping_its_size():
+    assert fit_box((500.0, 10.0, 560.0, 40.0), 400, 300) == (340.0, 10.0, 400.0, 40.0)
+    assert fit_box((-20.0, 280.0, 40.0, 330.0), 400, 300) == (0.0, 250.0, 60.0, 300.0)
+    assert fit_box((0.0, 0.0, 900.0, 100.0), 400, 300) == (0.0, 0.0, 400.0, 100.0)
+
+
+def test_a_borrowed_safebox_longer_than_the_short_side_leaves_the_image_uncropped_and_centred():
+    cfg = AugmentConfig(**{**SEED_ES, "crop_prob": 1.0})
+    crop = choose_crop(400, 300, False, None, (1, 1), 16, cfg, np.random.default_rng(0), [(0.0, 0.0, 350.0, 20.0)])
+    assert crop == (50.0, 0.0, 350.0, 300.0)
+
+
+def test_without_a_box_to_borrow_text_free_crops_fall_back_to_a_random_box():
+    cfg = AugmentConfig(**{**SEED_ES, "crop_prob": 1.0, "crop_min_scale": 0.01, "crop_max_scale": 0.01})
+    crop = choose_crop(400, 300, False, None, (1, 1), 16, cfg, np.random.default_rng(5), [])
+    assert contains(crop, random_safebox(400, 300, np.random.default_rng(5)))
+
+
+def test_a_text_image_without_safebox_is_centre_cropped_as_the_research_code():
+    arr = np.zeros((100, 300, 3), np.uint8)
+    arr[:, :, 0] = np.arange(300, dtype=np.uint8)[None, :] // 2 * 2  # a left-to-right ramp shows the crop's place
+    image = Image.fromarray(arr)
+    for seed in range(5):  # crop_prob 1 is ignored: no random crop without a safebox
+        out = augment_sample(image, "hi", None, (1, 1), AugmentConfig(crop_prob=1.0), 20, 0, sample_rng(0, seed))
+        expected = crop_resize(image, (100.0, 0.0, 200.0, 100.0), 20)
+        assert torch.equal(out["image"], torch.from_numpy(expected.copy()).permute(2, 0, 1).float() / 127.5 - 1)
+
+
+def test_no_safebox_pad_keeps_the_whole_text_image_on_a_padded_square():
+    arr = np.full((100, 300, 3), 200, np.uint8)
+    arr[:, :10] = 0  # dark text at the left edge, cut by a centre crop
+    cfg = AugmentConfig(crop_prob=0.0, no_safebox="pad")
+    out = augment_sample(Image.fromarray(arr), "hi", None, (1, 1), cfg, 30, 0, sample_rng(0, 0))["image"]
+    assert out.shape == (3, 30, 30)
+    assert out[0, :9, 15].tolist() == pytest.approx([200 / 127.5 - 1] * 9, abs=0.02)  # padding: border median
+    assert out[0, 15, 0].item() < -0.5  # the left-edge text survives
+    centre = augment_sample(Image.fromarray(arr), "hi", None, (1, 1), AugmentConfig(), 30, 0, sample_rng(0, 0))
+    assert centre["image"][0, :, 0].min().item() > 0.5  # the centre crop cut it

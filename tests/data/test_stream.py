@@ -15,7 +15,7 @@ from PIL import Image
 
 from textdiff.config import AugmentConfig, DataConfig
 from textdiff.data.stream import (
-    ShardsError, build_train_stream, epoch_shards, group_samples, resolve_data_shards, resolve_shards, shard_groups,
+    ShardsError, block_safeboxes, build_train_stream, epoch_shards, group_samples, resolve_data_shards, resolve_shards, shard_groups,
 )
 
 N_SHARDS, PER_SHARD = 8, 6  # 48 samples
@@ -113,12 +113,12 @@ def test_two_ranks_by_two_workers_cover_every_sample_exactly_once_per_epoch(shar
 def test_block_shuffle_permutes_within_blocks_and_reenters_at_any_index(shard_dir):
     shards = resolve_shards(str(shard_dir / "manifest.json"))
     counters = {"shard_errors": 0}
-    full = [(i, s["__key__"]) for i, s in group_samples(shards, [0, 1], 3, 0, 0, 0, 5, 0, counters)]
+    full = [(i, s["__key__"]) for i, s, _ in group_samples(shards, [0, 1], 3, 0, 0, 0, 5, 0, counters)]
     assert [i for i, _ in full] == list(range(12))
     assert sorted(k for _, k in full) == sorted(f"s{s}_{i}" for s in (0, 1) for i in range(6))
     assert [k for _, k in full] != [f"s{s}_{i}" for s in (0, 1) for i in range(6)]  # shuffled
     for start in (1, 5, 7, 11):
-        tail = [(i, s["__key__"]) for i, s in group_samples(shards, [0, 1], 3, 0, 0, 0, 5, start, counters)]
+        tail = [(i, s["__key__"]) for i, s, _ in group_samples(shards, [0, 1], 3, 0, 0, 0, 5, start, counters)]
         assert tail == full[start:]
     assert counters["shard_errors"] == 0
 
@@ -332,7 +332,7 @@ def test_shard_groups_cut_a_readers_epoch_into_runs_of_open_shards():
 def test_a_group_interleaves_its_shards_and_still_reads_each_sample_once(shard_dir):
     shards = resolve_shards(str(shard_dir / "manifest.json"))
     counters = {"shard_errors": 0}
-    keys = [s["__key__"] for _, s in group_samples(shards, [0, 1, 2, 3], 0, 0, 0, 0, 1, 0, counters)]
+    keys = [s["__key__"] for _, s, _ in group_samples(shards, [0, 1, 2, 3], 0, 0, 0, 0, 1, 0, counters)]
     assert sorted(keys) == sorted(f"s{s}_{i}" for s in range(4) for i in range(6))
     # no block shuffle (block 1): the mix alone draws from all 4 shards in the first 8 samples
     assert len({k.split("_")[0] for k in keys[:8]}) == 4
@@ -505,3 +505,19 @@ def test_new_data_keys_are_validated_by_name_and_the_pixel_cap_matches_the_shard
         DataConfig(max_pixels=0).validate()
     assert DataConfig().max_pixels == DEFAULT_MAX_PIXELS == 64_000_000
     assert DataConfig().allow_pipe is False and DataConfig().open_shards == 4
+
+
+def test_block_safeboxes_are_the_boxes_of_the_blocks_text_images():
+    raws = [{"txt": b"ab", "json": b'{"safebox": [1, 2, 3, 4]}'}, {"txt": b"", "json": b'{"safebox": [5, 5, 6, 6]}'},
+            {"json": b'{"safebox": [0, 0, 9, 9]}'}, {"txt": b"cd", "json": b'{"safebox": null}'},
+            {"txt": b"ef", "json": b"not json"}]
+    assert block_safeboxes(raws) == ((1.0, 2.0, 3.0, 4.0), (0.0, 0.0, 9.0, 9.0))  # text-free and broken passed over
+
+
+def test_text_free_samples_borrow_from_their_blocks_safeboxes_only_when_asked(shard_dir):
+    shards = resolve_shards(str(shard_dir / "shard-{000000..000001}.tar"))
+    counters = {"shard_errors": 0}
+    pools = [pool for _, _, pool in group_samples(shards, [0, 1], 0, 0, 0, 0, 6, 0, counters, borrow=True)]
+    # blocks of 6 of the fixture's samples; two of each three hold text with safebox (2, 4, 14, 12)
+    assert {len(p) for p in pools} == {4} and set(pools[0]) == {(2.0, 4.0, 14.0, 12.0)}
+    assert all(pool == () for _, _, pool in group_samples(shards, [0, 1], 0, 0, 0, 0, 6, 0, counters))

@@ -53,7 +53,7 @@ def test_vlb_term_is_zero_for_the_true_posterior():
 
 
 def test_decoder_nll_at_step_0_is_the_mass_of_the_pixel_bin():
-    d = _diffusion()
+    d = _diffusion(decoder_nll_cdf="exact")
     x0 = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64).reshape(1, 3, 1, 1)
     noise = torch.zeros_like(x0)
     t = torch.zeros(1, dtype=torch.long)
@@ -63,6 +63,23 @@ def test_decoder_nll_at_step_0_is_the_mass_of_the_pixel_bin():
     cdf = 0.5 * (1 + math.erf(half_bin / math.sqrt(2)))
     bits = [-math.log2(cdf), -math.log2(2 * cdf - 1), -math.log2(cdf)]  # edge bins are open-ended
     assert nll.item() == pytest.approx(sum(bits) / 3, rel=1e-6)
+
+
+def test_decoder_nll_defaults_to_the_research_codes_tanh_cdf():
+    d = _diffusion()
+    x0 = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64).reshape(1, 3, 1, 1)
+    t = torch.zeros(1, dtype=torch.long)
+    out = torch.cat([torch.zeros_like(x0), torch.ones_like(x0)], dim=1)  # eps 0, variance beta_0
+    nll = d.vb_terms(out, x0, d.q_sample(x0, t, torch.zeros_like(x0)), t).item()
+    # by hand: the mean is x0 (exact eps), so each bin edge sits half a bin (1/255) over sigma = sqrt(beta_0) away
+    z = (1 / 255) / math.sqrt(d.betas[0].item())
+    tanh_cdf = 0.5 * (1 + math.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
+    bits = [-math.log2(tanh_cdf), -math.log2(2 * tanh_cdf - 1), -math.log2(tanh_cdf)]
+    assert nll == pytest.approx(sum(bits) / 3, rel=1e-9)
+    exact = _diffusion(decoder_nll_cdf="exact").vb_terms(out, x0, d.q_sample(x0, t, torch.zeros_like(x0)), t).item()
+    # the tanh CDF is off by at most 3e-4 in probability; here (z ~ 0.17, middle bin mass ~ 0.14) that moves
+    # the mean NLL by more than 1e-6 bits but less than 0.01
+    assert 1e-6 < abs(nll - exact) < 0.01
 
 
 class _Constant(torch.nn.Module):
@@ -87,12 +104,34 @@ def test_training_losses_are_per_sample_and_vb_does_not_train_the_mean():
     assert net.out.grad[:, 3:].abs().max().item() > 0.0
 
 
-def test_hybrid_loss_is_mse_plus_vb_scaled_by_steps_over_1000():
-    d = _diffusion(rescale_learned_sigmas=True)
+def _vb_ratio(d, **kw):
+    """Reported vb over the unscaled VLB term of the same draw."""
     net = _Constant(torch.randn(2, 6, 2, 2, generator=torch.Generator().manual_seed(3)))
-    terms = d.training_losses(net, torch.zeros(2, 3, 2, 2), torch.tensor([5, 60]),
-                              generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(terms["loss"], terms["mse"] + 0.1 * terms["vb"])
+    x0, t = torch.zeros(2, 3, 2, 2), torch.tensor([5, 60])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    terms = d.training_losses(net, x0, t, noise=noise)
+    assert torch.allclose(terms["loss"], terms["mse"] + terms["vb"])
+    raw = d.vb_terms(net.out.detach(), x0, d.q_sample(x0, t, noise), t)
+    return (terms["vb"] / raw).tolist()
+
+
+def test_hybrid_loss_is_mse_plus_vb_reported_at_steps_over_1000():
+    assert _vb_ratio(_diffusion(rescale_learned_sigmas=True)) == pytest.approx([0.1, 0.1], rel=1e-6)  # K = 100
+    assert _vb_ratio(_diffusion(rescale_learned_sigmas=False)) == pytest.approx([1.0, 1.0], rel=1e-6)
+
+
+def test_respaced_vb_is_reported_at_k_over_1000_as_the_research_code():
+    cfg = DiffusionConfig(diffusion_steps=1000, timestep_respacing="250", rescale_learned_sigmas=True)
+    assert _vb_ratio(build_diffusion(cfg, learn_sigma=True)) == pytest.approx([0.25, 0.25], rel=1e-6)
+    cfg.vb_loss_ratio = 500.0
+    assert _vb_ratio(build_diffusion(cfg, learn_sigma=True)) == pytest.approx([0.5, 0.5], rel=1e-6)
+    # the research code rescales the VLB term of its SNR+1 loss always and of its v loss never
+    cfg = DiffusionConfig(diffusion_steps=1000, timestep_respacing="250", rescale_learned_sigmas=False,
+                          loss_weighting="snr_plus_one")
+    assert _vb_ratio(build_diffusion(cfg, learn_sigma=True)) == pytest.approx([0.25, 0.25], rel=1e-6)
+    cfg = DiffusionConfig(diffusion_steps=1000, timestep_respacing="250", rescale_learned_sigmas=True,
+                          loss_weighting="v")
+    assert _vb_ratio(build_diffusion(cfg, learn_sigma=True)) == pytest.approx([1.0, 1.0], rel=1e-6)
 
 
 def test_use_kl_loss_is_vb_times_the_step_count():

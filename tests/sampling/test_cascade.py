@@ -124,6 +124,19 @@ def test_guidance_scale_one_equals_the_conditional_model(base):
     assert float((stronger - plain).abs().max()) > 1e-3
 
 
+def test_guidance_after_step_switches_guidance_on_below_the_step(base):
+    kw = dict(sampler="ddim", steps="3", clip_denoised=False)
+    prompts = (["ab", "cd"], ["", ""], [4, 5])
+    plain = sample_stage(base, StageSettings(**kw), *prompts, progress=False)
+    guided = sample_stage(base, StageSettings(**kw, guidance_txt=4.0), *prompts, progress=False)
+    never = sample_stage(base, StageSettings(**kw, guidance_txt=4.0, guidance_after_step=0), *prompts, progress=False)
+    always = sample_stage(base, StageSettings(**kw, guidance_txt=4.0, guidance_after_step=100), *prompts,
+                          progress=False)
+    late = sample_stage(base, StageSettings(**kw, guidance_txt=4.0, guidance_after_step=50), *prompts, progress=False)
+    assert torch.equal(never, plain) and torch.equal(always, guided)  # steps of a 100-step process: 0..99
+    assert float((late - plain).abs().max()) > 1e-3 and float((late - guided).abs().max()) > 1e-3
+
+
 def test_the_noise_level_changes_a_noise_conditioned_upsampler(runs, base):
     up_nc = load_for_sampling(runs.up_nc, "raw")
     low = sample_stage(base, FAST, ["ab"], [""], [3], progress=False)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from textdiff.sampling.guidance import concat_conds, guidance_conds, guided_model
+from textdiff.sampling.guidance import concat_conds, guidance_after_step, guidance_conds, guided_model
 
 
 class Recorder:
@@ -103,3 +103,22 @@ def test_every_sampler_samples_the_guided_combination(name):
     assert torch.allclose(run(guided_model(model, full, txt_only, null, 3.0, 2.0)), run(combined), atol=1e-12)
     assert torch.allclose(run(guided_model(model, full, txt_only, null, 1.0, 1.0)),
                           run(lambda x_, t_: model(x_, t_, **full)), atol=1e-12)
+
+
+def test_guidance_after_step_guides_only_the_rows_below_the_step():
+    calls = []
+
+    def branch(value):
+        def fn(x, t):
+            calls.append(value)
+            return torch.full_like(x, value)
+        return fn
+
+    fn = guidance_after_step(branch(3.0), branch(1.0), after_step=500)
+    x = torch.zeros(2, 1, 2, 2)
+    out = fn(x, torch.tensor([900.0, 400.0]))
+    assert out[:, 0, 0, 0].tolist() == [1.0, 3.0]  # 900 >= 500: unguided; 400 < 500: guided
+    calls.clear()
+    assert fn(x, torch.tensor([500.0, 500.0])).unique().tolist() == [1.0] and calls == [1.0]  # the guided one unrun
+    calls.clear()
+    assert fn(x, torch.tensor([499.0, 0.0])).unique().tolist() == [3.0] and calls == [3.0]

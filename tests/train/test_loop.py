@@ -249,8 +249,9 @@ def test_noise_conditioning_noises_the_low_res_input_to_the_step_the_model_is_gi
 
     low_res, seen = _noise_cond_loss(tiny, "model.noise_cond=true", "model.noise_cond_max_step=600")
     t = seen["noise_cond_t"]
-    assert t.shape == (2000,) and int(t.min()) == 0 and int(t.max()) == 600  # uniform on {0..600}: both ends drawn
-    assert float(t.float().mean()) == pytest.approx(300, abs=4 * 174 / 2000 ** 0.5)  # sd of U{0..600} is 174
+    # uniform on {0..599}, the limit exclusive as the research code's: both ends drawn, 600 never
+    assert t.shape == (2000,) and int(t.min()) == 0 and int(t.max()) == 599
+    assert float(t.float().mean()) == pytest.approx(299.5, abs=4 * 173.2 / 2000 ** 0.5)  # sd of U{0..599} is 173.2
     abar = noise_cond_alphas_cumprod().float()[t].reshape(-1, 1, 1, 1)
     # undo q(x_t | x_0) with the step the model was given: what is left must be unit Gaussian noise
     z = (seen["low_res"] - abar.sqrt() * low_res) / (1 - abar).sqrt()

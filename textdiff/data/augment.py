@@ -11,9 +11,11 @@ in an image; a crop of an image with text always contains its whole safebox. An 
 
 The seed's knobs (``cfg.augment``): ``crop_prob``, ``crop_min_scale``, ``crop_max_scale`` for images with
 text; ``use_special_crop_for_empty_string`` switches text-free images to ``crop_prob_es`` and
-``crop_min_scale_es``; ``use_random_safebox_for_empty_string`` crops text-free images as if a random box
-held text; ``flip_lr_prob_es`` flips text-free images only; ``antialias``, ``bicubic_down``, ``blur_prob``,
-``blur_sigma_min``, ``blur_sigma_max`` shape the low-resolution conditioning image of upsamplers.
+``crop_min_scale_es``; ``use_random_safebox_for_empty_string`` crops text-free images around a real safebox
+borrowed from another training image (``es_safebox``), with the main ``crop_prob`` and ``crop_min_scale``, as
+the research code; ``no_safebox`` centre-crops (or pads) an image with text but no safebox;
+``flip_lr_prob_es`` flips text-free images only; ``antialias``, ``bicubic_down``, ``low_res_clamp``,
+``blur_prob``, ``blur_sigma_min``, ``blur_sigma_max`` shape the low-resolution conditioning image of upsamplers.
 """
 
 from __future__ import annotations
@@ -169,12 +171,33 @@ def to_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def downsample(image: torch.Tensor, size: int, antialias: bool = True, bicubic_down: bool = True) -> torch.Tensor:
-    """``[3, S, S]`` in [-1, 1] -> ``[3, size, size]``: bicubic (``bicubic_down``) or bilinear, with
-    ``antialias``; plain area averaging when neither is set (the seed's power-of-two default)."""
-    mode = "bicubic" if bicubic_down else ("bilinear" if antialias else "area")
+def is_power_of_two_factor(size: int, small: int) -> bool:
+    """Whether halving ``size`` some number of times (at least once) reaches ``small`` (256 -> 64: yes, 96 -> 64: no)."""
+    while size > small:
+        size //= 2
+        if size == small:
+            return True
+    return False
+
+
+def low_res_mode(size: int, small: int, antialias: bool, bicubic_down: bool) -> str:
+    """``F.interpolate`` mode of the research code's low-res conditioning: ``"bicubic"`` with ``bicubic_down``,
+    else ``"bilinear"`` with ``antialias`` or a factor that is not a power of two, else ``"area"``."""
+    if bicubic_down:
+        return "bicubic"
+    if antialias or not is_power_of_two_factor(size, small):
+        return "bilinear"
+    return "area"
+
+
+def downsample(image: torch.Tensor, size: int, antialias: bool = False, bicubic_down: bool = False,
+               clamp: bool = False) -> torch.Tensor:
+    """``[3, S, S]`` in [-1, 1] -> ``[3, size, size]`` by :func:`low_res_mode`, antialiased only with ``antialias``
+    (as the research code), clamped to [-1, 1] only with ``clamp`` (bicubic overshoots it slightly)."""
+    mode = low_res_mode(image.shape[-1], size, antialias, bicubic_down)
     kwargs = {"antialias": antialias} if mode != "area" else {}
-    return F.interpolate(image[None], size=(size, size), mode=mode, **kwargs)[0].clamp(-1.0, 1.0)
+    out = F.interpolate(image[None], size=(size, size), mode=mode, **kwargs)[0]
+    return out.clamp(-1.0, 1.0) if clamp else out
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -193,26 +216,60 @@ def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
 def low_res_condition(image: torch.Tensor, size: int, cfg: AugmentConfig, rng: np.random.Generator) -> torch.Tensor:
     """The upsampler's conditioning image: ``image [3, S, S]`` downsampled to ``[3, size, size]``, then with
     probability ``blur_prob`` blurred with sigma uniform in [``blur_sigma_min``, ``blur_sigma_max``]."""
-    low = downsample(image, size, cfg.antialias, cfg.bicubic_down)
+    low = downsample(image, size, cfg.antialias, cfg.bicubic_down, cfg.low_res_clamp)
     blur_roll, sigma = rng.random(), rng.uniform(cfg.blur_sigma_min, cfg.blur_sigma_max)
     if blur_roll < cfg.blur_prob:
         low = gaussian_blur(low, sigma)
     return low
 
 
-def choose_crop(width: int, height: int, has_text: bool, safebox: Optional[Box], px_scale: Sequence[float],
-                image_size: int, cfg: AugmentConfig, rng: np.random.Generator) -> Box:
-    """The crop box of one image under the seed's knobs; see the module docstring.
+def borrows_safeboxes(cfg: AugmentConfig) -> bool:
+    """Whether text-free images are cropped around a real safebox borrowed from another training image."""
+    return cfg.use_random_safebox_for_empty_string and cfg.es_safebox == "borrowed"
 
-    ``safebox`` must fit the largest square (images with text go through :func:`pad_to_hold` first).
-    Text-free images use ``crop_prob_es``/``crop_min_scale_es`` when ``use_special_crop_for_empty_string``
-    and a random safebox when ``use_random_safebox_for_empty_string``.
+
+def fit_box(box: Sequence[float], width: int, height: int) -> Box:
+    """``box`` (another image's safebox) moved into a ``width`` x ``height`` image, keeping its size
+    (edges capped at the image's): a borrowed box keeps the size of real text, wherever it stood."""
+    box_w = min(float(box[2]) - float(box[0]), float(width))
+    box_h = min(float(box[3]) - float(box[1]), float(height))
+    left = min(max(float(box[0]), 0.0), width - box_w)
+    top = min(max(float(box[1]), 0.0), height - box_h)
+    return left, top, left + box_w, top + box_h
+
+
+def text_free_safebox(width: int, height: int, cfg: AugmentConfig, borrowed: Sequence[Box],
+                      rng: np.random.Generator) -> Optional[Box]:
+    """The box a text-free image is cropped around with ``use_random_safebox_for_empty_string``: one of
+    ``borrowed`` (real safeboxes of other training images) moved into the image (:func:`fit_box`) with
+    ``es_safebox="borrowed"``, else (or when none is at hand) a :func:`random_safebox`. None when the
+    borrowed box is longer than the image's short side: no square holds it, so the image is not cropped,
+    as the research code's crop then falls back to the whole image."""
+    if cfg.es_safebox == "borrowed" and borrowed:
+        box = fit_box(borrowed[int(rng.integers(len(borrowed)))], width, height)
+        return box if max(box[2] - box[0], box[3] - box[1]) <= min(width, height) else None
+    return random_safebox(width, height, rng)
+
+
+def choose_crop(width: int, height: int, has_text: bool, safebox: Optional[Box], px_scale: Sequence[float],
+                image_size: int, cfg: AugmentConfig, rng: np.random.Generator,
+                borrowed: Sequence[Box] = ()) -> Box:
+    """The crop box of one image under the seed's knobs, as the research code chooses it.
+
+    ``safebox`` must fit the largest square (images with text go through :func:`pad_to_hold` first). A
+    text-free image with ``use_random_safebox_for_empty_string`` is cropped around :func:`text_free_safebox`
+    with the main ``crop_prob``/``crop_min_scale`` (the research code passes it through the text images'
+    crop); otherwise it is cropped unprotected, with ``crop_prob_es``/``crop_min_scale_es`` when
+    ``use_special_crop_for_empty_string``.
     """
     crop_prob, min_scale = cfg.crop_prob, cfg.crop_min_scale
     if not has_text:
-        if cfg.use_special_crop_for_empty_string:
+        if cfg.use_random_safebox_for_empty_string:
+            safebox = text_free_safebox(width, height, cfg, borrowed, rng)
+            if safebox is None:
+                return largest_square(width, height)
+        elif cfg.use_special_crop_for_empty_string:
             crop_prob, min_scale = cfg.crop_prob_es, cfg.crop_min_scale_es
-        safebox = random_safebox(width, height, rng) if cfg.use_random_safebox_for_empty_string else None
     if rng.random() < crop_prob:
         return draw_crop_box(width, height, safebox, px_scale, image_size, min_scale, cfg.crop_max_scale, rng)
     return largest_square(width, height, safebox)
@@ -220,23 +277,29 @@ def choose_crop(width: int, height: int, has_text: bool, safebox: Optional[Box],
 
 def augment_sample(image: Image.Image, txt: Optional[str], safebox: Optional[Sequence[float]],
                    px_scale: Sequence[float], cfg: AugmentConfig, image_size: int, low_res_size: int,
-                   rng: np.random.Generator) -> dict[str, torch.Tensor]:
+                   rng: np.random.Generator, borrowed_safeboxes: Sequence[Sequence[float]] = ()
+                   ) -> dict[str, torch.Tensor]:
     """Crop, flip, resize one decoded sample.
 
     image: RGB, any size; txt: its transcription ("" = no text, None = unknown, treated as text);
-    safebox: box around the text or None (for an image that may hold text, None protects the whole
-    image); px_scale: ``[sx, sy]``.
+    safebox: box around the text or None (an image with text but no safebox is centre-cropped, as the
+    research code, or with ``augment.no_safebox="pad"`` protected whole); px_scale: ``[sx, sy]``;
+    borrowed_safeboxes: real safeboxes of other training images, for a text-free image to borrow one.
     Returns ``image [3, image_size, image_size]`` in [-1, 1], and ``low_res [3, s, s]`` in [-1, 1] when
     ``low_res_size`` (s) > 0.
     """
     width, height = image.size
     has_text = txt != ""
     box = None
-    if has_text:
-        box = clamp_box(safebox if safebox is not None else (0, 0, width, height), width, height)
-        image, box = pad_to_hold(image, box)
-        width, height = image.size
-    crop = choose_crop(width, height, has_text, box, px_scale, image_size, cfg, rng)
+    if has_text and safebox is None and cfg.no_safebox == "centre_crop":
+        crop = largest_square(width, height)
+    else:
+        if has_text:
+            box = clamp_box(safebox if safebox is not None else (0, 0, width, height), width, height)
+            image, box = pad_to_hold(image, box)
+            width, height = image.size
+        crop = choose_crop(width, height, has_text, box, px_scale, image_size, cfg, rng,
+                           [tuple(b) for b in borrowed_safeboxes])
     image, crop = draft_for_crop(image, crop, image_size)
     arr = crop_resize(image, crop, image_size)
     flip_roll = rng.random()  # drawn for every image so text and text-free samples consume the rng alike

@@ -19,6 +19,7 @@ Design (docs/data_pipeline.md says more):
   ``index`` counting the samples actually read from the group (never the manifest's counts, so a short
   shard cannot shift it).
 - Augmentation draws from :func:`textdiff.data.augment.sample_rng` of ``(seed, epoch, slot, group, index)``.
+  A text-free image that borrows a safebox draws it from the safeboxes of its shuffle block.
 - A shard that ends early (a cut or garbled tar, or fewer samples than its manifest lists) is counted once
   in ``shard_errors`` and warned about by name; its last sample read is dropped, since nothing shows that
   all of its members were read.
@@ -56,7 +57,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from textdiff.config import AugmentConfig, DataConfig
-from textdiff.data.augment import augment_sample, sample_rng
+from textdiff.data.augment import augment_sample, borrows_safeboxes, sample_rng
 from textdiff.data.sources import describe_error
 
 log = logging.getLogger(__name__)
@@ -262,9 +263,29 @@ def group_raw(shards: ShardList, group: Sequence[int], rng: np.random.Generator,
         yield sample
 
 
+def block_safeboxes(chunk: Sequence[dict]) -> tuple[tuple[float, float, float, float], ...]:
+    """The safeboxes of the images with text in a shuffle block of raw samples, in block order: the real boxes a
+    text-free image of the block borrows (``augment.use_random_safebox_for_empty_string``, as the research code
+    draws one from another training image). Samples whose ``.json`` does not parse are passed over here."""
+    boxes = []
+    for raw in chunk:
+        if raw.get("txt") == b"" or "json" not in raw:
+            continue
+        try:
+            box = json.loads(raw["json"]).get("safebox")
+            if box is not None and len(box) == 4:
+                boxes.append(tuple(float(v) for v in box))
+        except (ValueError, TypeError, AttributeError):
+            continue
+    return tuple(boxes)
+
+
 def group_samples(shards: ShardList, group: Sequence[int], seed: int, epoch: int, slot: int, number: int,
-                  block: int, start: int, counters: dict) -> Iterator[tuple[int, dict]]:
-    """``(index, raw sample)`` of group ``number`` of one reader's epoch, block-shuffled, from ``start`` on.
+                  block: int, start: int, counters: dict, borrow: bool = False
+                  ) -> Iterator[tuple[int, dict, tuple]]:
+    """``(index, raw sample, block's safeboxes)`` of group ``number`` of one reader's epoch, block-shuffled,
+    from ``start`` on. The safeboxes (:func:`block_safeboxes`) are read only with ``borrow``, else ``()``;
+    a resumed reader reads its whole current block again, so they do not depend on where it resumed.
 
     ``counters["shard_errors"]`` counts each short shard once: the shortfalls found while reading the blocks
     that the position ``start`` had already read were counted before it was saved, so a resumed reader
@@ -288,9 +309,10 @@ def group_samples(shards: ShardList, group: Sequence[int], seed: int, epoch: int
         events.clear()
         if not chunk:
             return
+        pool = block_safeboxes(chunk) if borrow else ()
         for i in sample_rng(seed, "block", epoch, slot, number, block_number).permutation(len(chunk)):
             if index >= start:
-                yield index, chunk[i]
+                yield index, chunk[i], pool
             index += 1
 
 
@@ -365,13 +387,13 @@ class StreamSpec:
         return max(1, self.data.num_workers)
 
 
-def _process(spec: StreamSpec, raw: dict, epoch: int, slot: int, group: int, index: int) -> dict:
+def _process(spec: StreamSpec, raw: dict, epoch: int, slot: int, group: int, index: int, pool: tuple = ()) -> dict:
     sample = decode_sample(raw, spec.data.max_pixels)
     rng = sample_rng(spec.data.seed, epoch, slot, group, index)
     caption = sample["captions"][int(rng.integers(len(sample["captions"])))] if sample["captions"] else ""
     try:
         out = augment_sample(sample["image"], sample["txt"], sample["safebox"], sample["px_scale"], spec.augment,
-                             spec.image_size, spec.low_res_size, rng)
+                             spec.image_size, spec.low_res_size, rng, borrowed_safeboxes=pool)
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # pixel data broken past the header
         raise CorruptSample(f"image does not decode: {describe_error(e, sample['key'])}") from None
     except ValueError as e:  # a safebox outside the image
@@ -388,17 +410,18 @@ def reader_batches(spec: StreamSpec, reader: int, position: dict) -> Iterator[di
     num_slots = spec.world_size * spec.readers_per_rank
     epoch, group, start = position["epoch"], position["group"], position["index"]
     counters = {"skipped_corrupt": position["skipped_corrupt"], "shard_errors": position["shard_errors"]}
+    borrow = borrows_safeboxes(spec.augment)
     pending: list[dict] = []
     while True:
         order = epoch_shards(len(spec.shards.urls), spec.data.seed, epoch, slot, num_slots, spec.data.resampled)
         groups = shard_groups(order, spec.data.open_shards)
         read, usable = 0, 0
         for number in range(group, len(groups)):
-            for index, raw in group_samples(spec.shards, groups[number], spec.data.seed, epoch, slot, number,
-                                            spec.data.shuffle_buffer, start, counters):
+            for index, raw, pool in group_samples(spec.shards, groups[number], spec.data.seed, epoch, slot, number,
+                                                  spec.data.shuffle_buffer, start, counters, borrow):
                 read += 1
                 try:
-                    pending.append(_process(spec, raw, epoch, slot, number, index))
+                    pending.append(_process(spec, raw, epoch, slot, number, index, pool))
                 except CorruptSample as e:
                     counters["skipped_corrupt"] += 1
                     log.warning("skipping corrupt sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), e)

@@ -21,7 +21,8 @@ def build_diffusion(diffusion_cfg, learn_sigma: bool) -> GaussianDiffusion:
         learn_sigma=learn_sigma, predict_xstart=diffusion_cfg.predict_xstart, use_kl=diffusion_cfg.use_kl,
         rescale_learned_sigmas=diffusion_cfg.rescale_learned_sigmas,
         rescale_timesteps=diffusion_cfg.rescale_timesteps, predict_v=diffusion_cfg.predict_v,
-        loss_weighting=diffusion_cfg.loss_weighting, min_snr_gamma=diffusion_cfg.min_snr_gamma)
+        loss_weighting=diffusion_cfg.loss_weighting, min_snr_gamma=diffusion_cfg.min_snr_gamma,
+        decoder_nll_cdf=diffusion_cfg.decoder_nll_cdf, vb_loss_ratio=diffusion_cfg.vb_loss_ratio)
     if not diffusion_cfg.timestep_respacing:
         return full
     return respace(full, space_timesteps(full.num_timesteps, diffusion_cfg.timestep_respacing))

@@ -64,17 +64,37 @@ def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, l
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
-def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+DECODER_NLL_CDFS = ("tanh", "exact")
+
+
+def tanh_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """The research code's approximation of the standard normal CDF (elementwise):
+    ``0.5 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``; off by at most ~3e-4 from the exact CDF."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor,
+                                        cdf: str = "tanh") -> torch.Tensor:
     """Elementwise log-likelihood of 8-bit data ``x`` in [-1, 1] under a Gaussian discretised into 256 bins.
 
     ``log_scale`` is the log standard deviation; the edge bins extend to -inf / +inf. Returns nats.
+    ``cdf``: ``"tanh"`` (the research code's :func:`tanh_normal_cdf`, every probability clamped at 1e-12
+    before the log) or ``"exact"`` (``log_ndtr``, accurate far into the tails).
     """
     inv_std = torch.exp(-log_scale)
     plus = inv_std * (x - mean + 1.0 / 255.0)
     minus = inv_std * (x - mean - 1.0 / 255.0)
-    log_cdf_plus = torch.special.log_ndtr(plus)
-    log_one_minus_cdf_minus = torch.special.log_ndtr(-minus)
-    middle = (torch.special.ndtr(plus) - torch.special.ndtr(minus)).clamp(min=1e-12).log()
+    if cdf == "tanh":
+        cdf_plus, cdf_minus = tanh_normal_cdf(plus), tanh_normal_cdf(minus)
+        log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
+        log_one_minus_cdf_minus = (1.0 - cdf_minus).clamp(min=1e-12).log()
+        middle = (cdf_plus - cdf_minus).clamp(min=1e-12).log()
+    elif cdf == "exact":
+        log_cdf_plus = torch.special.log_ndtr(plus)
+        log_one_minus_cdf_minus = torch.special.log_ndtr(-minus)
+        middle = (torch.special.ndtr(plus) - torch.special.ndtr(minus)).clamp(min=1e-12).log()
+    else:
+        raise ValueError(f"diffusion.decoder_nll_cdf {cdf!r} is unknown; choose one of {', '.join(DECODER_NLL_CDFS)}")
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_minus, middle))
 
 
@@ -121,6 +141,18 @@ def mse_weights(alphas_cumprod: torch.Tensor, target: str, weighting: str, gamma
     raise ValueError(f"loss weighting {weighting!r} is unknown; choose one of {', '.join(LOSS_WEIGHTINGS)}")
 
 
+def vb_scale(num_timesteps: int, learn_sigma_rescaled: bool, weighting: str, vb_loss_ratio: float = 1000.0) -> float:
+    """Factor on the VLB term of the hybrid loss (reported as ``vb`` and added to the MSE), as the research code.
+
+    ``K / vb_loss_ratio`` (K: this process's step count, so a respaced process of 250 steps gives 0.25) with
+    ``rescale_learned_sigmas`` (its RESCALED_MSE) and always with ``snr_plus_one``; 1 otherwise, which
+    includes the research code's ``v`` loss, whose VLB term it never rescales.
+    """
+    if weighting == "snr_plus_one" or (learn_sigma_rescaled and weighting != "v"):
+        return num_timesteps / vb_loss_ratio
+    return 1.0
+
+
 class GaussianDiffusion:
     """A discrete Gaussian diffusion process of K steps; immutable after construction.
 
@@ -131,12 +163,16 @@ class GaussianDiffusion:
     def __init__(self, betas: torch.Tensor, learn_sigma: bool, predict_xstart: bool = False,
                  use_kl: bool = False, rescale_learned_sigmas: bool = False, rescale_timesteps: bool = False,
                  timestep_map: Optional[torch.Tensor] = None, num_train_steps: Optional[int] = None,
-                 predict_v: bool = False, loss_weighting: str = "none", min_snr_gamma: float = 5.0):
+                 predict_v: bool = False, loss_weighting: str = "none", min_snr_gamma: float = 5.0,
+                 decoder_nll_cdf: str = "tanh", vb_loss_ratio: float = 1000.0):
         betas = betas.to(torch.float64)
         if betas.ndim != 1 or not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must be a 1-D tensor with every entry in (0, 1]")
         if predict_xstart and predict_v:
             raise ValueError("predict_xstart and predict_v exclude each other; the network predicts one target")
+        if decoder_nll_cdf not in DECODER_NLL_CDFS:
+            raise ValueError(f"diffusion.decoder_nll_cdf {decoder_nll_cdf!r} is unknown; choose one of "
+                             f"{', '.join(DECODER_NLL_CDFS)}")
         self.betas = betas
         self.num_timesteps = len(betas)
         self.learn_sigma = learn_sigma
@@ -144,6 +180,8 @@ class GaussianDiffusion:
         self.predict_v = predict_v
         self.loss_weighting = loss_weighting
         self.min_snr_gamma = min_snr_gamma
+        self.decoder_nll_cdf = decoder_nll_cdf
+        self.vb_loss_ratio = vb_loss_ratio
         self.use_kl = use_kl
         self.rescale_learned_sigmas = rescale_learned_sigmas
         self.rescale_timesteps = rescale_timesteps
@@ -171,7 +209,8 @@ class GaussianDiffusion:
         """The constructor's keywords besides the steps (betas, timestep_map, num_train_steps), for respacing."""
         return dict(learn_sigma=self.learn_sigma, predict_xstart=self.predict_xstart, use_kl=self.use_kl,
                     rescale_learned_sigmas=self.rescale_learned_sigmas, rescale_timesteps=self.rescale_timesteps,
-                    predict_v=self.predict_v, loss_weighting=self.loss_weighting, min_snr_gamma=self.min_snr_gamma)
+                    predict_v=self.predict_v, loss_weighting=self.loss_weighting, min_snr_gamma=self.min_snr_gamma,
+                    decoder_nll_cdf=self.decoder_nll_cdf, vb_loss_ratio=self.vb_loss_ratio)
 
     # -- forward process --------------------------------------------------------------------------------
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -223,13 +262,14 @@ class GaussianDiffusion:
         """Per-sample VLB term in bits per dimension, ``[N]``.
 
         KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0, and the discretised decoder's negative
-        log-likelihood of ``x_start`` for t = 0.
+        log-likelihood of ``x_start`` for t = 0 (normal CDF by ``decoder_nll_cdf``).
         """
         true_mean, true_log_var = self.q_posterior(x_start, x_t, t)
         out = self.p_mean_variance(model_output, x_t, t)
         kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
         log_scale = (0.5 * out["log_variance"]).expand_as(x_start)
-        nll = -mean_flat(discretized_gaussian_log_likelihood(x_start, out["mean"], log_scale)) / math.log(2.0)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x_start, out["mean"], log_scale,
+                                                                self.decoder_nll_cdf)) / math.log(2.0)
         return torch.where(t.to(kl.device) == 0, nll, kl)
 
     def training_losses(self, model: ModelFn, x_start: torch.Tensor, t: torch.Tensor,
@@ -239,9 +279,10 @@ class GaussianDiffusion:
 
         ``model(x_t, model_time(t), **model_kwargs)`` is called once. ``mse`` is the simple loss (the MSE of
         eps, x_0 or v, times ``loss_weights[t]``). ``vb`` is the VLB term in bits with the predicted mean detached, so
-        its gradient only trains the variance (Nichol & Dhariwal's hybrid loss). ``loss`` is
-        ``mse + lambda * vb`` with learned sigmas (lambda = K / 1000 with ``rescale_learned_sigmas``,
-        else 1), ``vb * K`` with ``use_kl``, and ``mse`` otherwise (then ``vb`` is only logged).
+        its gradient only trains the variance (Nichol & Dhariwal's hybrid loss), times :func:`vb_scale` (K / 1000
+        with ``rescale_learned_sigmas``), reported on that scale as the research code does. ``loss`` is
+        ``mse + vb`` with learned sigmas, ``vb * K`` (``vb`` unscaled) with ``use_kl``, and ``mse`` otherwise
+        (then ``vb`` is only logged).
         """
         if noise is None:
             noise = gaussian_noise(x_start, generator)
@@ -257,11 +298,11 @@ class GaussianDiffusion:
             vb = self.vb_terms(output, x_start, x_t, t)
             return {"loss": vb * self.num_timesteps, "mse": mse.detach(), "vb": vb}
         frozen = torch.cat([pred.detach(), output[:, channels:]], dim=1)
-        vb = self.vb_terms(frozen, x_start, x_t, t)
+        vb = self.vb_terms(frozen, x_start, x_t, t) * vb_scale(self.num_timesteps, self.rescale_learned_sigmas,
+                                                               self.loss_weighting, self.vb_loss_ratio)
         if not self.learn_sigma:
             return {"loss": mse, "mse": mse, "vb": vb.detach()}
-        weight = self.num_timesteps / 1000.0 if self.rescale_learned_sigmas else 1.0
-        return {"loss": mse + weight * vb, "mse": mse, "vb": vb}
+        return {"loss": mse + vb, "mse": mse, "vb": vb}
 
     def sampling_fn(self, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
                     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

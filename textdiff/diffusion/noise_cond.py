@@ -1,8 +1,10 @@
 """Noise conditioning for upsamplers (Ho et al. 2021, cascaded diffusion).
 
 The low-res image is noised with the forward process of a fixed 1000-step cosine schedule, independent of
-the model's own diffusion settings: at a random step in [0, ``model.noise_cond_max_step``] in training, at
-a chosen step when sampling. The step is given to the model (``noise_cond_t``), which embeds it.
+the model's own diffusion settings: at a random step in [0, ``model.noise_cond_max_step``) in training (-1:
+all 1000 steps), as the research code's ``EarlyOnlySampler``, and at a chosen step when sampling, where step 0
+leaves the low-res image un-noised (the research code's ``noise_cond_ts=0``). The step is given to the model
+(``noise_cond_t``), which embeds it.
 """
 
 from __future__ import annotations
@@ -22,13 +24,24 @@ def noise_cond_alphas_cumprod() -> torch.Tensor:
     return alphas_cumprod(cosine_betas(NOISE_COND_STEPS))
 
 
+def noise_cond_step_limit(max_step: int) -> int:
+    """The exclusive upper end of the training steps for ``model.noise_cond_max_step``: -1 means all
+    :data:`NOISE_COND_STEPS`; otherwise 1..1000 as given. Raises ValueError naming the key."""
+    if max_step == -1:
+        return NOISE_COND_STEPS
+    if not 1 <= max_step <= NOISE_COND_STEPS:
+        raise ValueError(f"model.noise_cond_max_step is {max_step}; give -1 (all {NOISE_COND_STEPS} steps) or an "
+                         f"exclusive limit in [1, {NOISE_COND_STEPS}] (the seed's 600: steps 0..599)")
+    return max_step
+
+
 def sample_noise_cond_steps(batch_size: int, max_step: int, generator: Optional[torch.Generator] = None,
                             device: torch.device | str = "cpu") -> torch.Tensor:
-    """Training steps for noise conditioning: ``[batch_size]`` long, uniform on {0, ..., max_step}."""
-    if not 0 <= max_step < NOISE_COND_STEPS:
-        raise ValueError(f"model.noise_cond_max_step is {max_step}; it must lie in [0, {NOISE_COND_STEPS - 1}]")
+    """Training steps for noise conditioning: ``[batch_size]`` long, uniform on {0, ..., limit - 1} with
+    ``limit = noise_cond_step_limit(max_step)``."""
+    limit = noise_cond_step_limit(max_step)
     draw_on = generator.device if generator is not None else "cpu"
-    return torch.randint(0, max_step + 1, (batch_size,), generator=generator, device=draw_on).to(device)
+    return torch.randint(0, limit, (batch_size,), generator=generator, device=draw_on).to(device)
 
 
 def noise_low_res(low_res: torch.Tensor, steps: torch.Tensor, generator: Optional[torch.Generator] = None,
@@ -45,3 +58,13 @@ def noise_low_res(low_res: torch.Tensor, steps: torch.Tensor, generator: Optiona
         noise = gaussian_noise(low_res, generator)
     abar = per_sample(noise_cond_alphas_cumprod(), steps, low_res)
     return abar.sqrt() * low_res + (1 - abar).sqrt() * noise
+
+
+def sampling_low_res(low_res: torch.Tensor, level: int, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The upsampler's low-res input at sampling noise ``level`` and its steps ``[N]``: level 0 leaves
+    ``low_res`` ``[N, C, h, w]`` un-noised, as the research code's sampler does (training noises even step 0,
+    by ``1 - abar_0`` ~ 4e-5 of variance); any other level is :func:`noise_low_res` with ``noise``."""
+    steps = torch.full((low_res.shape[0],), level, dtype=torch.long)
+    if level == 0:
+        return low_res, steps
+    return noise_low_res(low_res, steps, noise=noise), steps

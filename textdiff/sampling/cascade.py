@@ -20,8 +20,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from textdiff.config import ModelConfig
-from textdiff.diffusion.noise_cond import NOISE_COND_STEPS, noise_low_res
-from textdiff.sampling.guidance import guidance_conds, guided_model
+from textdiff.diffusion.noise_cond import NOISE_COND_STEPS, sampling_low_res
+from textdiff.sampling.guidance import guidance_after_step, guidance_conds, guided_model
 from textdiff.sampling.loading import LoadedModel
 from textdiff.sampling.samplers import SAMPLERS, sample, sampling_timesteps
 from textdiff.sampling.thresholding import clipping, dynamic_thresholding
@@ -39,8 +39,9 @@ class StageSettings:
     guidance scales, dynamic-thresholding percentile (a quantile in (0, 1], e.g. 0.995; None: off), whether
     the x_0 prediction is clipped to [-1, 1] at every step when dynamic thresholding is off (the research
     code's default; without it a barely trained model's samples blow up on the cosine schedule, whose first
-    step divides by sqrt(abar) ~ 1e-4) and, for noise-conditioned upsamplers, the noise level (a step of the
-    1000-step noise-conditioning schedule; 0 = clean low-res image)."""
+    step divides by sqrt(abar) ~ 1e-4), for noise-conditioned upsamplers the noise level (a step of the
+    1000-step noise-conditioning schedule; 0 = clean low-res image), and the step below which guidance applies
+    (the research code's ``guidance_after_step``, a step of the model's training process; None: every step)."""
 
     sampler: str = "ipndm"  # the most accurate sampler at every step count measured (docs/samplers.md)
     steps: str = "quad50"
@@ -50,6 +51,7 @@ class StageSettings:
     dynamic_threshold: Optional[float] = None
     clip_denoised: bool = True
     noise_cond_level: int = 0
+    guidance_after_step: Optional[float] = None
 
     def to_dict(self) -> dict:
         """JSON-able form (the keys of the constructor)."""
@@ -71,6 +73,9 @@ class StageSettings:
         if self.dynamic_threshold is not None and not 0.0 < self.dynamic_threshold <= 1.0:
             raise CascadeError(f"{where}: dynamic-threshold percentile {self.dynamic_threshold} must be a quantile "
                                "in (0, 1], e.g. 0.995")
+        if self.guidance_after_step is not None and self.guidance_after_step < 0:
+            raise CascadeError(f"{where}: guidance-after-step {self.guidance_after_step} must be >= 0 (a step of the "
+                               f"{len(alphas_cumprod)}-step process), or unset for guidance at every step")
         if not 0 <= self.noise_cond_level < NOISE_COND_STEPS:
             raise CascadeError(f"{where}: noise-conditioning level {self.noise_cond_level} must lie in "
                                f"[0, {NOISE_COND_STEPS - 1}]")
@@ -155,12 +160,12 @@ def network_fn(loaded: LoadedModel, precision: str) -> Callable[..., torch.Tenso
 
 def _low_res_input(loaded: LoadedModel, low_res: torch.Tensor, seeds: Sequence[int], stage: int,
                    level: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The low-res image the upsampler sees and its noise-conditioning steps (None without noise_cond)."""
+    """The low-res image the upsampler sees and its noise-conditioning steps (None without noise_cond);
+    level 0 leaves it un-noised (:func:`sampling_low_res`)."""
     if not loaded.cfg.model.noise_cond:
         return low_res, None
-    steps = torch.full((low_res.shape[0],), level, dtype=torch.long)
     noise = per_sample_noise(seeds, low_res.shape[1:], stage, "noise_cond").to(low_res)
-    return noise_low_res(low_res, steps, noise=noise), steps
+    return sampling_low_res(low_res, level, noise)
 
 
 def sample_stage(loaded: LoadedModel, settings: StageSettings, txt: Sequence[str], capt: Sequence[str],
@@ -190,6 +195,9 @@ def sample_stage(loaded: LoadedModel, settings: StageSettings, txt: Sequence[str
     conds = guidance_conds(loaded.model.prepare_cond, list(txt), list(capt) if cfg.using_capt else None,
                            low_res=low_res, noise_cond_t=noise_cond_t)
     fn = diffusion.sampling_fn(guided_model(net, *conds, settings.guidance_txt, settings.guidance_capt))
+    if settings.guidance_after_step is not None:
+        fn = guidance_after_step(fn, diffusion.sampling_fn(guided_model(net, *conds, 1.0, 1.0)),
+                                 settings.guidance_after_step)
     if settings.dynamic_threshold is not None:
         fn = dynamic_thresholding(fn, diffusion.alphas_cumprod, settings.dynamic_threshold)
     elif settings.clip_denoised:

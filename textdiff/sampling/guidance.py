@@ -8,7 +8,8 @@ With ``e(txt, capt)`` the model's eps under a conditioning (``null`` = dropped),
 so ``s_t = s_c = 1`` is the plain conditional output. (The seed's ``guidance_scale`` g is ``s = 1 + g``.)
 Branches whose weight is zero are not evaluated; the rest run as one batched forward, their cond dicts
 concatenated along dim 0. With a learned variance only the eps half is guided; the variance half comes
-from the most conditioned branch evaluated.
+from the most conditioned branch evaluated. :func:`guidance_after_step` applies guidance only below a step,
+as the research code's ``guidance_after_step``.
 """
 
 from __future__ import annotations
@@ -72,4 +73,21 @@ def guided_model(model: Callable[..., torch.Tensor], cond: Cond, cond_txt_only: 
         out = model(torch.cat([x] * k), torch.cat([t] * k), **batched).split(n)
         eps = sum(w * o[:, :channels] for (w, _), o in zip(branches, out))
         return torch.cat([eps, out[-1][:, channels:]], dim=1)
+    return fn
+
+
+def guidance_after_step(guided: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                        plain: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                        after_step: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``fn(x, t)``: ``guided(x, t)`` for the rows whose step ``t`` ``[N]`` is below ``after_step``, ``plain(x, t)``
+    (the unguided conditional output) for the rest, ``[N, C or 2C, ...]``: guidance starts only once sampling
+    has come down past ``after_step`` (the research code's ``guidance_after_step``). Each branch is evaluated
+    only when some row needs it (the samplers give every row the same step)."""
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        use = t.to(x.device) < after_step
+        if bool(use.all()):
+            return guided(x, t)
+        if not bool(use.any()):
+            return plain(x, t)
+        return torch.where(use.reshape(-1, *([1] * (x.ndim - 1))), guided(x, t), plain(x, t))
     return fn

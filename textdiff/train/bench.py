@@ -80,7 +80,7 @@ def bench_train(cfg: TextdiffConfig, steps: int = 10, warmup: int = 2, seed: int
     batch = synthetic_batch(cfg, micro, torch.Generator().manual_seed(seed))
     generator = torch.Generator().manual_seed(seed)
 
-    engine_fn = eng.engine_forward(engine, dtype)
+    engine_fn = eng.engine_forward(engine, dtype, cfg.train.channels_last)
 
     def engine_step():
         for _ in range(accumulation):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from textdiff.config import ConfigError, TextdiffConfig
+from textdiff.train.param_groups import optimizer_inputs
 
 
 def free_port() -> int:
@@ -120,13 +121,33 @@ def compute_dtype(ds_config: dict) -> torch.dtype:
     return torch.float32
 
 
-def engine_forward(engine: nn.Module, dtype: torch.dtype):
-    """``fn(x, t, **cond)`` running the engine in its compute ``dtype`` (floating inputs cast to it) and
-    returning float32, as the diffusion losses expect."""
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """``torch.channels_last`` with ``train.channels_last``, else the default contiguous format."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _as_input(v: torch.Tensor, dtype: torch.dtype, fmt: torch.memory_format) -> torch.Tensor:
+    if not v.is_floating_point():
+        return v
+    return v.to(dtype, memory_format=fmt) if v.dim() == 4 else v.to(dtype)
+
+
+def engine_forward(engine: nn.Module, dtype: torch.dtype, channels_last: bool = False):
+    """``fn(x, t, **cond)`` running the engine in its compute ``dtype`` (floating inputs cast to it, image-shaped
+    ``[N, C, H, W]`` ones in channels-last memory format with ``channels_last``, so every convolution's output,
+    and with it the U-net's activations, is channels-last too) and returning float32, as the diffusion losses
+    expect."""
+    fmt = memory_format(channels_last)
+
     def fn(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
-        return engine(x.to(dtype), t, **cond).float()
+        cond = {k: _as_input(v, dtype, fmt) for k, v in cond.items()}
+        return engine(_as_input(x, dtype, fmt), t, **cond).float()
     return fn
+
+
+def set_cudnn_benchmark(enabled: bool) -> None:
+    """``torch.backends.cudnn.benchmark`` from ``train.cudnn_benchmark`` (off by default, as the research code)."""
+    torch.backends.cudnn.benchmark = enabled
 
 
 def zero_stage(ds_config: dict) -> int:
@@ -188,7 +209,10 @@ def build_engine(model: nn.Module, cfg: TextdiffConfig, world_size: int):
     """Wrap ``model`` in a DeepSpeed engine; returns (engine, {name: frozen module kept outside it}, names of
     0-dim parameters trained as [1] (see :func:`promote_scalar_parameters`)).
 
-    Only parameters with ``requires_grad`` reach the optimizer. The frozen modules are moved to this rank's
+    Only parameters with ``requires_grad`` reach the optimizer, in the per-group learning rates of
+    ``train.text_lr``/``gain_lr``/``capt_lr`` when set (textdiff/train/param_groups.py); with
+    ``train.channels_last`` the 4-D weights are stored channels-last where :func:`weights_stay_plain` (the
+    inputs are channels-last always, :func:`engine_forward`). The frozen modules are moved to this rank's
     device and compute dtype by hand, since DeepSpeed no longer owns them.
     """
     import deepspeed
@@ -199,9 +223,21 @@ def build_engine(model: nn.Module, cfg: TextdiffConfig, world_size: int):
     dev, dtype = device(), compute_dtype(cfg.deepspeed)
     for module in frozen.values():
         module.to(device=dev, dtype=dtype)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=dict(cfg.deepspeed))
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    parameters, ds_config = optimizer_inputs(trainable, cfg.train, dict(cfg.deepspeed))
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameters, config=ds_config)
+    if cfg.train.channels_last and weights_stay_plain(cfg.deepspeed):
+        # after initialize: DeepSpeed broadcasts each weight as a flat byte view, which a channels-last tensor
+        # has not; the optimizer keeps the same Parameter objects, only their storage changes
+        engine.module.to(memory_format=torch.channels_last)
     return engine, frozen, promoted
+
+
+def weights_stay_plain(ds_config: dict) -> bool:
+    """Whether DeepSpeed leaves the weights as the module's own tensors, updated in place (fp32, ZeRO stage 0),
+    so they can be stored channels-last. Under fp16/bf16 or ZeRO 1-3 it makes them views of one flat buffer,
+    contiguous by construction, and points them back there after each step."""
+    return zero_stage(ds_config) == 0 and compute_dtype(ds_config) == torch.float32
 
 
 def trainable_named_parameters(engine) -> list[tuple[str, nn.Parameter]]:

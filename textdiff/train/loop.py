@@ -114,9 +114,10 @@ class Trainer:
         self._check_before_building(resume_from)
 
         self.generator = seed_everything(cfg.train.seed, self.rank)
+        eng.set_cudnn_benchmark(cfg.train.cudnn_benchmark)
         model = build_model(cfg.model, load_capt_weights=load_capt_weights)
         self.engine, self.frozen, promoted = eng.build_engine(model, cfg, self.world_size)
-        self.engine_fn = eng.engine_forward(self.engine, self.dtype)
+        self.engine_fn = eng.engine_forward(self.engine, self.dtype, cfg.train.channels_last)
         self.diffusion = build_diffusion(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
         self.timesteps = build_timestep_sampler(cfg.diffusion.schedule_sampler, self.diffusion.num_timesteps)
         # DeepSpeed reports no gradient norm for an fp32 ZeRO-0 engine; the loop measures it then
