@@ -204,7 +204,27 @@ def test_source_folder_becomes_samples_with_documented_json(tmp_path, good_sourc
     assert meta == {"captions": [""], "safebox": [0.0, 0.0, 32.0, 24.0], "px_scale": [1.0, 1.0], "width": 32,
                     "height": 24,
                     "source": "signs/street/0001.jpg"}
-    assert samples["signs/0002"]["txt"] == b"two\nlines" and samples["plain"]["txt"] == b""
+    assert samples["signs/0002"]["txt"] == b"two\nlines\n" and samples["plain"]["txt"] == b""
+
+
+def test_transcriptions_keep_their_trailing_newlines_unless_strip_txt(tmp_path):
+    """The research code reads a .txt as it is (its trailing newline is a token with a line index);
+    --strip-txt keeps textdiff's old reading. Line ends are \\n either way; a BOM is dropped."""
+    src = tmp_path / "src"
+    add(src, "a.png", "STOP\n")
+    add(src, "b.png", "\n")
+    add(src, "c.png", b"\xef\xbb\xbfup\r\ndown\r\n")
+    add(src, "d.png", "")
+    make_source_shards(src, tmp_path / "kept", workers=0, progress=False)
+    kept = read_shards(tmp_path / "kept")
+    assert {k: v["txt"] for k, v in kept.items()} == {"a": b"STOP\n", "b": b"\n", "c": b"up\ndown\n", "d": b""}
+    m = make_source_shards(src, tmp_path / "stripped", options=SourceOptions(strip_txt=True), workers=0,
+                           progress=False)
+    stripped = read_shards(tmp_path / "stripped")
+    assert {k: v["txt"] for k, v in stripped.items()} == {"a": b"STOP", "b": b"", "c": b"up\ndown", "d": b""}
+    assert m["text_free"] == 2
+    run([str(src), str(tmp_path / "cli"), "--strip-txt", "--workers", "0"])
+    assert read_shards(tmp_path / "cli")["b"]["txt"] == b""
 
 
 def test_rgb_images_keep_their_original_bytes(tmp_path):

@@ -345,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--px-scales", help="JSON {key: [sx, sy]}: stored size / original size")
     p.add_argument("--missing-txt", choices=("skip", "keep"), default=None,
                    help="images without a .txt (unknown text): skip them (default) or keep them without KEY.txt")
+    p.add_argument("--strip-txt", action="store_true",
+                   help="drop trailing newlines of each .txt and count a whitespace-only .txt as no text (default: "
+                   "keep the file as the research code reads it; a trailing newline is a token)")
     p.add_argument("--min-side", type=int, default=None, help="skip images whose shorter side / px scale is below this")
     p.add_argument("--require-captions", action="store_true", help="skip images without a caption")
     p.add_argument("--max-side", type=int, default=None,
@@ -366,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Flags that act on a source folder's images only (default None or False, so a given one is seen).
 FOLDER_ONLY_FLAGS = ("captions", "safeboxes", "px_scales", "missing_txt", "min_side", "max_side", "max_pixels",
-                     "require_captions", "strict", "order")
+                     "require_captions", "strict", "order", "strip_txt")
 SYNTHETIC_SIZE = 64
 
 
@@ -409,7 +412,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                             min_side=defaults.min_side if args.min_side is None else args.min_side,
                             require_captions=args.require_captions,
                             max_side=defaults.max_side if args.max_side is None else args.max_side,
-                            max_pixels=args.max_pixels or defaults.max_pixels, image_format=args.image_format)
+                            max_pixels=args.max_pixels or defaults.max_pixels, image_format=args.image_format,
+                            strip_txt=args.strip_txt)
     return make_source_shards(args.paths[0], args.paths[1], args.captions, args.safeboxes, args.px_scales,
                               options=options, strict=args.strict, seed=args.seed, order=args.order or ORDER_RANDOM,
                               **common)

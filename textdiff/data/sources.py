@@ -272,6 +272,7 @@ class SourceOptions:
     max_side: int = 0  # 0: keep original bytes; else shrink longer sides to this
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb cap on width * height
     image_format: str = "keep"  # "keep" the source format, or store every image as "jpg", "png" or "webp"
+    strip_txt: bool = False  # drop trailing line ends of transcriptions; whitespace-only counts as no text
 
 
 @dataclass(frozen=True)
@@ -320,11 +321,13 @@ def sample_meta(captions: Sequence[str], safebox: Optional[Sequence[float]], px_
             "source": str(source)}
 
 
-def read_transcription(image_path: Path) -> Optional[str]:
+def read_transcription(image_path: Path, strip: bool = False) -> Optional[str]:
     """The ``.txt`` beside an image ("" = no text in it), or None when there is none (unknown).
 
-    Raises ValueError when the file is not UTF-8. A trailing newline and a UTF-8 byte-order mark are
-    dropped; a file of only whitespace counts as empty.
+    Raises ValueError when the file is not UTF-8. A UTF-8 byte-order mark is dropped and line ends become
+    ``"\n"``; otherwise the text is kept as the research code reads it: a trailing newline stays (a token
+    for the transcription encoder) and only an empty file means no text. ``strip`` drops trailing line ends
+    and counts a file of only whitespace as empty (``make_shards.py --strip-txt``).
     """
     txt_path = image_path.with_suffix(".txt")
     try:
@@ -336,7 +339,10 @@ def read_transcription(image_path: Path) -> Optional[str]:
     except UnicodeDecodeError as e:
         raise ValueError(f"{txt_path.name} is not UTF-8 (invalid byte 0x{raw[e.start]:02x} at offset {e.start}); "
                          "re-save it as UTF-8") from None
-    text = text.rstrip("\r\n")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not strip:
+        return text
+    text = text.rstrip("\n")
     return "" if not text.strip() else text
 
 
@@ -436,7 +442,7 @@ def _prepare(job: ImageJob, opts: SourceOptions) -> ShardSample:
     path = Path(job.src_dir) / job.rel_path
     where = job.rel_path
     try:
-        txt = read_transcription(path)
+        txt = read_transcription(path, opts.strip_txt)
     except ValueError as e:
         raise _Skip(Problem(where, "bad_txt", str(e), job.key)) from None
     if txt is None and opts.missing_txt == "skip":
