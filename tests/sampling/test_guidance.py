@@ -54,12 +54,16 @@ def test_caption_free_models_guide_the_transcription_only():
     assert model.batches == [4]
 
 
-def test_learned_variance_is_not_guided():
+def test_learned_variance_is_not_guided_and_comes_from_the_least_conditioned_branch():
     model = Recorder(learn_sigma=True)
     full, txt_only, null = _conds()
     out = guided_model(model, full, txt_only, null, 3.0, 2.0)(X, T)
     assert torch.allclose(out[:, :3], torch.full((2, 3), 43.0))
-    assert torch.allclose(out[:, 3:], torch.full((2, 3), -1.0))  # the full branch's: txt - capt = 1 - 2
+    assert torch.equal(out[:, 3:], torch.zeros(2, 3))  # the null branch's (the research code's): txt - capt = 0 - 0
+    caption_only = guided_model(model, full, txt_only, null, 1.0, 2.0)(X, T)  # null branch weighs 0: not run
+    assert torch.equal(caption_only[:, 3:], torch.ones(2, 3))  # the txt-only branch's: 1 - 0
+    unguided = guided_model(model, full, txt_only, null, 1.0, 1.0)(X, T)
+    assert torch.equal(unguided[:, 3:], torch.full((2, 3), -1.0))  # the conditional output's: 1 - 2
 
 
 def test_guidance_conds_drop_with_none():

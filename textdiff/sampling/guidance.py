@@ -8,7 +8,8 @@ With ``e(txt, capt)`` the model's eps under a conditioning (``null`` = dropped),
 so ``s_t = s_c = 1`` is the plain conditional output. (The seed's ``guidance_scale`` g is ``s = 1 + g``.)
 Branches whose weight is zero are not evaluated; the rest run as one batched forward, their cond dicts
 concatenated along dim 0. With a learned variance only the eps half is guided; the variance half comes
-from the most conditioned branch evaluated. :func:`guidance_after_step` applies guidance only below a step,
+from the least conditioned branch evaluated, as the research code takes it from its unconditional branch
+(the null branch whenever the transcription is guided; without any guidance, the conditional output). :func:`guidance_after_step` applies guidance only below a step,
 as the research code's ``guidance_after_step``.
 """
 
@@ -72,7 +73,7 @@ def guided_model(model: Callable[..., torch.Tensor], cond: Cond, cond_txt_only: 
         k = len(branches)
         out = model(torch.cat([x] * k), torch.cat([t] * k), **batched).split(n)
         eps = sum(w * o[:, :channels] for (w, _), o in zip(branches, out))
-        return torch.cat([eps, out[-1][:, channels:]], dim=1)
+        return torch.cat([eps, out[0][:, channels:]], dim=1)
     return fn
 
 
