@@ -62,3 +62,12 @@ def test_compiled_kernel_equals_the_reference():
     x, weight, bias, scale, shift = (a.to(device) for a in operands(4))
     fused = compiled_group_norm_silu()(x, weight, bias, 32, 1e-5, scale, shift)
     assert torch.allclose(fused, group_norm_silu_reference(x, weight, bias, 32, 1e-5, scale, shift), atol=1e-5)
+
+
+def test_bf16_under_autocast_is_normalised_in_bf16_close_to_float32():
+    x, weight, bias, scale, shift = operands(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = group_norm_silu(x.bfloat16(), weight, bias, 32, 1e-5, scale.bfloat16(), shift.bfloat16())
+    assert out.dtype == torch.bfloat16
+    expected = group_norm_silu_reference(x, weight, bias, 32, 1e-5, scale, shift)
+    assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()

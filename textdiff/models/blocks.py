@@ -148,7 +148,11 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, capt_tokens: Optional[torch.Tensor] = None,
                 capt_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         n, c, hh, ww = x.shape
-        q, k, v = self.qkv(self.norm(x).reshape(n, c, -1)).transpose(1, 2).chunk(3, dim=-1)  # [N, HW, C] each
+        # the 1x1 Conv1d's weights applied as a linear map over channel-last tokens: q, k and v come out
+        # [N, HW, C] with a contiguous last dimension, which scaled_dot_product_attention's fused kernels
+        # need (a transposed Conv1d output sends it to the math path, which keeps the attention matrix)
+        tokens = self.norm(x).reshape(n, c, -1).transpose(1, 2)
+        q, k, v = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias).chunk(3, dim=-1)
         key_mask = None
         if self.capt_kv is not None and capt_tokens is not None:
             ck, cv = self.capt_kv(capt_tokens.to(q.dtype)).chunk(2, dim=-1)
@@ -156,4 +160,5 @@ class AttentionBlock(nn.Module):
             own = torch.ones(n, hh * ww, dtype=torch.bool, device=x.device)
             key_mask = torch.cat([own, capt_mask], dim=1)
         h = attention(q, k, v, self.heads, key_mask)
-        return x + self.proj_out(h.transpose(1, 2)).reshape(n, c, hh, ww)
+        out = F.linear(h, self.proj_out.weight.squeeze(-1), self.proj_out.bias)  # [N, HW, C]
+        return x + out.transpose(1, 2).reshape(n, c, hh, ww)
