@@ -11,9 +11,12 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+import weakref
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from textdiff.config import TextdiffConfig
 from textdiff.train import engine as eng
@@ -33,8 +36,9 @@ def synthetic_batch(cfg: TextdiffConfig, n: int, generator: torch.Generator) -> 
 
 def step_seconds(steps: dict[str, Callable[[], None]], repeats: int, warmup: int,
                  device: torch.device) -> dict[str, float]:
-    """Median wall time of each named ``step()``, timed in alternation (A, B, A, B, ...) so that a shared
-    machine's changing load hits both alike; ``warmup`` untimed rounds first."""
+    """Median wall time of each named ``step()`` over ``repeats`` rounds, the order reversed every other
+    round (A, B, B, A, A, B, ...) so that a shared machine's changing load and any drift within a round hit
+    every step alike; ``warmup`` untimed rounds first."""
     def timed(step: Callable[[], None]) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -48,10 +52,53 @@ def step_seconds(steps: dict[str, Callable[[], None]], repeats: int, warmup: int
         for step in steps.values():
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            times[name].append(timed(step))
+    names = list(steps)
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            times[name].append(timed(steps[name]))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of the tensor storages that the ops run under it create and that are still alive,
+    and their peak (CPU has no allocator statistics; CUDA uses ``torch.cuda.max_memory_allocated``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self._seen:
+                    self._seen.add(key)
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._freed, key, storage.nbytes())
+        return out
+
+
+def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes one ``step()`` allocates above what existed before it (weights, optimizer state): its
+    activations, gradients and temporaries."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with LiveTensorBytes() as counter:
+        step()
+    return counter.peak
 
 
 def _plain_optimizer(params, ds_config: dict) -> torch.optim.Optimizer:
