@@ -41,8 +41,8 @@ def test_four_steps_straight_equal_two_plus_resumed_two(tiny, tmp_path, stage):
     for (name, a), b in zip(straight.engine.module.state_dict().items(), resumed.engine.module.state_dict().values()):
         assert torch.equal(a, b), name
     for rate in (0.9, 0.5):
-        for name, a in straight.ema.named_averages(rate).items():
-            assert torch.equal(a, resumed.ema.named_averages(rate)[name]), (rate, name)
+        for name, a in straight.ema_weights(rate).items():
+            assert torch.equal(a, resumed.ema_weights(rate)[name]), (rate, name)
     assert len(straight_keys) == 16 and len(set(straight_keys)) == 16  # 4 steps x 4 images, none repeated
     assert first_keys + second_keys == straight_keys
     assert [s for s, _ in complete_checkpoints(tmp_path / "split" / "checkpoints")] == [2, 4]
@@ -103,7 +103,7 @@ def test_frozen_caption_encoder_stays_out_of_zero3_and_the_optimizer(tiny, tiny_
     trainer.close()
     assert summary["step"] == 2 and all(torch.isfinite(torch.tensor(summary["losses"])))
     assert all(torch.equal(a, b) for a, b in zip(weights, encoder.parameters()))
-    assert trainer.ema.named_averages(0.9)["out_conv.weight"].shape == (6, 32, 3, 3)
+    assert trainer.ema_weights(0.9)["out_conv.weight"].shape == (6, 32, 3, 3)
 
 
 def test_resuming_with_another_model_width_names_the_key_before_loading(tiny, tmp_path):

@@ -32,7 +32,7 @@ from textdiff.train import engine as eng
 from textdiff.train.checkpoint import (CONFIG_FILE, CheckpointManager, RunDirError, check_resume_compatible,
                                        load_untrusted, rank_file, read_config, resolve_resume, write_failure)
 from textdiff.train.control import StopFlag, rng_state, seed_everything, set_rng_state
-from textdiff.train.ema import EMA
+from textdiff.train.ema import EMA, rate_key
 from textdiff.train.logging import (EVAL_GRID_COLUMNS, TrainLogger, append_jsonl, eval_scalars, gpu_memory_gib,
                                     image_grid, per_rank, save_png, setup_logging)
 
@@ -129,9 +129,13 @@ class Trainer:
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.scalar = [n in promoted for n in self.param_names]  # kept 0-dim in the EMA, as in the model
-        initial = self._full_parameters()
-        self.ema = EMA(self.param_names, initial, cfg.ema) if self.rank == 0 else None
-        del initial
+        # the EMA averages this rank's fp32 master weights where they are: sharded like the optimizer state
+        # under ZeRO (every rank its own partition), on rank 0 alone where every rank holds all of them
+        master, self.ema_sharded = eng.fp32_master_weights(self.engine, self.params)
+        plain = not self.ema_sharded and not hasattr(self.engine.optimizer, "fp16_groups")  # master = params
+        labels = self.param_names if plain else [f"fp32 master {i}" for i in range(len(master))]
+        self.ema = EMA(labels, master, cfg.ema) if self.ema_sharded or self.rank == 0 else None
+        self._ema_cache: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}  # rate -> (step, full weights)
         self.step = 0
         self.losses: deque[float] = deque(maxlen=LOSS_HISTORY)
         stream_state = None
@@ -218,20 +222,51 @@ class Trainer:
         return stream_state
 
     def _load(self, path: Path) -> Optional[dict]:
-        rank_state, textdiff_state = self.ckpt.load(self.engine, path)
+        rank_state, textdiff_state = self.ckpt.load(self.engine, path, every_rank=self.ema_sharded)
         self.step = rank_state["step"]
         self.losses.extend(rank_state["losses"])
         set_rng_state(rank_state["rng"])
         self.generator.set_state(rank_state["generator"])
         self.timesteps.load_state_dict(rank_state["timestep_sampler"])
         if self.ema is not None:
-            self.ema.load_state_dict(textdiff_state["ema"])
+            self._load_ema(textdiff_state["ema"])
         log.info("resumed from %s at step %d", path, self.step)
         return self._usable_stream_state(rank_state["stream"], self.micro_batch, path)
 
-    def _full_parameters(self) -> list[torch.Tensor]:
-        full = eng.full_fp32_parameters(self.engine, self.params)
-        return [t.reshape(()) if scalar else t for t, scalar in zip(full, self.scalar)]
+    def _load_ema(self, saved: dict) -> None:
+        """Lay the checkpoint's full fp32 averages (names in model order) out as this rank's master weights."""
+        if list(saved["names"]) != self.param_names:
+            missing = sorted(set(self.param_names) - set(saved["names"]))[:3]
+            raise ValueError(f"the checkpoint's EMA holds other parameters than this model (e.g. missing "
+                             f"{missing}); resume with the model config the run was started with")
+        averages = {k: eng.partition_fp32(self.engine, self.params, v) for k, v in saved["averages"].items()}
+        self.ema.load_state_dict({"num_updates": saved["num_updates"], "names": self.ema.names,
+                                  "averages": averages})
+
+    def ema_weights(self, rate: float | str) -> Optional[dict[str, torch.Tensor]]:
+        """{parameter name: full fp32 EMA} of one rate at the current step on rank 0, None elsewhere; the
+        model's shapes (0-dim gains too). Gathers a sharded EMA (all ranks must call this); kept per step."""
+        key = rate if isinstance(rate, str) else rate_key(rate)
+        if key in self._ema_cache and self._ema_cache[key][0] == self.step:
+            return self._ema_cache[key][1]
+        if self.ema is None:  # a replicated EMA lives on rank 0 alone
+            return None
+        local = list(self.ema.named_averages(key).values())
+        full = eng.full_fp32_parameters(self.engine, self.params, local)
+        weights = None
+        if self.rank == 0:
+            weights = {n: t.reshape(()) if scalar else t
+                       for n, t, scalar in zip(self.param_names, full, self.scalar)}
+            self._ema_cache = {key: (self.step, weights)}
+        return weights
+
+    def _ema_state(self) -> Optional[dict]:
+        """The full EMA for the checkpoint on rank 0 (all ranks must call this): count, names, averages."""
+        averages = {key: self.ema_weights(key) for key in self.ema.averages} if self.ema is not None else {}
+        if self.rank != 0:
+            return None
+        return {"num_updates": self.ema.num_updates, "names": list(self.param_names),
+                "averages": {k: [t.cpu() for t in v.values()] for k, v in averages.items()}}
 
     def _all_reduce(self, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -290,10 +325,8 @@ class Trainer:
         if stop is not None and stop_votes:
             stop.requested = True
         skipped = self.engine.skipped_steps > skipped_before
-        current = self._full_parameters() if not skipped else None
-        if self.ema is not None and current is not None:
-            self.ema.update(current)
-        del current
+        if self.ema is not None and not skipped:
+            self.ema.update(eng.fp32_master_weights(self.engine, self.params)[0])
         self.step += 1
         gathered = self._all_gather(torch.stack([torch.cat(ts).double()] +
                                                 [torch.cat(v).double() for v in terms.values()]))
@@ -350,15 +383,19 @@ class Trainer:
             object.__setattr__(model.get_submodule(parent) if parent else model, attr, self.frozen[name])
         return model.to(self.device).eval()
 
+    def _sample_rate(self) -> float:
+        cfg = self.cfg
+        return cfg.train.sample_ema_rate if cfg.train.sample_ema_rate is not None else cfg.ema.rates[0]
+
     def _ema_sampler(self):
         """Rank 0: a LoadedModel holding the EMA weights of the current step (loaded once per step)."""
         from textdiff.sampling.loading import LoadedModel, load_weights
 
-        rate = self.cfg.train.sample_ema_rate if self.cfg.train.sample_ema_rate is not None else self.cfg.ema.rates[0]
+        rate = self._sample_rate()
         if self._sampler_model is None:
             self._sampler_model = self._ema_model()
         if self._sampler_step != self.step:
-            load_weights(self._sampler_model, self.ema.named_averages(rate), f"EMA {rate} at step {self.step}")
+            load_weights(self._sampler_model, self.ema_weights(rate), f"EMA {rate} at step {self.step}")
             self._sampler_step = self.step
         return LoadedModel(self._sampler_model, self.diffusion, self.cfg, str(self.run_dir), f"ema:{rate}")
 
@@ -389,7 +426,8 @@ class Trainer:
 
         Upsamplers take their low-res inputs from the first training batch (the same images every time).
         """
-        if self.ema is None:
+        self.ema_weights(self._sample_rate())  # every rank takes part in gathering a sharded EMA
+        if self.rank != 0:
             return None
         cfg = self.cfg.train
         n = len(cfg.sample_prompts)
@@ -420,7 +458,8 @@ class Trainer:
         from textdiff.eval.spelling import eval_conditions, evaluate_spelling
 
         record = None
-        if self.ema is not None:
+        self.ema_weights(self._sample_rate())  # every rank takes part in gathering a sharded EMA
+        if self.rank == 0:
             started = time.perf_counter()
             conditions = eval_conditions(self.cfg.eval, self.cfg.train.sample_guidance_scale_txt)
             shown: dict[str, list[torch.Tensor]] = {c.name: [] for c in conditions}
@@ -499,7 +538,8 @@ class Trainer:
         rank_state = {"step": self.step, "losses": list(self.losses), "rng": rng_state(),
                       "generator": self.generator.get_state(), "timestep_sampler": self.timesteps.state_dict(),
                       "stream": self.stream.state_dict()}
-        textdiff_state = {"step": self.step, "ema": self.ema.state_dict()} if self.ema is not None else None
+        ema = self._ema_state()
+        textdiff_state = {"step": self.step, "ema": ema} if self.rank == 0 else None
         path = self.ckpt.save(self.engine, self.step, rank_state, textdiff_state, self.cfg.to_dict())
         log.info("saved checkpoint %s", path)
         return path
