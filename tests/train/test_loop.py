@@ -11,7 +11,7 @@ import torch
 
 from textdiff.config import ConfigError
 from textdiff.train.checkpoint import complete_checkpoints
-from textdiff.train.loop import Trainer, TrainingDiverged, nonfinite_action
+from textdiff.train.loop import Trainer, TrainingDiverged, grad_norm, nonfinite_action, step_stats
 
 
 def _recording(batches, keys):
@@ -29,7 +29,7 @@ def _run(cfg, run_dir, resume=None, keys=None):
     return trainer, summary
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_four_steps_straight_equal_two_plus_resumed_two(tiny, tmp_path, stage):
     zero = f"deepspeed.zero_optimization.stage={stage}"
     straight_keys, first_keys, second_keys = [], [], []
@@ -273,3 +273,28 @@ def test_resuming_with_another_micro_batch_starts_the_stream_afresh_warning_once
     trainer.close()
     assert trainer.step == 1 and trainer.stream.counters()["batches"] == 0
     assert capsys.readouterr().err.count("the data stream starts afresh") == 1  # textdiff logs to stderr
+
+
+def test_grad_norm_is_the_norm_of_all_gradients_together_as_a_tensor():
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(1, requires_grad=True)
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])
+    norm = grad_norm([a, b, torch.zeros(1, requires_grad=True)])  # a parameter without a gradient is left out
+    assert isinstance(norm, torch.Tensor) and norm.item() == 5.0
+
+
+def test_step_stats_sum_the_terms_and_the_loss_by_timestep_quartile():
+    terms = {"loss": torch.tensor([1.0, 2.0, 3.0, 5.0]), "mse": torch.ones(4), "vb": torch.zeros(4)}
+    stats = step_stats(terms, torch.tensor([0, 24, 25, 99]), 100)
+    assert stats.tolist() == [11.0, 4.0, 0.0, 4.0, 3.0, 3.0, 0.0, 5.0, 2.0, 1.0, 0.0, 1.0]
+
+
+def test_losses_are_logged_once_per_log_every_as_the_mean_of_its_steps(tiny, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer, summary = _run(tiny("train.max_steps=4", "train.log_every=2"), tmp_path / "run")
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    logged = acc.Scalars("train/loss")
+    assert [e.step for e in logged] == [2, 4] and len(summary["losses"]) == 4
+    for event, pair in zip(logged, (summary["losses"][:2], summary["losses"][2:])):
+        assert event.value == pytest.approx(sum(pair) / 2, rel=1e-6)

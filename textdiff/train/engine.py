@@ -278,9 +278,25 @@ def partition_fp32(engine, params: list[nn.Parameter], full: list[torch.Tensor])
     saved = [t.clone() for t in current]
     try:
         for p, value in zip(params, full):
-            safe_set_full_fp32_param(p, value.to(current[0].device, torch.float32).reshape(p.ds_shape if
-                                                                                        hasattr(p, "ds_shape")
-                                                                                        else p.shape))
+            value = value.to(current[0].device, torch.float32).flatten()
+            if hasattr(p, "ds_id"):
+                _set_zero3_partition(p, value)
+            else:
+                safe_set_full_fp32_param(p, value.view(p.shape))
         return [t.detach().clone().float() for t in current]
     finally:
         torch._foreach_copy_(current, saved)
+
+
+def _set_zero3_partition(param: nn.Parameter, value: torch.Tensor) -> None:
+    """This rank's slice of the flat ``value`` into the ZeRO-3 fp32 partition of ``param``, zero-padded.
+
+    DeepSpeed 0.19's ``set_full_hp_param`` reads past the end of the value on the ranks whose partition of a
+    small tensor is all padding (a [1] gain on 2 ranks), so this does its narrow itself.
+    """
+    optimizer = param._z3_optimizer
+    part, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+    start = part.numel() * optimizer._get_param_partition_rank(param)
+    piece = value[start:start + part.numel()]
+    part.zero_()
+    part[:piece.numel()].copy_(piece)
