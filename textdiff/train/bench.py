@@ -15,6 +15,8 @@ import weakref
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -101,6 +103,20 @@ def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
     return counter.peak
 
 
+def training_step(model: nn.Module, forward: Callable[[], torch.Tensor], target: torch.Tensor,
+                  dtype: torch.dtype, device: torch.device) -> Callable[[], None]:
+    """``step()``: autocast ``forward()`` in ``dtype`` (fp32: none), MSE to ``target``, backward, AdamW."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = forward()
+        F.mse_loss(out.float(), target).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def _plain_optimizer(params, ds_config: dict) -> torch.optim.Optimizer:
     opt = ds_config.get("optimizer", {"params": {}})
     p = {k: v for k, v in opt.get("params", {}).items() if k in ("lr", "betas", "eps", "weight_decay")}
@@ -163,3 +179,32 @@ def bench_train(cfg: TextdiffConfig, steps: int = 10, warmup: int = 2, seed: int
             "zero_stage": eng.zero_stage(cfg.deepspeed), "world_size": world, "rank": rank,
             "images_per_step": images, "steps": steps, "engine_images_per_s": images / engine_s,
             "plain_images_per_s": images / plain_s, "overhead": engine_s / plain_s}
+
+
+def checkpointing_bench(cfg: TextdiffConfig, variants: dict[str, dict], steps: int = 6, warmup: int = 2,
+                        device: torch.device = torch.device("cpu"), seed: int = 0) -> list[dict]:
+    """textdiff's plain training step (as :func:`textdiff.train.peer.peer_bench` times it, fp32) with
+    activation checkpointing set as each variant says (``{"name": {"use_checkpoint": ..., ...}}``; the first
+    is the reference), A-B-B-A; returns per variant its images/s, peak MB, and both relative to the first."""
+    from dataclasses import replace
+
+    from textdiff.models import build_model
+
+    n = int(cfg.deepspeed.get("train_micro_batch_size_per_gpu", 8))
+    batch = synthetic_batch(cfg, n, torch.Generator().manual_seed(seed))
+    x = batch["image"].to(device)
+    t = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(seed)).to(device)
+    target = torch.randn(n, cfg.model.in_channels * (2 if cfg.model.learn_sigma else 1), *x.shape[2:],
+                         generator=torch.Generator().manual_seed(seed + 1)).to(device)
+    runs = {}
+    for name, keys in variants.items():
+        torch.manual_seed(seed)
+        model = build_model(replace(cfg.model, **keys), load_capt_weights=False).to(device).train()
+        cond = model.prepare_cond(batch["txt"], batch["capt"])
+        runs[name] = training_step(model, lambda m=model, c=cond: m(x, t, **c), target, torch.float32, device)
+    seconds = step_seconds(runs, steps, warmup, device)
+    peak = {name: peak_step_bytes(step, device) for name, step in runs.items()}
+    first = next(iter(runs))
+    return [{"variant": name, **variants[name], "img_s": n / seconds[name], "peak_mb": peak[name] / 2 ** 20,
+             "time_ratio": seconds[name] / seconds[first], "memory_ratio": peak[name] / peak[first]}
+            for name in runs]

@@ -9,14 +9,11 @@ cross-attends to a random text sequence of the same length and width. diffusers 
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from textdiff.config import ModelConfig, TextdiffConfig
-from textdiff.train.bench import peak_step_bytes, step_seconds, synthetic_batch
+from textdiff.train.bench import peak_step_bytes, step_seconds, synthetic_batch, training_step
 
 
 def peer_unet(cfg: ModelConfig) -> nn.Module:
@@ -40,20 +37,6 @@ def peer_unet(cfg: ModelConfig) -> nn.Module:
 def trainable_size(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def training_step(model: nn.Module, forward: Callable[[], torch.Tensor], target: torch.Tensor,
-                  dtype: torch.dtype, device: torch.device) -> Callable[[], None]:
-    """``step()``: autocast ``forward()`` in ``dtype`` (fp32: none), MSE to ``target``, backward, AdamW."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = forward()
-        F.mse_loss(out.float(), target).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
 
 
 def peer_bench(cfg: TextdiffConfig, dtype: torch.dtype, steps: int = 6, warmup: int = 2, compile: bool = False,
