@@ -20,3 +20,10 @@ def test_bench_reports_both_throughputs_and_their_ratio(tiny):
     assert result["images_per_step"] == 8 and result["dtype"] == "float32" and result["zero_stage"] == 0
     assert result["engine_images_per_s"] > 0 and result["plain_images_per_s"] > 0
     assert result["overhead"] == pytest.approx(result["plain_images_per_s"] / result["engine_images_per_s"])
+
+
+def test_the_ema_update_adds_no_collective_and_its_overhead_is_reported(tiny):
+    result = bench_train(tiny("deepspeed.zero_optimization.stage=2"), steps=1, warmup=0)
+    assert result["ema_sharded"] and result["ema_overhead"] > 0
+    assert result["collectives_per_step_with_ema"] == result["collectives_per_step"] > 0
+    assert result["collective_mb_per_step_with_ema"] == result["collective_mb_per_step"]

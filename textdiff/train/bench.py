@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 from textdiff.config import TextdiffConfig
 from textdiff.train import engine as eng
+from textdiff.train.ema import EMA
 from textdiff.train.loop import diffusion_loss
 
 
@@ -124,9 +125,11 @@ def _plain_optimizer(params, ds_config: dict) -> torch.optim.Optimizer:
 
 
 def bench_train(cfg: TextdiffConfig, steps: int = 10, warmup: int = 2, seed: int = 0) -> dict:
-    """Time ``steps`` optimizer steps (micro-batch x accumulation images each) through the engine and in
-    plain PyTorch, alternately; returns images/s of both (from the median step time) and ``overhead`` =
-    engine step time / plain step time."""
+    """Time ``steps`` optimizer steps (micro-batch x accumulation images each) through the engine, in
+    plain PyTorch, and through the engine followed by the EMA update, in A-B-C-C-B-A rounds; returns images/s
+    of the first two (from the median step time), ``overhead`` = engine step time / plain step time,
+    ``ema_overhead`` = (engine + EMA) / engine, and the collectives (calls, MB) of one step without and
+    with the EMA."""
     from textdiff.diffusion import build_diffusion
     from textdiff.diffusion.timesteps import UniformSampler
     from textdiff.models import build_model
@@ -172,39 +175,74 @@ def bench_train(cfg: TextdiffConfig, steps: int = 10, warmup: int = 2, seed: int
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = step_seconds({"engine": engine_step, "plain": plain_step}, steps, warmup, device)
+    # the EMA as the Trainer keeps it: this rank's fp32 master weights (its ZeRO partition), _foreach updates
+    trainable_engine = [p for _, p in eng.trainable_named_parameters(engine)]
+    master, sharded = eng.fp32_master_weights(engine, trainable_engine)
+    ema = EMA([f"fp32 master {i}" for i in range(len(master))], master, cfg.ema) if sharded or rank == 0 else None
+
+    def engine_ema_step():
+        engine_step()
+        if ema is not None:
+            ema.update(eng.fp32_master_weights(engine, trainable_engine)[0])
+
+    seconds = step_seconds({"engine": engine_step, "plain": plain_step, "engine_ema": engine_ema_step}, steps,
+                           warmup, device)
+    with CollectiveCounter() as without_ema:
+        engine_step()
+    with CollectiveCounter() as with_ema:
+        engine_ema_step()
     engine_s, plain_s = seconds["engine"], seconds["plain"]
     images = micro * accumulation
     return {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "zero_stage": eng.zero_stage(cfg.deepspeed), "world_size": world, "rank": rank,
             "images_per_step": images, "steps": steps, "engine_images_per_s": images / engine_s,
-            "plain_images_per_s": images / plain_s, "overhead": engine_s / plain_s}
+            "plain_images_per_s": images / plain_s, "overhead": engine_s / plain_s,
+            "ema_sharded": sharded, "ema_overhead": seconds["engine_ema"] / engine_s,
+            "collectives_per_step": without_ema.calls, "collective_mb_per_step": without_ema.bytes / 2 ** 20,
+            "collectives_per_step_with_ema": with_ema.calls,
+            "collective_mb_per_step_with_ema": with_ema.bytes / 2 ** 20}
 
 
-def checkpointing_bench(cfg: TextdiffConfig, variants: dict[str, dict], steps: int = 6, warmup: int = 2,
-                        device: torch.device = torch.device("cpu"), seed: int = 0) -> list[dict]:
-    """textdiff's plain training step (as :func:`textdiff.train.peer.peer_bench` times it, fp32) with
-    activation checkpointing set as each variant says (``{"name": {"use_checkpoint": ..., ...}}``; the first
-    is the reference), A-B-B-A; returns per variant its images/s, peak MB, and both relative to the first."""
-    from dataclasses import replace
+class CollectiveCounter:
+    """Counts the collectives called inside it, at ``deepspeed.comm`` (what DeepSpeed calls) and at
+    ``torch.distributed`` (textdiff's own), and their tensors' bytes; a call made from inside a counted one
+    (deepspeed.comm handing over to torch.distributed) is not counted again."""
 
-    from textdiff.models import build_model
+    NAMES = ("all_reduce", "all_reduce_coalesced", "inference_all_reduce", "reduce_scatter_tensor",
+             "reduce_scatter_fn", "reduce_scatter", "all_gather_into_tensor", "allgather_fn", "all_gather",
+             "all_gather_coalesced", "broadcast", "reduce", "all_to_all_single")
 
-    n = int(cfg.deepspeed.get("train_micro_batch_size_per_gpu", 8))
-    batch = synthetic_batch(cfg, n, torch.Generator().manual_seed(seed))
-    x = batch["image"].to(device)
-    t = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(seed)).to(device)
-    target = torch.randn(n, cfg.model.in_channels * (2 if cfg.model.learn_sigma else 1), *x.shape[2:],
-                         generator=torch.Generator().manual_seed(seed + 1)).to(device)
-    runs = {}
-    for name, keys in variants.items():
-        torch.manual_seed(seed)
-        model = build_model(replace(cfg.model, **keys), load_capt_weights=False).to(device).train()
-        cond = model.prepare_cond(batch["txt"], batch["capt"])
-        runs[name] = training_step(model, lambda m=model, c=cond: m(x, t, **c), target, torch.float32, device)
-    seconds = step_seconds(runs, steps, warmup, device)
-    peak = {name: peak_step_bytes(step, device) for name, step in runs.items()}
-    first = next(iter(runs))
-    return [{"variant": name, **variants[name], "img_s": n / seconds[name], "peak_mb": peak[name] / 2 ** 20,
-             "time_ratio": seconds[name] / seconds[first], "memory_ratio": peak[name] / peak[first]}
-            for name in runs]
+    def __init__(self):
+        self.calls = self.bytes = 0
+        self._depth = 0
+        self._saved: list[tuple[object, str, Callable]] = []
+
+    def __enter__(self) -> "CollectiveCounter":
+        import deepspeed.comm
+        import torch.distributed
+
+        for module in (deepspeed.comm, torch.distributed):
+            for name in self.NAMES:
+                if hasattr(module, name):
+                    original = getattr(module, name)
+                    self._saved.append((module, name, original))
+                    setattr(module, name, self._counting(original))
+        return self
+
+    def _counting(self, original: Callable) -> Callable:
+        def counted(*args, **kwargs):
+            if self._depth == 0:
+                self.calls += 1
+                self.bytes += sum(a.numel() * a.element_size() for a in tree_flatten((args, kwargs))[0]
+                                  if isinstance(a, torch.Tensor))
+            self._depth += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._depth -= 1
+        return counted
+
+    def __exit__(self, *exc) -> None:
+        for module, name, original in self._saved:
+            setattr(module, name, original)
+        self._saved = []
