@@ -118,6 +118,25 @@ def training_step(model: nn.Module, forward: Callable[[], torch.Tensor], target:
     return step
 
 
+def step_flops(step: Callable[[], None]) -> int:
+    """FLOPs of one ``step()`` as ``torch.utils.flop_counter`` counts them (matmuls, convolutions and
+    attention, forward and backward; elementwise ops count 0)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def matmul_flops_per_s(dtype: torch.dtype, device: torch.device, n: int = 0, repeats: int = 5) -> float:
+    """The measured rate of an n x n matmul in ``dtype`` (median of ``repeats``): the denominator of MFU,
+    the fraction of what this device's matrix units deliver that a step gets (n: 4096 on CUDA, 512 else)."""
+    n = n or (4096 if device.type == "cuda" else 512)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    seconds = step_seconds({"mm": lambda: a @ b}, repeats, 1, device)["mm"]
+    return 2 * n ** 3 / seconds
+
+
 def _plain_optimizer(params, ds_config: dict) -> torch.optim.Optimizer:
     opt = ds_config.get("optimizer", {"params": {}})
     p = {k: v for k, v in opt.get("params", {}).items() if k in ("lr", "betas", "eps", "weight_decay")}

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from textdiff.config import ModelConfig, TextdiffConfig
-from textdiff.train.bench import peak_step_bytes, step_seconds, synthetic_batch, training_step
+from textdiff.train.bench import (matmul_flops_per_s, peak_step_bytes, step_flops, step_seconds, synthetic_batch,
+                                  training_step)
 
 
 def peer_unet(cfg: ModelConfig) -> nn.Module:
@@ -42,7 +43,8 @@ def trainable_size(model: nn.Module) -> int:
 def peer_bench(cfg: TextdiffConfig, dtype: torch.dtype, steps: int = 6, warmup: int = 2, compile: bool = False,
                device: torch.device = torch.device("cpu"), seed: int = 0) -> dict:
     """Images/s of textdiff's and diffusers' training step at ``cfg``'s model and micro-batch, their
-    ratio (textdiff over diffusers: > 1 means textdiff is faster) and each step's peak memory."""
+    ratio (textdiff over diffusers: > 1 means textdiff is faster), each step's peak memory, FLOPs, and MFU
+    (FLOPs per second over the measured matmul rate in ``dtype`` on ``device``)."""
     torch.manual_seed(seed)
     from textdiff.models import build_model
 
@@ -62,8 +64,13 @@ def peer_bench(cfg: TextdiffConfig, dtype: torch.dtype, steps: int = 6, warmup: 
     peer_step = training_step(peer, lambda: run_peer(x, t, encoder_hidden_states=txt).sample, target, dtype, device)
     seconds = step_seconds({"textdiff": mine_step, "peer": peer_step}, steps, warmup, device)
     peak = {name: peak_step_bytes(step, device) for name, step in (("textdiff", mine_step), ("peer", peer_step))}
+    flops = {name: step_flops(step) for name, step in (("textdiff", mine_step), ("peer", peer_step))}
+    rate = matmul_flops_per_s(dtype, device)
     return {"dtype": str(dtype).removeprefix("torch."), "compile": compile, "device": str(device), "batch": n,
             "image_size": cfg.model.image_size, "params_textdiff": trainable_size(mine),
             "params_peer": trainable_size(peer), "img_s_textdiff": n / seconds["textdiff"],
             "img_s_peer": n / seconds["peer"], "ratio": seconds["peer"] / seconds["textdiff"],
-            "peak_mb_textdiff": peak["textdiff"] / 2 ** 20, "peak_mb_peer": peak["peer"] / 2 ** 20}
+            "peak_mb_textdiff": peak["textdiff"] / 2 ** 20, "peak_mb_peer": peak["peer"] / 2 ** 20,
+            "gflop_textdiff": flops["textdiff"] / 1e9, "gflop_peer": flops["peer"] / 1e9,
+            "matmul_gflop_s": rate / 1e9, "mfu_textdiff": flops["textdiff"] / seconds["textdiff"] / rate,
+            "mfu_peer": flops["peer"] / seconds["peer"] / rate}
