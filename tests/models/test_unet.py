@@ -170,3 +170,14 @@ def test_checkpointing_below_a_resolution_picks_the_levels_at_most_that_wide(tin
     steps = [*model.input_steps, model.middle, *model.output_steps]
     assert {s.res for s in steps if s.checkpoint} == {8} and {s.res for s in steps if not s.checkpoint} == {16}
     assert not any(s.checkpoint for s in [*build_model(tiny.cfg()).input_steps])
+
+
+def test_upsample_conv3x3_equals_nearest_upsampling_then_the_conv():
+    from textdiff.models.blocks import upsample_conv3x3
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 7, 3, padding=1).double()
+    x = torch.randn(2, 5, 4, 6, dtype=torch.double)
+    expected = conv(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+    assert upsample_conv3x3(x, conv).shape == (2, 7, 8, 12)
+    torch.testing.assert_close(upsample_conv3x3(x, conv), expected, rtol=0, atol=1e-12)
