@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from textdiff.config import ConfigError
+from textdiff.train import engine as eng
 from textdiff.train.checkpoint import complete_checkpoints
 from textdiff.train.loop import Trainer, TrainingDiverged, grad_norm, nonfinite_action, step_stats
 
@@ -298,3 +299,21 @@ def test_losses_are_logged_once_per_log_every_as_the_mean_of_its_steps(tiny, tmp
     assert [e.step for e in logged] == [2, 4] and len(summary["losses"]) == 4
     for event, pair in zip(logged, (summary["losses"][:2], summary["losses"][2:])):
         assert event.value == pytest.approx(sum(pair) / 2, rel=1e-6)
+
+
+def test_under_fp16_at_zero_0_the_ema_follows_the_fp32_master_weights(tiny, tmp_path):
+    try:
+        trainer = Trainer(tiny("deepspeed.fp16.enabled=true", "deepspeed.fp16.initial_scale_power=4",
+                               "ema.rates=[0.5]"), tmp_path / "run")
+    except Exception as e:  # noqa: BLE001 - DeepSpeed refuses fp16 on some CPU builds
+        pytest.skip(f"DeepSpeed fp16 on this machine: {e}")
+    full = eng.full_fp32_parameters(trainer.engine, trainer.params)
+    master = {n: v.clone() for n, v in zip(trainer.param_names, full)}
+    assert all(v.dtype == torch.float32 for v in master.values())
+    torch.testing.assert_close(trainer.ema_weights(0.5)["out_conv.weight"], master["out_conv.weight"])
+    trainer.train_step()
+    after = dict(zip(trainer.param_names, eng.full_fp32_parameters(trainer.engine, trainer.params)))
+    expected = 0.5 * master["time_embed.0.weight"] + 0.5 * after["time_embed.0.weight"]  # the first update is 50/50
+    if not trainer.engine.skipped_steps:
+        torch.testing.assert_close(trainer.ema_weights(0.5)["time_embed.0.weight"], expected)
+    trainer.close()

@@ -65,7 +65,8 @@ def upsample_conv3x3(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     w, (h, wd) = conv.weight, x.shape[-2:]
     # tap rows (cols) of the 3x3 kernel seen by an even / odd output row: even -> input rows i-1, i with
     # taps 0 and 1+2; odd -> rows i, i+1 with taps 0+1 and 2
-    rows = [torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2), torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2)]
+    rows = [torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),
+            torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2)]
     padded = F.pad(x, (1, 1, 1, 1))
     phases = []
     for a in (0, 1):

@@ -46,8 +46,8 @@ CONFIG_FILE = "config.json"
 _NAME = re.compile(r"^(?:\.replaced-)?step_(\d{8,})$")
 
 # model keys that change no weight shape or meaning: changing them on resume is allowed without a warning
-_MODEL_KEYS_FREE = {"txt_pdrop", "capt_pdrop", "all_pdrop", "dropout", "silu_impl", "clip_weights_path", "use_checkpoint",
-                    "use_checkpoint_below_res"}
+_MODEL_KEYS_FREE = {"txt_pdrop", "capt_pdrop", "all_pdrop", "dropout", "silu_impl", "clip_weights_path",
+                    "use_checkpoint", "use_checkpoint_below_res"}
 # diffusion keys that change what the network's output means: changing them on resume is an error
 _DIFFUSION_KEYS_FIXED = {"diffusion_steps", "noise_schedule", "predict_xstart", "predict_v", "rescale_timesteps"}
 # data keys the saved stream position depends on (which reader reads which shard, in which order): changing them
