@@ -201,6 +201,10 @@ def build_engine(model: nn.Module, cfg: TextdiffConfig, world_size: int):
         module.to(device=dev, dtype=dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=dict(cfg.deepspeed))
+    if zero_stage(cfg.deepspeed) == 0 and world_size == 1:
+        # one rank has nothing to sum: DeepSpeed's all-reduce would still flatten, reduce and copy back every
+        # gradient each step (ZeRO 1-3 keep theirs: their optimizers do bookkeeping in it)
+        engine.enable_backward_allreduce = False
     return engine, frozen, promoted
 
 
