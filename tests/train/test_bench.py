@@ -27,3 +27,11 @@ def test_the_ema_update_adds_no_collective_and_its_overhead_is_reported(tiny):
     assert result["ema_sharded"] and result["ema_overhead"] > 0
     assert result["collectives_per_step_with_ema"] == result["collectives_per_step"] > 0
     assert result["collective_mb_per_step_with_ema"] == result["collective_mb_per_step"]
+
+
+def test_checkpointing_every_level_keeps_less_for_the_backward_pass(tiny):
+    from textdiff.train.bench import checkpointing_bench
+
+    off, every = checkpointing_bench(tiny(), {"off": {}, "every level": {"use_checkpoint": True}}, steps=1, warmup=0)
+    assert off["variant"] == "off" and off["memory_ratio"] == 1.0 and every["use_checkpoint"] is True
+    assert every["memory_ratio"] < 1.0 and every["img_s"] > 0

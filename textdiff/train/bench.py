@@ -265,3 +265,32 @@ class CollectiveCounter:
         for module, name, original in self._saved:
             setattr(module, name, original)
         self._saved = []
+
+
+def checkpointing_bench(cfg: TextdiffConfig, variants: dict[str, dict], steps: int = 6, warmup: int = 2,
+                        device: torch.device = torch.device("cpu"), seed: int = 0) -> list[dict]:
+    """textdiff's plain training step (as :func:`textdiff.train.peer.peer_bench` times it, fp32) with
+    activation checkpointing set as each variant says (``{"name": {"use_checkpoint": ..., ...}}``; the first
+    is the reference), A-B-B-A; returns per variant its images/s, peak MB, and both relative to the first."""
+    from dataclasses import replace
+
+    from textdiff.models import build_model
+
+    n = int(cfg.deepspeed.get("train_micro_batch_size_per_gpu", 8))
+    batch = synthetic_batch(cfg, n, torch.Generator().manual_seed(seed))
+    x = batch["image"].to(device)
+    t = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(seed)).to(device)
+    target = torch.randn(n, cfg.model.in_channels * (2 if cfg.model.learn_sigma else 1), *x.shape[2:],
+                         generator=torch.Generator().manual_seed(seed + 1)).to(device)
+    runs = {}
+    for name, keys in variants.items():
+        torch.manual_seed(seed)
+        model = build_model(replace(cfg.model, **keys), load_capt_weights=False).to(device).train()
+        cond = model.prepare_cond(batch["txt"], batch["capt"])
+        runs[name] = training_step(model, lambda m=model, c=cond: m(x, t, **c), target, torch.float32, device)
+    seconds = step_seconds(runs, steps, warmup, device)
+    peak = {name: peak_step_bytes(step, device) for name, step in runs.items()}
+    first = next(iter(runs))
+    return [{"variant": name, **variants[name], "img_s": n / seconds[name], "peak_mb": peak[name] / 2 ** 20,
+             "time_ratio": seconds[name] / seconds[first], "memory_ratio": peak[name] / peak[first]}
+            for name in runs]
