@@ -271,7 +271,9 @@ def checkpointing_bench(cfg: TextdiffConfig, variants: dict[str, dict], steps: i
                         device: torch.device = torch.device("cpu"), seed: int = 0) -> list[dict]:
     """textdiff's plain training step (as :func:`textdiff.train.peer.peer_bench` times it, fp32) with
     activation checkpointing set as each variant says (``{"name": {"use_checkpoint": ..., ...}}``; the first
-    is the reference), A-B-B-A; returns per variant its images/s, peak MB, and both relative to the first."""
+    is the reference), A-B-B-A; returns per variant its images/s, the step's peak MB (at 46 M that is the
+    optimizer's, not the activations'), the MB the forward pass keeps for the backward (``saved_mb``), and
+    each relative to the first."""
     from dataclasses import replace
 
     from textdiff.models import build_model
@@ -282,15 +284,21 @@ def checkpointing_bench(cfg: TextdiffConfig, variants: dict[str, dict], steps: i
     t = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(seed)).to(device)
     target = torch.randn(n, cfg.model.in_channels * (2 if cfg.model.learn_sigma else 1), *x.shape[2:],
                          generator=torch.Generator().manual_seed(seed + 1)).to(device)
-    runs = {}
+    runs, saved = {}, {}
     for name, keys in variants.items():
         torch.manual_seed(seed)
         model = build_model(replace(cfg.model, **keys), load_capt_weights=False).to(device).train()
         cond = model.prepare_cond(batch["txt"], batch["capt"])
-        runs[name] = training_step(model, lambda m=model, c=cond: m(x, t, **c), target, torch.float32, device)
+        forward = (lambda m=model, c=cond: m(x, t, **c))
+        runs[name] = training_step(model, forward, target, torch.float32, device)
+        with LiveTensorBytes() as counter:
+            out = forward()  # alive now: what the backward pass will read
+        saved[name] = counter.live
+        del out
     seconds = step_seconds(runs, steps, warmup, device)
     peak = {name: peak_step_bytes(step, device) for name, step in runs.items()}
     first = next(iter(runs))
     return [{"variant": name, **variants[name], "img_s": n / seconds[name], "peak_mb": peak[name] / 2 ** 20,
-             "time_ratio": seconds[name] / seconds[first], "memory_ratio": peak[name] / peak[first]}
+             "saved_mb": saved[name] / 2 ** 20, "time_ratio": seconds[name] / seconds[first],
+             "memory_ratio": peak[name] / peak[first], "saved_ratio": saved[name] / saved[first]}
             for name in runs]
