@@ -105,11 +105,13 @@ def test_two_ranks_sharded_ema_resumes_exactly(synthetic_shards, tmp_path, stage
     """Under ZeRO each rank averages its own fp32 partition; the checkpoint holds the gathered full EMA, and
     a run resumed from it ends with the EMA of the uninterrupted run, to the bit."""
     recipe = write_recipe(synthetic_shards, tmp_path / "tiny.json", "train.max_steps=4",
-                          f"deepspeed.zero_optimization.stage={stage}", "checkpoint.save_every=2")
+                          f"deepspeed.zero_optimization.stage={stage}", "checkpoint.save_every=2",
+                          "train.sample_every=2", "train.sample_steps=2", 'train.sample_prompts=["ab"]')
     _deepspeed("launch.sh", "--config", str(recipe), "--run-dir", str(tmp_path / "straight"))
     _deepspeed("launch.sh", "--config", str(recipe), "--run-dir", str(tmp_path / "split"),
                "--set", "train.max_steps=2")
     _deepspeed("launch.sh", "--config", str(recipe), "--run-dir", str(tmp_path / "split"), "--resume", "auto")
+    assert (tmp_path / "split" / "samples" / "step_00000004.png").is_file()  # gathered on both ranks to sample
     straight, resumed = (load_untrusted(tmp_path / run / "checkpoints" / "step_00000004" / "textdiff.pt")["ema"]
                          for run in ("straight", "split"))
     assert straight["num_updates"] == resumed["num_updates"] == 4

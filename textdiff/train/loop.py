@@ -157,7 +157,7 @@ class Trainer:
         plain = not self.ema_sharded and not hasattr(self.engine.optimizer, "fp16_groups")  # master = params
         labels = self.param_names if plain else [f"fp32 master {i}" for i in range(len(master))]
         self.ema = EMA(labels, master, cfg.ema) if self.ema_sharded or self.rank == 0 else None
-        self._ema_cache: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}  # rate -> (step, full weights)
+        self._ema_cache: dict[str, tuple[int, Optional[dict[str, torch.Tensor]]]] = {}  # rate -> (step, full EMA)
         self.step = 0
         self.losses: deque[float] = deque(maxlen=LOSS_HISTORY)
         stream_state = None
@@ -279,7 +279,9 @@ class Trainer:
         if self.rank == 0:
             weights = {n: t.reshape(()) if scalar else t
                        for n, t, scalar in zip(self.param_names, full, self.scalar)}
-            self._ema_cache = {key: (self.step, weights)}
+        # every rank remembers the step, so that a second call at this step (the grid, then the evaluation)
+        # gathers nowhere rather than on all ranks but the one that kept the result
+        self._ema_cache = {key: (self.step, weights)}
         return weights
 
     def _ema_state(self) -> Optional[dict]:
