@@ -52,6 +52,11 @@ class ModelConfig:
     monochrome: bool = False
     monochrome_adapter: bool = False
     silu_impl: Literal["torch", "fused"] = "torch"
+    # activation (gradient) checkpointing, the research code's flags: recompute a U-net position's activations
+    # in the backward pass instead of keeping them; use_checkpoint: every level; use_checkpoint_below_res: the
+    # levels whose feature map is at most this many pixels wide (-1: none). Off by default (the seed's)
+    use_checkpoint: bool = False
+    use_checkpoint_below_res: int = -1
     # upsampler: size of the low-res image concatenated to the input; 0 for a base model
     low_res_size: int = 0
     noise_cond: bool = False
@@ -147,6 +152,8 @@ class ModelConfig:
                  f"{list(self.channel_mult)}" + (f" after the stem's {self.stem_patch}x" if self.stem_patch > 1 else "")
                  + f" cannot halve evenly; give a multiple of {factor}")
         _require(self.in_channels >= 1, "model.in_channels", "must be at least 1 (3 for RGB)")
+        _require(self.use_checkpoint_below_res >= -1, "model.use_checkpoint_below_res",
+                 "must be a feature-map width in pixels, or -1 for no level")
         _require(self.txt_depth >= 0, "model.txt_depth", "must be >= 0 (encoder layers of the transcription)")
         _require(self.txt_dim >= 1, "model.txt_dim", "must be positive")
         _require(self.cross_attn_init_gain > 0, "model.cross_attn_init_gain",

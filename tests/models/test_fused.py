@@ -62,3 +62,24 @@ def test_compiled_kernel_equals_the_reference():
     x, weight, bias, scale, shift = (a.to(device) for a in operands(4))
     fused = compiled_group_norm_silu()(x, weight, bias, 32, 1e-5, scale, shift)
     assert torch.allclose(fused, group_norm_silu_reference(x, weight, bias, 32, 1e-5, scale, shift), atol=1e-5)
+
+
+def test_bf16_under_autocast_is_normalised_in_bf16_close_to_float32():
+    x, weight, bias, scale, shift = operands(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = group_norm_silu(x.bfloat16(), weight, bias, 32, 1e-5, scale.bfloat16(), shift.bfloat16())
+    assert out.dtype == torch.bfloat16
+    expected = group_norm_silu_reference(x, weight, bias, 32, 1e-5, scale, shift)
+    assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_training_recomputes_the_norm_with_the_reference_gradients():
+    x, weight, bias, scale, shift = operands(6)
+    module = GroupNormSiLU(64)
+    module.weight.data.copy_(weight), module.bias.data.copy_(bias)
+    leaves = [t.clone().requires_grad_() for t in (x, scale, shift)]
+    module(leaves[0], leaves[1], leaves[2]).square().sum().backward()
+    ref = [t.clone().requires_grad_() for t in (x, weight, bias, scale, shift)]
+    group_norm_silu_reference(ref[0], ref[1], ref[2], 32, 1e-5, ref[3], ref[4]).square().sum().backward()
+    for got, want in zip([leaves[0], module.weight, module.bias, leaves[1], leaves[2]], ref):
+        assert torch.equal(got.grad, want.grad)

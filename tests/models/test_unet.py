@@ -143,3 +143,41 @@ def test_pooled_transcription_embedding_conditions_every_block_through_the_times
         model(x, t, **model.prepare_cond(["ab", "cd"], None))
     assert torch.equal(seen[0][0], seen[1][0]) and float((seen[0][1] - seen[1][1]).abs().max()) > 1e-3
     assert sum(p.numel() for p in model.txt_emb_proj.parameters()) == 2 * 32 + 32 * 128 + 128
+
+
+def _loss_and_grads(model, x, t, **cond):
+    loss = model(x, t, **cond).square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny):
+    cfg = tiny.cfg(txt=True)
+    plain = tiny.model(cfg)
+    checkpointed = tiny.model(tiny.cfg(txt=True, use_checkpoint=True))
+    checkpointed.load_state_dict(plain.state_dict())
+    x, t = tiny.inputs()
+    cond = plain.prepare_cond(["ab", "cd"], None)
+    loss, grads = _loss_and_grads(plain, x, t, **cond)
+    loss_c, grads_c = _loss_and_grads(checkpointed, x, t, **cond)
+    assert torch.equal(loss, loss_c) and grads.keys() == grads_c.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-5, atol=1e-7)
+
+
+def test_checkpointing_below_a_resolution_picks_the_levels_at_most_that_wide(tiny):
+    model = build_model(tiny.cfg(use_checkpoint_below_res=8))
+    steps = [*model.input_steps, model.middle, *model.output_steps]
+    assert {s.res for s in steps if s.checkpoint} == {8} and {s.res for s in steps if not s.checkpoint} == {16}
+    assert not any(s.checkpoint for s in [*build_model(tiny.cfg()).input_steps])
+
+
+def test_upsample_conv3x3_equals_nearest_upsampling_then_the_conv():
+    from textdiff.models.blocks import upsample_conv3x3
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 7, 3, padding=1).double()
+    x = torch.randn(2, 5, 4, 6, dtype=torch.double)
+    expected = conv(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+    assert upsample_conv3x3(x, conv).shape == (2, 7, 8, 12)
+    torch.testing.assert_close(upsample_conv3x3(x, conv), expected, rtol=0, atol=1e-12)

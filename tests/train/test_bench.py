@@ -20,3 +20,35 @@ def test_bench_reports_both_throughputs_and_their_ratio(tiny):
     assert result["images_per_step"] == 8 and result["dtype"] == "float32" and result["zero_stage"] == 0
     assert result["engine_images_per_s"] > 0 and result["plain_images_per_s"] > 0
     assert result["overhead"] == pytest.approx(result["plain_images_per_s"] / result["engine_images_per_s"])
+
+
+def test_the_ema_update_adds_no_collective_and_its_overhead_is_reported(tiny):
+    result = bench_train(tiny("deepspeed.zero_optimization.stage=2"), steps=1, warmup=0)
+    assert result["ema_sharded"] and result["ema_overhead"] > 0
+    assert result["collectives_per_step_with_ema"] == result["collectives_per_step"] > 0
+    assert result["collective_mb_per_step_with_ema"] == result["collective_mb_per_step"]
+
+
+def test_checkpointing_bench_reports_each_variant_against_the_first(tiny):
+    from textdiff.train.bench import checkpointing_bench
+
+    off, every = checkpointing_bench(tiny(), {"off": {}, "every level": {"use_checkpoint": True}}, steps=1, warmup=0)
+    assert off["variant"] == "off" and off["memory_ratio"] == 1.0 and off["time_ratio"] == 1.0
+    assert every["use_checkpoint"] is True and every["img_s"] > 0 and every["peak_mb"] > 0
+
+
+def test_checkpointing_every_level_keeps_less_for_the_backward_pass(tiny):
+    from textdiff.models import build_model
+    from textdiff.train.bench import LiveTensorBytes
+
+    cfg = tiny()
+    x, t = torch.randn(4, 3, 16, 16), torch.randint(0, 1000, (4,))
+    kept = {}
+    for flag in (False, True):
+        model = build_model(cfg.model.__class__(**{**cfg.model.__dict__, "use_checkpoint": flag}))
+        cond = model.prepare_cond(["ab"] * 4, None)
+        with LiveTensorBytes() as counter:
+            out = model(x, t, **cond)  # what stays alive now is what the backward pass will read
+        kept[flag] = counter.live
+        out.sum().backward()
+    assert kept[True] < 0.5 * kept[False]

@@ -12,24 +12,35 @@ def _snapshots(k: int) -> list[torch.Tensor]:
     return [torch.randn(3, 2, generator=g) for _ in range(k)]
 
 
-def test_decay_is_zero_then_one_half_then_capped_at_the_rate():
-    assert [ema_decay(0.9, n, 0, 0) for n in (0, 1, 3)] == [0.0, 0.5, 0.75]
-    assert ema_decay(0.9, 9, 0, 0) == pytest.approx(0.9)
+def test_decay_is_one_half_then_two_thirds_then_capped_at_the_rate():
+    # the research code's update_arithmetic_average with n = step - from + 2: the divisor is 2 at the first step
+    assert [ema_decay(0.9, n, 0, 0) for n in (0, 1, 3)] == [0.5, pytest.approx(2 / 3), 0.8]
+    assert ema_decay(0.9, 8, 0, 0) == pytest.approx(0.9)
     assert ema_decay(0.9, 500, 0, 0) == 0.9
 
 
 def test_decay_before_from_step_is_the_rate_and_shift_delays_the_start():
     assert ema_decay(0.99, 4, 5, 0) == 0.99
-    assert ema_decay(0.99, 5, 5, 0) == 0.0
-    assert ema_decay(0.99, 5, 5, 3) == pytest.approx(0.75)
+    assert ema_decay(0.99, 5, 5, 0) == 0.5
+    assert ema_decay(0.99, 5, 5, 3) == pytest.approx(0.8)
 
 
-def test_first_ten_updates_of_rate_0_9_give_the_exact_mean():
-    snaps = _snapshots(10)
-    ema = EMA(["w"], [torch.full((3, 2), 100.0)], EMAConfig(rates=(0.9,)))
+def test_first_updates_average_the_initial_weights_with_each_step_alike():
+    ema = EMA(["w"], [torch.zeros(2)], EMAConfig(rates=(0.9,)))
+    seen = []
+    for v in (1.0, 2.0, 6.0):
+        ema.update([torch.full((2,), v)])
+        seen.append(ema.named_averages(0.9)["w"][0].item())
+    assert seen == [0.5, 1.0, 2.25]  # (0 + 1) / 2, (0 + 1 + 2) / 3, (0 + 1 + 2 + 6) / 4
+
+
+def test_first_nine_updates_of_rate_0_9_give_the_exact_mean_with_the_initial_weights():
+    snaps = _snapshots(9)
+    init = torch.full((3, 2), 100.0)
+    ema = EMA(["w"], [init], EMAConfig(rates=(0.9,)))
     for s in snaps:
         ema.update([s])
-    torch.testing.assert_close(ema.named_averages(0.9)["w"], torch.stack(snaps).mean(0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ema.named_averages(0.9)["w"], torch.stack([init] + snaps).mean(0), atol=1e-5, rtol=0)
 
 
 def test_after_the_handover_the_average_is_exponential():
@@ -37,8 +48,8 @@ def test_after_the_handover_the_average_is_exponential():
     ema = EMA(["w"], [torch.zeros(3, 2)], EMAConfig(rates=(0.9,)))
     for s in snaps:
         ema.update([s])
-    expected = torch.stack(snaps[:10]).mean(0)
-    for s in snaps[10:]:
+    expected = torch.stack([torch.zeros(3, 2)] + snaps[:9]).mean(0)
+    for s in snaps[9:]:
         expected = 0.9 * expected + 0.1 * s
     torch.testing.assert_close(ema.named_averages(0.9)["w"], expected, atol=1e-6, rtol=0)
 
@@ -48,8 +59,8 @@ def test_two_rates_are_kept_apart_and_in_fp32():
     for v in (1.0, 2.0, 3.0):
         ema.update([torch.full((2,), v, dtype=torch.bfloat16)])
     assert ema.named_averages(0.9)["w"].dtype == torch.float32
-    assert ema.named_averages(0.9)["w"].tolist() == [2.0, 2.0]  # mean of 1, 2, 3
-    assert ema.named_averages(0.5)["w"].tolist() == [2.25, 2.25]  # 1, then 1.5, then 0.5*1.5+0.5*3
+    assert ema.named_averages(0.9)["w"].tolist() == [1.5, 1.5]  # mean of 0, 1, 2, 3
+    assert ema.named_averages(0.5)["w"].tolist() == [2.125, 2.125]  # 0.5, then 1.25, then 0.5*1.25+0.5*3
 
 
 def test_state_round_trip_continues_the_count_without_a_manual_shift():
@@ -82,12 +93,12 @@ def test_ramp_warmup_decay_is_one_tenth_then_rises_to_the_rate():
 
 def test_ramp_warmup_follows_the_recent_weights_where_the_arithmetic_mean_keeps_the_early_ones():
     """300 updates at rate 0.999 of weights moving linearly from 1/300 to 1 (w_n = n / 300): the arithmetic
-    mean is (301 / 2) / 300 = 0.5017, half of it early weights; the ramp averages about the last 10% of the
+    mean with the initial 0 is (300 * 301 / 2 / 300) / 301 = 0.5, half of it early weights; the ramp averages about the last 10% of the
     run: sum_n (1 - d_n) w_n prod_{m > n} d_m = 0.9000."""
     arith = EMA(["w"], [torch.zeros(1)], EMAConfig(rates=(0.999,)))
     ramp = EMA(["w"], [torch.zeros(1)], EMAConfig(rates=(0.999,), warmup="ramp"))
     for n in range(1, 301):
         arith.update([torch.full((1,), n / 300)])
         ramp.update([torch.full((1,), n / 300)])
-    assert float(arith.named_averages(0.999)["w"]) == pytest.approx(301 / 600, abs=1e-6)
+    assert float(arith.named_averages(0.999)["w"]) == pytest.approx(0.5, abs=1e-6)
     assert float(ramp.named_averages(0.999)["w"]) == pytest.approx(0.9, abs=1e-5)

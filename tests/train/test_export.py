@@ -28,7 +28,7 @@ def test_ema_and_raw_exports_of_a_zero2_run_load_back(tiny, tmp_path):
     ema_file = export_checkpoint(run, tmp_path / "ema.safetensors", "ema", ema_rate=0.9)
     cfg, state = read_export(ema_file)
     assert cfg.deepspeed["zero_optimization"]["stage"] == 2 and cfg.train.max_steps == 2
-    for name, avg in trainer.ema.named_averages(0.9).items():
+    for name, avg in trainer.ema_weights(0.9).items():
         assert torch.equal(state[name], avg), name
     with safe_open(str(ema_file), framework="pt") as f:
         assert f.metadata()["weights"] == "ema:0.9" and f.metadata()["step"] == "2"

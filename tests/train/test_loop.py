@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from textdiff.config import ConfigError
+from textdiff.train import engine as eng
 from textdiff.train.checkpoint import complete_checkpoints
-from textdiff.train.loop import Trainer, TrainingDiverged, nonfinite_action
+from textdiff.train.loop import Trainer, TrainingDiverged, grad_norm, nonfinite_action, step_stats
 
 
 def _recording(batches, keys):
@@ -29,7 +30,7 @@ def _run(cfg, run_dir, resume=None, keys=None):
     return trainer, summary
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_four_steps_straight_equal_two_plus_resumed_two(tiny, tmp_path, stage):
     zero = f"deepspeed.zero_optimization.stage={stage}"
     straight_keys, first_keys, second_keys = [], [], []
@@ -41,8 +42,8 @@ def test_four_steps_straight_equal_two_plus_resumed_two(tiny, tmp_path, stage):
     for (name, a), b in zip(straight.engine.module.state_dict().items(), resumed.engine.module.state_dict().values()):
         assert torch.equal(a, b), name
     for rate in (0.9, 0.5):
-        for name, a in straight.ema.named_averages(rate).items():
-            assert torch.equal(a, resumed.ema.named_averages(rate)[name]), (rate, name)
+        for name, a in straight.ema_weights(rate).items():
+            assert torch.equal(a, resumed.ema_weights(rate)[name]), (rate, name)
     assert len(straight_keys) == 16 and len(set(straight_keys)) == 16  # 4 steps x 4 images, none repeated
     assert first_keys + second_keys == straight_keys
     assert [s for s, _ in complete_checkpoints(tmp_path / "split" / "checkpoints")] == [2, 4]
@@ -103,7 +104,7 @@ def test_frozen_caption_encoder_stays_out_of_zero3_and_the_optimizer(tiny, tiny_
     trainer.close()
     assert summary["step"] == 2 and all(torch.isfinite(torch.tensor(summary["losses"])))
     assert all(torch.equal(a, b) for a, b in zip(weights, encoder.parameters()))
-    assert trainer.ema.named_averages(0.9)["out_conv.weight"].shape == (6, 32, 3, 3)
+    assert trainer.ema_weights(0.9)["out_conv.weight"].shape == (6, 32, 3, 3)
 
 
 def test_resuming_with_another_model_width_names_the_key_before_loading(tiny, tmp_path):
@@ -274,3 +275,46 @@ def test_resuming_with_another_micro_batch_starts_the_stream_afresh_warning_once
     trainer.close()
     assert trainer.step == 1 and trainer.stream.counters()["batches"] == 0
     assert capsys.readouterr().err.count("the data stream starts afresh") == 1  # textdiff logs to stderr
+
+
+def test_grad_norm_is_the_norm_of_all_gradients_together_as_a_tensor():
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(1, requires_grad=True)
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])
+    norm = grad_norm([a, b, torch.zeros(1, requires_grad=True)])  # a parameter without a gradient is left out
+    assert isinstance(norm, torch.Tensor) and norm.item() == 5.0
+
+
+def test_step_stats_sum_the_terms_and_the_loss_by_timestep_quartile():
+    terms = {"loss": torch.tensor([1.0, 2.0, 3.0, 5.0]), "mse": torch.ones(4), "vb": torch.zeros(4)}
+    stats = step_stats(terms, torch.tensor([0, 24, 25, 99]), 100)
+    assert stats.tolist() == [11.0, 4.0, 0.0, 4.0, 3.0, 3.0, 0.0, 5.0, 2.0, 1.0, 0.0, 1.0]
+
+
+def test_losses_are_logged_once_per_log_every_as_the_mean_of_its_steps(tiny, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer, summary = _run(tiny("train.max_steps=4", "train.log_every=2"), tmp_path / "run")
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    logged = acc.Scalars("train/loss")
+    assert [e.step for e in logged] == [2, 4] and len(summary["losses"]) == 4
+    for event, pair in zip(logged, (summary["losses"][:2], summary["losses"][2:])):
+        assert event.value == pytest.approx(sum(pair) / 2, rel=1e-6)
+
+
+def test_under_fp16_at_zero_0_the_ema_follows_the_fp32_master_weights(tiny, tmp_path):
+    try:
+        trainer = Trainer(tiny("deepspeed.fp16.enabled=true", "deepspeed.fp16.initial_scale_power=4",
+                               "ema.rates=[0.5]"), tmp_path / "run")
+    except Exception as e:  # noqa: BLE001 - DeepSpeed refuses fp16 on some CPU builds
+        pytest.skip(f"DeepSpeed fp16 on this machine: {e}")
+    full = eng.full_fp32_parameters(trainer.engine, trainer.params)
+    master = {n: v.clone() for n, v in zip(trainer.param_names, full)}
+    assert all(v.dtype == torch.float32 for v in master.values())
+    torch.testing.assert_close(trainer.ema_weights(0.5)["out_conv.weight"], master["out_conv.weight"])
+    trainer.train_step()
+    after = dict(zip(trainer.param_names, eng.full_fp32_parameters(trainer.engine, trainer.params)))
+    expected = 0.5 * master["time_embed.0.weight"] + 0.5 * after["time_embed.0.weight"]  # the first update is 50/50
+    if not trainer.engine.skipped_steps:
+        torch.testing.assert_close(trainer.ema_weights(0.5)["time_embed.0.weight"], expected)
+    trainer.close()

@@ -16,6 +16,8 @@ import torch
 class UniformSampler:
     """Every step equally likely; weights are all 1."""
 
+    learns_from_losses = False  # update() is a no-op: the loop need not gather the losses every step
+
     def __init__(self, num_timesteps: int):
         self.num_timesteps = num_timesteps
 
@@ -48,6 +50,8 @@ class LossSecondMomentSampler(UniformSampler):
     of the uniform distribution so no step starves. In distributed training call :meth:`update` with the
     steps and losses gathered from every rank, so all ranks hold the same state.
     """
+
+    learns_from_losses = True
 
     def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001):
         super().__init__(num_timesteps)

@@ -56,6 +56,29 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
+def upsample_conv3x3(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(F.interpolate(x, scale_factor=2, mode="nearest"))`` for a 3x3 conv with padding 1, computed
+    without the upsampled map: each of the four output phases (row, column parity) sees only 2x2 input
+    pixels, so it is a 2x2 conv of x with the 3x3 taps that land on the same pixel summed, and the phases
+    are interleaved with pixel_shuffle. 16 instead of 36 multiply-adds per input pixel and channel pair,
+    forward and backward. x: [N, C, H, W] -> [N, C_out, 2H, 2W]."""
+    w, (h, wd) = conv.weight, x.shape[-2:]
+    # tap rows (cols) of the 3x3 kernel seen by an even / odd output row: even -> input rows i-1, i with
+    # taps 0 and 1+2; odd -> rows i, i+1 with taps 0+1 and 2
+    rows = [torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),
+            torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2)]
+    padded = F.pad(x, (1, 1, 1, 1))
+    phases = []
+    for a in (0, 1):
+        for b in (0, 1):
+            r = rows[a]  # [Co, Ci, 2, 3]
+            k = (torch.stack([r[..., 0], r[..., 1] + r[..., 2]], -1) if b == 0
+                 else torch.stack([r[..., 0] + r[..., 1], r[..., 2]], -1))
+            phases.append(F.conv2d(padded[:, :, a:a + h + 1, b:b + wd + 1], k, conv.bias))
+    out = torch.stack(phases, 2)  # [N, Co, 4, H, W], phase index 2a + b
+    return F.pixel_shuffle(out.flatten(1, 2), 2)
+
+
 class Upsample(nn.Module):
     """Double H and W with nearest-neighbour upsampling, then a 3x3 conv when ``use_conv``."""
 
@@ -64,7 +87,9 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        if isinstance(self.conv, nn.Conv2d):
+            return upsample_conv3x3(x, self.conv)
+        return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
 class ResBlock(nn.Module):
@@ -96,7 +121,10 @@ class ResBlock(nn.Module):
         self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_conv(self.h_resample(self.in_norm(x)))
+        if isinstance(self.h_resample, Upsample):  # upsample + conv as one sub-pixel conv, 2.25x fewer FLOPs
+            h = upsample_conv3x3(self.in_norm(x), self.in_conv)
+        else:
+            h = self.in_conv(self.h_resample(self.in_norm(x)))
         e = self.emb_proj(emb)[:, :, None, None].to(h.dtype)
         if self.use_scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)
@@ -148,7 +176,11 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, capt_tokens: Optional[torch.Tensor] = None,
                 capt_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         n, c, hh, ww = x.shape
-        q, k, v = self.qkv(self.norm(x).reshape(n, c, -1)).transpose(1, 2).chunk(3, dim=-1)  # [N, HW, C] each
+        # the 1x1 Conv1d's weights applied as a linear map over channel-last tokens: q, k and v come out
+        # [N, HW, C] with a contiguous last dimension, which scaled_dot_product_attention's fused kernels
+        # need (a transposed Conv1d output sends it to the math path, which keeps the attention matrix)
+        tokens = self.norm(x).reshape(n, c, -1).transpose(1, 2)
+        q, k, v = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias).chunk(3, dim=-1)
         key_mask = None
         if self.capt_kv is not None and capt_tokens is not None:
             ck, cv = self.capt_kv(capt_tokens.to(q.dtype)).chunk(2, dim=-1)
@@ -156,4 +188,5 @@ class AttentionBlock(nn.Module):
             own = torch.ones(n, hh * ww, dtype=torch.bool, device=x.device)
             key_mask = torch.cat([own, capt_mask], dim=1)
         h = attention(q, k, v, self.heads, key_mask)
-        return x + self.proj_out(h.transpose(1, 2)).reshape(n, c, hh, ww)
+        out = F.linear(h, self.proj_out.weight.squeeze(-1), self.proj_out.bias)  # [N, HW, C]
+        return x + out.transpose(1, 2).reshape(n, c, hh, ww)

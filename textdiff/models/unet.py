@@ -16,6 +16,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from textdiff.config import ModelConfig
@@ -47,8 +48,14 @@ class Step(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.res = res
+        self.checkpoint = False  # recompute this position's activations in the backward pass
 
     def forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._layers, h, ctx, use_reentrant=False)
+        return self._layers(h, ctx)
+
+    def _layers(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
         for layer in self.layers:
             if isinstance(layer, ResBlock):
                 h = layer(h, ctx.emb)
@@ -164,6 +171,8 @@ class TextdiffUNet(nn.Module):
                 self.output_steps.append(Step(*layers, res=res))
                 if level and i == cfg.num_res_blocks:
                     res *= 2
+        for step in [*self.input_steps, self.middle, *self.output_steps]:
+            step.checkpoint = cfg.use_checkpoint or step.res <= cfg.use_checkpoint_below_res
         self.out_norm = GroupNormSiLU(ch, cfg.silu_impl, cfg.num_groups)
         self.out_conv = zero_module(nn.Conv2d(ch, self.image_channels * out_mult * cfg.stem_patch ** 2, 3, padding=1))
 

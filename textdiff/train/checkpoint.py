@@ -46,7 +46,8 @@ CONFIG_FILE = "config.json"
 _NAME = re.compile(r"^(?:\.replaced-)?step_(\d{8,})$")
 
 # model keys that change no weight shape or meaning: changing them on resume is allowed without a warning
-_MODEL_KEYS_FREE = {"txt_pdrop", "capt_pdrop", "all_pdrop", "dropout", "silu_impl", "clip_weights_path"}
+_MODEL_KEYS_FREE = {"txt_pdrop", "capt_pdrop", "all_pdrop", "dropout", "silu_impl", "clip_weights_path",
+                    "use_checkpoint", "use_checkpoint_below_res"}
 # diffusion keys that change what the network's output means: changing them on resume is an error
 _DIFFUSION_KEYS_FIXED = {"diffusion_steps", "noise_schedule", "predict_xstart", "predict_v", "rescale_timesteps"}
 # data keys the saved stream position depends on (which reader reads which shard, in which order): changing them
@@ -377,9 +378,10 @@ class CheckpointManager:
             if stale.name.startswith(PARTIAL_PREFIX) or (self.root / stale.name[len(REPLACED_PREFIX):]).is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
 
-    def load(self, engine, path: Path) -> tuple[dict, Optional[dict]]:
-        """Restore the engine from checkpoint ``path``; returns (this rank's state, the textdiff state (rank 0's
-        EMA...; None on other ranks)). Raises ConfigError when the checkpoint lacks this rank's state, and
+    def load(self, engine, path: Path, every_rank: bool = False) -> tuple[dict, Optional[dict]]:
+        """Restore the engine from checkpoint ``path``; returns (this rank's state, the textdiff state (the
+        full EMA...; None on ranks other than 0 unless ``every_rank``, for an EMA sharded over the ranks)).
+        Raises ConfigError when the checkpoint lacks this rank's state, and
         UnsafeCheckpointError when any file DeepSpeed or textdiff reads holds a pickle that would run code."""
         load_safely(engine)
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
@@ -391,5 +393,5 @@ class CheckpointManager:
             raise ConfigError(f"checkpoint {path} has no {mine.name}: it was written by fewer ranks than this "
                               f"run's {self.world_size}; resume with the same number of ranks")
         rank_state = load_untrusted(mine)
-        textdiff_state = load_untrusted(path / TEXTDIFF_STATE) if self.rank == 0 else None
+        textdiff_state = load_untrusted(path / TEXTDIFF_STATE) if self.rank == 0 or every_rank else None
         return rank_state, textdiff_state

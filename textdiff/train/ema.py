@@ -1,9 +1,11 @@
 """EMA of the weights that starts as an arithmetic average and hands over to the exponential one.
 
 The plain EMA of rate r needs about 1/(1-r) steps (10 000 for 0.9999) to forget its initial value. Starting
-as an arithmetic mean removes that warm-up: update n (counted from ``ema.arithmetic_avg_from_step``) uses
-decay ``min(rate, 1 - 1/(n + 1 + arithmetic_avg_extra_shift))``, so the first 1/(1-rate) updates give the
-exact mean of the weights seen so far, after which the decay is the rate itself.
+as an arithmetic mean removes that warm-up. As in the research code (``update_arithmetic_average`` with
+``n = step - arithmetic_avg_from_step + 2``), update n (counted from ``ema.arithmetic_avg_from_step``) uses
+decay ``min(rate, 1 - 1/(n + 2 + arithmetic_avg_extra_shift))``: the first update is the 50/50 average of
+the initial weights and the first step's, and the first 1/(1-rate) - 1 updates give the exact mean of the
+initial weights and every step's so far, after which the decay is the rate itself.
 
 ``ema.warmup = "ramp"`` instead uses decay ``min(rate, (1 + n) / (10 + n))`` (the warm-up of TensorFlow's
 ExponentialMovingAverage with num_updates): after n updates it averages about the last n/10, where the
@@ -14,7 +16,9 @@ short runs that sample the EMA after a few thousand steps.
 
 The update count lives in the EMA's state and so in every checkpoint: a resumed run continues the average
 where it stopped (the seed needed ``arithmetic_avg_extra_shift`` raised by hand after each restart).
-Averages are kept in fp32 on the rank that holds them (rank 0 in training).
+Averages are kept in fp32. The tensors an :class:`EMA` averages are whatever its owner hands it: in training,
+each rank's own partition of the optimizer's fp32 master weights (``engine.fp32_master_weights``), so under
+ZeRO the EMA is sharded like the optimizer state and its update communicates nothing.
 """
 
 from __future__ import annotations
@@ -27,15 +31,15 @@ from textdiff.config import EMAConfig
 
 
 def ema_decay(rate: float, update: int, from_step: int, extra_shift: int, warmup: str = "arithmetic") -> float:
-    """Decay for the 0-based ``update``: ``rate`` before ``from_step``, then ``min(rate, 1 - 1/(n + 1 + shift))``
-    with n = update - from_step (n = 0 gives decay 0: the average restarts at the current weights).
-    With ``warmup="ramp"``: ``min(rate, (1 + update) / (10 + update))``."""
+    """Decay for the 0-based ``update``: ``rate`` before ``from_step``, then ``min(rate, 1 - 1/(n + 2 + shift))``
+    with n = update - from_step (n = 0 gives decay 1/2: the average restarts halfway between its value and
+    the current weights). With ``warmup="ramp"``: ``min(rate, (1 + update) / (10 + update))``."""
     if warmup == "ramp":
         return min(rate, (1.0 + update) / (10.0 + update))
     if update < from_step:
         return rate
     n = update - from_step
-    return min(rate, 1.0 - 1.0 / (n + 1 + extra_shift))
+    return min(rate, 1.0 - 1.0 / (n + 2 + extra_shift))
 
 
 def rate_key(rate: float) -> str:
@@ -59,14 +63,18 @@ class EMA:
 
     @torch.no_grad()
     def update(self, params: Sequence[torch.Tensor]) -> None:
-        """Fold in the current weights (one tensor per name, full shape, any dtype); counts one update."""
+        """Fold in the current weights (one tensor per name, the shapes of ``init``, any dtype); counts one
+        update. Two multi-tensor (``_foreach``) ops per rate, whatever the number of tensors."""
         if len(params) != len(self.names):
             raise ValueError(f"EMA.update got {len(params)} tensors for {len(self.names)} parameters")
+        first = next(iter(self.averages.values()))
+        current = [p.detach().to(a.device, torch.float32) for p, a in zip(params, first)]
         for rate in self.cfg.rates:
             decay = ema_decay(rate, self.num_updates, self.cfg.arithmetic_avg_from_step,
                               self.cfg.arithmetic_avg_extra_shift, self.cfg.warmup)
-            for avg, p in zip(self.averages[rate_key(rate)], params):
-                avg.mul_(decay).add_(p.detach().to(avg.device, torch.float32), alpha=1.0 - decay)
+            averages = self.averages[rate_key(rate)]
+            torch._foreach_mul_(averages, decay)
+            torch._foreach_add_(averages, current, alpha=1.0 - decay)
         self.num_updates += 1
 
     def named_averages(self, rate: float | str) -> dict[str, torch.Tensor]:

@@ -230,6 +230,10 @@ def build_engine(model: nn.Module, cfg: TextdiffConfig, world_size: int):
         # after initialize: DeepSpeed broadcasts each weight as a flat byte view, which a channels-last tensor
         # has not; the optimizer keeps the same Parameter objects, only their storage changes
         engine.module.to(memory_format=torch.channels_last)
+    if zero_stage(cfg.deepspeed) == 0 and world_size == 1:
+        # one rank has nothing to sum: DeepSpeed's all-reduce would still flatten, reduce and copy back every
+        # gradient each step (ZeRO 1-3 keep theirs: their optimizers do bookkeeping in it)
+        engine.enable_backward_allreduce = False
     return engine, frozen, promoted
 
 
@@ -245,15 +249,94 @@ def trainable_named_parameters(engine) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
 
 
-def full_fp32_parameters(engine, params: list[nn.Parameter]) -> list[Optional[torch.Tensor]]:
-    """Full-shape fp32 values of ``params``: the optimizer's fp32 master copy when the module runs in 16 bits
-    or under ZeRO-3 (gathered from every rank; all ranks must call this), else the parameters themselves."""
+def fp32_master_weights(engine, params: list[nn.Parameter]) -> tuple[list[torch.Tensor], bool]:
+    """This rank's fp32 master weights, the tensors the optimizer steps, and whether they are sharded.
+
+    Under ZeRO 1-3 and DeepSpeed's bf16 optimizer: this rank's flat fp32 partitions (sharded: every rank
+    holds its own); under fp16 at ZeRO 0: the flat fp32 copy of each parameter group (every rank holds all
+    of it); in fp32 at ZeRO 0: ``params`` themselves. Views, not copies: they change with every step.
+    """
+    optimizer = engine.optimizer
+    for sharded in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        if hasattr(optimizer, sharded):
+            return list(getattr(optimizer, sharded)), True
+    if hasattr(optimizer, "fp32_groups_flat"):  # FP16_Optimizer: fp32_groups_flat[i] flattens fp16_groups[i]
+        return list(optimizer.fp32_groups_flat), False
+    return [p.detach() for p in params], False
+
+
+def _fp16_group_views(engine, params: list[nn.Parameter], flats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of ``flats`` (laid out as FP16_Optimizer's fp32_groups_flat) shaped as ``params``."""
+    views = {}
+    for group, flat in zip(engine.optimizer.fp16_groups, flats):
+        offset = 0
+        for p in group:
+            views[id(p)] = flat.narrow(0, offset, p.numel()).view(p.shape)
+            offset += p.numel()
+    return [views[id(p)] for p in params]
+
+
+@torch.no_grad()
+def full_fp32_parameters(engine, params: list[nn.Parameter],
+                         master: Optional[list[torch.Tensor]] = None) -> list[torch.Tensor]:
+    """Full-shape fp32 values of ``params`` from the master weights, or from ``master``: tensors laid out
+    as :func:`fp32_master_weights` (an EMA of them). Sharded masters are gathered from every rank (all
+    ranks must call this; one all-reduce per tensor), replicated ones are read where they are."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    if zero_stage(engine.config) < 3 and compute_dtype(engine.config) == torch.float32:
-        return [p.detach() for p in params]
-    out = []
-    for p in params:
-        full = safe_get_full_fp32_param(p)
-        out.append(full if full is not None else p.detach().float())
-    return out
+    current, sharded = fp32_master_weights(engine, params)
+    values = current if master is None else master
+    if not sharded:
+        if hasattr(engine.optimizer, "fp16_groups"):
+            return _fp16_group_views(engine, params, values)
+        return [v.reshape(p.shape) for v, p in zip(values, params)]
+    saved = None
+    if master is not None:  # DeepSpeed gathers from its own partitions: lend them the given values meanwhile
+        saved = [t.clone() for t in current]
+        torch._foreach_copy_(current, [v.to(t.dtype) for v, t in zip(master, current)])
+    try:
+        return [safe_get_full_fp32_param(p) for p in params]
+    finally:
+        if saved is not None:
+            torch._foreach_copy_(current, saved)
+
+
+@torch.no_grad()
+def partition_fp32(engine, params: list[nn.Parameter], full: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The inverse of :func:`full_fp32_parameters`: full-shape fp32 values of ``params`` (every rank
+    passes the same) -> new tensors laid out as this rank's :func:`fp32_master_weights`."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    current, sharded = fp32_master_weights(engine, params)
+    if not sharded:
+        out = [t.detach().clone().float() for t in current]
+        views = (_fp16_group_views(engine, params, out) if hasattr(engine.optimizer, "fp16_groups")
+                 else [v.view(p.shape) for v, p in zip(out, params)])
+        for view, value in zip(views, full):
+            view.copy_(value.reshape(view.shape))
+        return out
+    saved = [t.clone() for t in current]
+    try:
+        for p, value in zip(params, full):
+            value = value.to(current[0].device, torch.float32).flatten()
+            if hasattr(p, "ds_id"):
+                _set_zero3_partition(p, value)
+            else:
+                safe_set_full_fp32_param(p, value.view(p.shape))
+        return [t.detach().clone().float() for t in current]
+    finally:
+        torch._foreach_copy_(current, saved)
+
+
+def _set_zero3_partition(param: nn.Parameter, value: torch.Tensor) -> None:
+    """This rank's slice of the flat ``value`` into the ZeRO-3 fp32 partition of ``param``, zero-padded.
+
+    DeepSpeed 0.19's ``set_full_hp_param`` reads past the end of the value on the ranks whose partition of a
+    small tensor is all padding (a [1] gain on 2 ranks), so this does its narrow itself.
+    """
+    optimizer = param._z3_optimizer
+    part, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+    start = part.numel() * optimizer._get_param_partition_rank(param)
+    piece = value[start:start + part.numel()]
+    part.zero_()
+    part[:piece.numel()].copy_(piece)

@@ -3,7 +3,11 @@
 ``train(cfg, run_dir, resume)`` is what ``launch.sh`` runs on every rank. :class:`Trainer` holds the parts
 (engine, EMA, stream, checkpoints, logger) and :meth:`Trainer.run` is the loop itself, written out plainly.
 
-Failure behaviour: a NaN or inf loss on any rank is seen by all ranks (one all-reduce per micro-batch). With
+The step waits for the accelerator once: at the vote before the optimizer step (is every rank's loss finite,
+did a rank get a stop signal). The losses, their timestep quartiles and the gradient norm stay on the device
+and are reduced over the ranks once per ``train.log_every`` (:meth:`Trainer.reduce_window`).
+
+Failure behaviour: a NaN or inf loss on any rank is seen by all ranks (the vote before the step). With
 fp16 the step goes through and DeepSpeed's loss scaler skips it (counted in ``train/skipped_steps``); with
 bf16 or fp32 there is no scaler to skip it, so every rank stops with :class:`TrainingDiverged` naming the
 step, before the bad gradients touch the weights and without saving anything. SIGTERM or SIGINT make every
@@ -23,16 +27,16 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from textdiff.config import ConfigError, TextdiffConfig
-from textdiff.diffusion.gaussian import quartile_means
 from textdiff.files import atomic_write_bytes
 from textdiff.train import engine as eng
 from textdiff.train.checkpoint import (CONFIG_FILE, CheckpointManager, RunDirError, check_resume_compatible,
                                        load_untrusted, rank_file, read_config, resolve_resume, write_failure)
 from textdiff.train.control import StopFlag, rng_state, seed_everything, set_rng_state
-from textdiff.train.ema import EMA
+from textdiff.train.ema import EMA, rate_key
 from textdiff.train.logging import (EVAL_GRID_COLUMNS, TrainLogger, append_jsonl, eval_scalars, gpu_memory_gib,
                                     image_grid, per_rank, save_png, setup_logging)
 
@@ -57,7 +61,8 @@ def nonfinite_action(dtype: torch.dtype) -> str:
 def diffusion_loss(model: torch.nn.Module, model_fn, diffusion, timesteps, batch: dict, cfg: TextdiffConfig,
                    generator: torch.Generator, device: torch.device
                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """One micro-batch -> (importance-weighted mean loss, t [N], per-sample terms {"loss", "mse", "vb"} [N] on CPU).
+    """One micro-batch -> (importance-weighted mean loss, t [N] on CPU, per-sample terms {"loss", "mse", "vb"}
+    [N] float32, detached, on ``device``: reading them is left to the caller, so the step need not wait).
 
     batch: a stream batch (``image`` [N, C, S, S], ``txt``, ``capt``, ``low_res`` for upsamplers); conditioning
     dropout, noise-conditioning steps, timesteps and noise all come from ``generator`` (exact resume).
@@ -79,13 +84,26 @@ def diffusion_loss(model: torch.nn.Module, model_fn, diffusion, timesteps, batch
     noise = torch.randn(x0.shape, generator=generator).to(device)
     terms = diffusion.training_losses(model_fn, x0, t.to(device), model_kwargs=cond, noise=noise)
     loss = (terms["loss"] * weights.to(device)).mean()
-    return loss, t, {k: v.detach().float().cpu() for k, v in terms.items()}
+    return loss, t, {k: v.detach().float() for k, v in terms.items()}
 
 
-def grad_norm(params: list[torch.Tensor]) -> float:
-    """L2 norm of all gradients of ``params`` together (before clipping)."""
-    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of all gradients of ``params`` together (before clipping), a 0-dim tensor on their device:
+    one multi-tensor norm, no host sync."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+
+
+def step_stats(terms: dict[str, torch.Tensor], t: torch.Tensor, num_timesteps: int) -> torch.Tensor:
+    """One step's sums for the log, on the terms' device: [loss, mse, vb sums, samples, loss sum by
+    timestep quartile (4), samples by quartile (4)]. terms: per-sample [N]; t: [N] step indices."""
+    quartile = (4 * t.long() // num_timesteps).clamp(max=3).to(terms["loss"].device)
+    onehot = F.one_hot(quartile, 4).to(terms["loss"].dtype)  # [N, 4]
+    sums = torch.stack([terms["loss"].sum(), terms["mse"].sum(), terms["vb"].sum(),
+                        torch.tensor(float(len(t)), device=onehot.device)])
+    return torch.cat([sums, terms["loss"] @ onehot, onehot.sum(0)])
 
 
 class Trainer:
@@ -122,7 +140,11 @@ class Trainer:
         self.timesteps = build_timestep_sampler(cfg.diffusion.schedule_sampler, self.diffusion.num_timesteps)
         # DeepSpeed reports no gradient norm for an fp32 ZeRO-0 engine; the loop measures it then
         self._own_grad_norm = eng.zero_stage(cfg.deepspeed) == 0 and self.dtype == torch.float32
-        self._grad_norm: Optional[float] = None
+        self._grad_norm: Optional[torch.Tensor] = None
+        # the per-micro-batch votes (data, stop, non-finite loss) are host values: a CPU all-reduce decides
+        # them without waiting for the accelerator (gloo, also under NCCL)
+        self._host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        self._window: list[torch.Tensor] = []  # step_stats of the steps since the last log, on the device
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
         self.accumulation = self.engine.gradient_accumulation_steps()
 
@@ -130,9 +152,13 @@ class Trainer:
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.scalar = [n in promoted for n in self.param_names]  # kept 0-dim in the EMA, as in the model
-        initial = self._full_parameters()
-        self.ema = EMA(self.param_names, initial, cfg.ema) if self.rank == 0 else None
-        del initial
+        # the EMA averages this rank's fp32 master weights where they are: sharded like the optimizer state
+        # under ZeRO (every rank its own partition), on rank 0 alone where every rank holds all of them
+        master, self.ema_sharded = eng.fp32_master_weights(self.engine, self.params)
+        plain = not self.ema_sharded and not hasattr(self.engine.optimizer, "fp16_groups")  # master = params
+        labels = self.param_names if plain else [f"fp32 master {i}" for i in range(len(master))]
+        self.ema = EMA(labels, master, cfg.ema) if self.ema_sharded or self.rank == 0 else None
+        self._ema_cache: dict[str, tuple[int, Optional[dict[str, torch.Tensor]]]] = {}  # rate -> (step, full EMA)
         self.step = 0
         self.losses: deque[float] = deque(maxlen=LOSS_HISTORY)
         stream_state = None
@@ -219,20 +245,53 @@ class Trainer:
         return stream_state
 
     def _load(self, path: Path) -> Optional[dict]:
-        rank_state, textdiff_state = self.ckpt.load(self.engine, path)
+        rank_state, textdiff_state = self.ckpt.load(self.engine, path, every_rank=self.ema_sharded)
         self.step = rank_state["step"]
         self.losses.extend(rank_state["losses"])
         set_rng_state(rank_state["rng"])
         self.generator.set_state(rank_state["generator"])
         self.timesteps.load_state_dict(rank_state["timestep_sampler"])
         if self.ema is not None:
-            self.ema.load_state_dict(textdiff_state["ema"])
+            self._load_ema(textdiff_state["ema"])
         log.info("resumed from %s at step %d", path, self.step)
         return self._usable_stream_state(rank_state["stream"], self.micro_batch, path)
 
-    def _full_parameters(self) -> list[torch.Tensor]:
-        full = eng.full_fp32_parameters(self.engine, self.params)
-        return [t.reshape(()) if scalar else t for t, scalar in zip(full, self.scalar)]
+    def _load_ema(self, saved: dict) -> None:
+        """Lay the checkpoint's full fp32 averages (names in model order) out as this rank's master weights."""
+        if list(saved["names"]) != self.param_names:
+            missing = sorted(set(self.param_names) - set(saved["names"]))[:3]
+            raise ValueError(f"the checkpoint's EMA holds other parameters than this model (e.g. missing "
+                             f"{missing}); resume with the model config the run was started with")
+        averages = {k: eng.partition_fp32(self.engine, self.params, v) for k, v in saved["averages"].items()}
+        self.ema.load_state_dict({"num_updates": saved["num_updates"], "names": self.ema.names,
+                                  "averages": averages})
+
+    def ema_weights(self, rate: float | str) -> Optional[dict[str, torch.Tensor]]:
+        """{parameter name: full fp32 EMA} of one rate at the current step on rank 0, None elsewhere; the
+        model's shapes (0-dim gains too). Gathers a sharded EMA (all ranks must call this); kept per step."""
+        key = rate if isinstance(rate, str) else rate_key(rate)
+        if key in self._ema_cache and self._ema_cache[key][0] == self.step:
+            return self._ema_cache[key][1]
+        if self.ema is None:  # a replicated EMA lives on rank 0 alone
+            return None
+        local = list(self.ema.named_averages(key).values())
+        full = eng.full_fp32_parameters(self.engine, self.params, local)
+        weights = None
+        if self.rank == 0:
+            weights = {n: t.reshape(()) if scalar else t
+                       for n, t, scalar in zip(self.param_names, full, self.scalar)}
+        # every rank remembers the step, so that a second call at this step (the grid, then the evaluation)
+        # gathers nowhere rather than on all ranks but the one that kept the result
+        self._ema_cache = {key: (self.step, weights)}
+        return weights
+
+    def _ema_state(self) -> Optional[dict]:
+        """The full EMA for the checkpoint on rank 0 (all ranks must call this): count, names, averages."""
+        averages = {key: self.ema_weights(key) for key in self.ema.averages} if self.ema is not None else {}
+        if self.rank != 0:
+            return None
+        return {"num_updates": self.ema.num_updates, "names": list(self.param_names),
+                "averages": {k: [t.cpu() for t in v.values()] for k, v in averages.items()}}
 
     def _all_reduce(self, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -245,19 +304,31 @@ class Trainer:
         dist.all_gather(out, t)
         return torch.cat(out, dim=-1).cpu()
 
-    def train_step(self, stop: Optional[StopFlag] = None) -> dict[str, float]:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns its metrics.
+    def _vote(self, values: list[float]) -> list[float]:
+        """Sum of host-side ``values`` over the ranks."""
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, group=self._host_group)
+        return t.tolist()
 
-        Raises TrainingDiverged (all ranks at once) on a NaN/inf loss under bf16/fp32.
+    def train_step(self, stop: Optional[StopFlag] = None) -> dict[str, float]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns its timings and
+        votes (``_images_per_s``, ``_samples_per_s``, ``_skipped``, ``_stop``). The losses stay on the device
+        in ``self._window`` until :meth:`reduce_window` (at ``train.log_every``).
+
+        Host syncs: one CPU vote per micro-batch (does every rank have its batch), and one before the last
+        backward (is the loss finite on every rank; did a rank get a stop signal). Raises TrainingDiverged
+        (all ranks at once) on a NaN/inf loss under bf16/fp32, before the optimizer step.
         """
-        started, data_time, stop_votes = time.perf_counter(), 0.0, 0.0
+        started, data_time = time.perf_counter(), 0.0
         skipped_before = self.engine.skipped_steps
         ts, terms = [], {"loss": [], "mse": [], "vb": []}
+        nonfinite = torch.zeros((), device=self.device)
+        stop_votes = 0.0
         for micro in range(self.accumulation):
             t0 = time.perf_counter()
             batch = self._next_batch(stop)
             data_time += time.perf_counter() - t0
-            if self._all_reduce([float(batch is None)])[0]:  # every rank gives up this step together
+            if self._vote([float(batch is None)])[0]:  # every rank gives up this step together
                 if stop is not None:
                     stop.requested = True
                 raise StepAborted(f"step {self.step + 1} abandoned: data workers were stopped on "
@@ -272,15 +343,16 @@ class Trainer:
                     save_batch_preview(batch, self.run_dir)
             loss, t, micro_terms = diffusion_loss(self.engine.module, self.engine_fn, self.diffusion, self.timesteps,
                                                   batch, self.cfg, self.generator, self.device)
-            bad, stop_votes = self._all_reduce([0.0 if bool(torch.isfinite(loss)) else 1.0,
-                                                float(stop is not None and stop.requested)])
-            if bad and nonfinite_action(self.dtype) == "stop":
-                raise TrainingDiverged(
-                    f"the loss is not finite at step {self.step + 1} (micro-batch {micro + 1} of "
-                    f"{self.accumulation}, on {int(bad)} of {self.world_size} ranks) under "
-                    f"{str(self.dtype).removeprefix('torch.')}, which has no loss scaling to skip it; the step was "
-                    "not applied and nothing was saved. Resume from the last checkpoint with a lower lr or "
-                    "gradient_clipping, or check the data")
+            nonfinite = nonfinite + (~torch.isfinite(loss.detach())).float()
+            if micro == self.accumulation - 1:  # the optimizer step comes with this backward: vote before it
+                bad, stop_votes = self._vote([float(nonfinite), float(stop is not None and stop.requested)])
+                if bad and nonfinite_action(self.dtype) == "stop":
+                    raise TrainingDiverged(
+                        f"the loss is not finite at step {self.step + 1} (in {int(bad)} micro-batches of "
+                        f"{self.accumulation} x {self.world_size} ranks) under "
+                        f"{str(self.dtype).removeprefix('torch.')}, which has no loss scaling to skip it; the step "
+                        "was not applied and nothing was saved. Resume from the last checkpoint with a lower lr "
+                        "or gradient_clipping, or check the data")
             self.engine.backward(loss)
             if micro == self.accumulation - 1 and self._own_grad_norm:
                 self._grad_norm = grad_norm(self.params)
@@ -291,25 +363,39 @@ class Trainer:
         if stop is not None and stop_votes:
             stop.requested = True
         skipped = self.engine.skipped_steps > skipped_before
-        current = self._full_parameters() if not skipped else None
-        if self.ema is not None and current is not None:
-            self.ema.update(current)
-        del current
+        if self.ema is not None and not skipped:
+            self.ema.update(eng.fp32_master_weights(self.engine, self.params)[0])
         self.step += 1
-        gathered = self._all_gather(torch.stack([torch.cat(ts).double()] +
-                                                [torch.cat(v).double() for v in terms.values()]))
-        all_t, all_loss, all_mse, all_vb = gathered
-        finite = torch.isfinite(all_loss)  # an fp16 overflow step must not enter the loss-aware history
-        self.timesteps.update(all_t[finite].long(), all_loss[finite])
+        step_t = torch.cat(ts)
+        step_terms = {k: torch.cat(v) for k, v in terms.items()}
+        if self.timesteps.learns_from_losses:  # its next draw depends on every rank's losses: gather now
+            gathered = self._all_gather(torch.stack([step_t.double(), step_terms["loss"].double().cpu()]))
+            finite = torch.isfinite(gathered[1])  # an fp16 overflow step must not enter the loss history
+            self.timesteps.update(gathered[0][finite].long(), gathered[1][finite])
+        self._window.append(step_stats(step_terms, step_t, self.diffusion.num_timesteps))
         step_time = time.perf_counter() - started
         images = self.micro_batch * self.accumulation
-        metrics = {"train/loss": float(all_loss.mean()), "train/mse": float(all_mse.mean()),
-                   "train/vb": float(all_vb.mean()), "_images_per_s": images / step_time,
-                   "_samples_per_s": images / max(data_time, 1e-9), "_skipped": float(skipped),
-                   "_stop": float(bool(stop_votes)),
-                   **quartile_means({"train/loss": all_loss}, all_t, self.diffusion.num_timesteps)}
-        self.losses.append(metrics["train/loss"])
-        return metrics
+        return {"_images_per_s": images / step_time, "_samples_per_s": images / max(data_time, 1e-9),
+                "_skipped": float(skipped), "_stop": float(bool(stop_votes))}
+
+    def reduce_window(self) -> dict[str, float]:
+        """The losses of the steps since the last call, summed over the ranks in one all-reduce (all ranks
+        call this): their means ``train/loss``, ``train/mse``, ``train/vb`` and ``train/loss_q0..3`` (the
+        quartiles with samples); each step's mean loss joins ``self.losses``."""
+        if not self._window:
+            return {}
+        stats = torch.stack(self._window).double()  # [steps, 12]
+        self._window = []
+        dist.all_reduce(stats)
+        stats = stats.cpu()
+        self.losses.extend((stats[:, 0] / stats[:, 3]).tolist())
+        total = stats.sum(0)
+        out = {"train/loss": float(total[0] / total[3]), "train/mse": float(total[1] / total[3]),
+               "train/vb": float(total[2] / total[3])}
+        for q in range(4):
+            if total[8 + q] > 0:
+                out[f"train/loss_q{q}"] = float(total[4 + q] / total[8 + q])
+        return out
 
     def _next_batch(self, stop: Optional[StopFlag]) -> Optional[dict]:
         """The next batch, or None when the data workers were killed by a stop signal (this rank is stopping)."""
@@ -321,12 +407,13 @@ class Trainer:
             log.warning("data workers stopped with the run (%s)", e)
             return None
 
-    def log_metrics(self, metrics: dict[str, float]) -> None:
-        """Write one step's metrics and the engine's state to TensorBoard (all ranks must call this)."""
+    def log_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Write the mean losses since the last log, this step's timings and the engine's state to
+        TensorBoard (all ranks must call this); returns the values written."""
         perf = self._all_gather(torch.tensor([[metrics["_images_per_s"]], [metrics["_samples_per_s"]]]))
         counters = self.stream.counters()
         skipped_data = self._all_reduce([counters["skipped_corrupt"], counters["shard_errors"]])
-        values = {k: v for k, v in metrics.items() if not k.startswith("_")}
+        values = self.reduce_window()
         norm = self._grad_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
         if norm is not None:
             values["train/grad_norm"] = float(norm)
@@ -340,6 +427,7 @@ class Trainer:
         values["data/epoch"] = float(counters["epoch"])
         values.update(gpu_memory_gib(self.device) or {})
         self.logger.scalars(self.step, values)
+        return values
 
     def _ema_model(self) -> torch.nn.Module:
         """A plain (non-DeepSpeed) copy of the model on rank 0 for sampling, sharing the frozen modules."""
@@ -351,15 +439,19 @@ class Trainer:
             object.__setattr__(model.get_submodule(parent) if parent else model, attr, self.frozen[name])
         return model.to(self.device).eval()
 
+    def _sample_rate(self) -> float:
+        cfg = self.cfg
+        return cfg.train.sample_ema_rate if cfg.train.sample_ema_rate is not None else cfg.ema.rates[0]
+
     def _ema_sampler(self):
         """Rank 0: a LoadedModel holding the EMA weights of the current step (loaded once per step)."""
         from textdiff.sampling.loading import LoadedModel, load_weights
 
-        rate = self.cfg.train.sample_ema_rate if self.cfg.train.sample_ema_rate is not None else self.cfg.ema.rates[0]
+        rate = self._sample_rate()
         if self._sampler_model is None:
             self._sampler_model = self._ema_model()
         if self._sampler_step != self.step:
-            load_weights(self._sampler_model, self.ema.named_averages(rate), f"EMA {rate} at step {self.step}")
+            load_weights(self._sampler_model, self.ema_weights(rate), f"EMA {rate} at step {self.step}")
             self._sampler_step = self.step
         return LoadedModel(self._sampler_model, self.diffusion, self.cfg, str(self.run_dir), f"ema:{rate}")
 
@@ -390,7 +482,8 @@ class Trainer:
 
         Upsamplers take their low-res inputs from the first training batch (the same images every time).
         """
-        if self.ema is None:
+        self.ema_weights(self._sample_rate())  # every rank takes part in gathering a sharded EMA
+        if self.rank != 0:
             return None
         cfg = self.cfg.train
         n = len(cfg.sample_prompts)
@@ -421,7 +514,8 @@ class Trainer:
         from textdiff.eval.spelling import eval_conditions, evaluate_spelling
 
         record = None
-        if self.ema is not None:
+        self.ema_weights(self._sample_rate())  # every rank takes part in gathering a sharded EMA
+        if self.rank == 0:
             started = time.perf_counter()
             conditions = eval_conditions(self.cfg.eval, self.cfg.train.sample_guidance_scale_txt)
             shown: dict[str, list[torch.Tensor]] = {c.name: [] for c in conditions}
@@ -497,10 +591,12 @@ class Trainer:
 
     def save(self) -> Path:
         """Checkpoint the current step (all ranks must call this)."""
+        self.reduce_window()  # the loss history saved holds every step so far
         rank_state = {"step": self.step, "losses": list(self.losses), "rng": rng_state(),
                       "generator": self.generator.get_state(), "timestep_sampler": self.timesteps.state_dict(),
                       "stream": self.stream.state_dict()}
-        textdiff_state = {"step": self.step, "ema": self.ema.state_dict()} if self.ema is not None else None
+        ema = self._ema_state()
+        textdiff_state = {"step": self.step, "ema": ema} if self.rank == 0 else None
         path = self.ckpt.save(self.engine, self.step, rank_state, textdiff_state, self.cfg.to_dict())
         log.info("saved checkpoint %s", path)
         return path
@@ -531,10 +627,10 @@ class Trainer:
                 # the ranks' agreed vote, not this rank's live flag: a signal landing after the vote must not
                 # send one rank into save() while the others start the next step (it counts next step)
                 stopping = bool(metrics["_stop"])
-                progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)  # update(1) shows it
-                progress.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or stopping:
-                    self.log_metrics(metrics)
+                    logged = self.log_metrics(metrics)
+                    progress.set_postfix(loss=f"{logged['train/loss']:.4f}", refresh=False)  # update(1) shows it
+                progress.update(1)
                 if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.max_steps):
                     self.sample_grid(self.first_batch)
                 every = self.cfg.eval.every  # skipped when stopping: the launcher kills a rank 30 s after SIGTERM

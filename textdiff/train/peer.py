@@ -1,0 +1,76 @@
+"""textdiff's U-net next to diffusers' ``UNet2DConditionModel`` of the same size, one training step each.
+
+Both steps are the same plain PyTorch loop (forward, MSE against a fixed target, backward, AdamW), on the
+same batch, in one process, timed in A-B-B-A rounds (:func:`textdiff.train.bench.step_seconds`). textdiff
+reads its transcription through its own character encoder (part of its trainable size); diffusers' U-net
+cross-attends to a random text sequence of the same length and width. diffusers is a benchmark peer only
+(the ``bench`` extra): it is imported here, inside :func:`peer_unet`, and nowhere else in textdiff.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from textdiff.config import ModelConfig, TextdiffConfig
+from textdiff.train.bench import (matmul_flops_per_s, peak_step_bytes, step_flops, step_seconds, synthetic_batch,
+                                  training_step)
+
+
+def peer_unet(cfg: ModelConfig) -> nn.Module:
+    """diffusers' UNet2DConditionModel shaped like ``cfg``: the same widths per level, residual blocks per
+    level, output channels, head width, and cross-attention (to ``txt_dim``-wide tokens) at every level
+    whose resolution has attention or text. Its trainable size lands within 10% of textdiff's."""
+    from diffusers import UNet2DConditionModel
+
+    res = [cfg.feature_size // 2 ** i for i in range(len(cfg.channel_mult))]
+    attends = [r in cfg.attention_resolutions or r in cfg.txt_resolutions for r in res]
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends))
+    return UNet2DConditionModel(
+        sample_size=cfg.image_size, in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels * (2 if cfg.learn_sigma else 1),
+        block_out_channels=tuple(cfg.num_channels * m for m in cfg.channel_mult),
+        layers_per_block=cfg.num_res_blocks, down_block_types=down, up_block_types=up,
+        cross_attention_dim=cfg.txt_dim, attention_head_dim=cfg.channels_per_head, norm_num_groups=cfg.num_groups)
+
+
+def trainable_size(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def peer_bench(cfg: TextdiffConfig, dtype: torch.dtype, steps: int = 6, warmup: int = 2, compile: bool = False,
+               device: torch.device = torch.device("cpu"), seed: int = 0) -> dict:
+    """Images/s of textdiff's and diffusers' training step at ``cfg``'s model and micro-batch, their
+    ratio (textdiff over diffusers: > 1 means textdiff is faster), each step's peak memory, FLOPs, and MFU
+    (FLOPs per second over the measured matmul rate in ``dtype`` on ``device``)."""
+    torch.manual_seed(seed)
+    from textdiff.models import build_model
+
+    n = int(cfg.deepspeed.get("train_micro_batch_size_per_gpu", 8))
+    batch = synthetic_batch(cfg, n, torch.Generator().manual_seed(seed))
+    mine = build_model(cfg.model, load_capt_weights=False).to(device).train()
+    peer = peer_unet(cfg.model).to(device).train()
+    x = batch["image"].to(device)
+    t = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(seed)).to(device)
+    cond = mine.prepare_cond(batch["txt"], batch["capt"])
+    txt = torch.randn(n, cfg.model.max_seq_len, cfg.model.txt_dim, generator=torch.Generator().manual_seed(seed))
+    txt = txt.to(device)
+    target = torch.randn(n, cfg.model.in_channels * (2 if cfg.model.learn_sigma else 1), *x.shape[2:],
+                         generator=torch.Generator().manual_seed(seed + 1)).to(device)
+    run_mine, run_peer = (torch.compile(mine), torch.compile(peer)) if compile else (mine, peer)
+    mine_step = training_step(mine, lambda: run_mine(x, t, **cond), target, dtype, device)
+    peer_step = training_step(peer, lambda: run_peer(x, t, encoder_hidden_states=txt).sample, target, dtype, device)
+    seconds = step_seconds({"textdiff": mine_step, "peer": peer_step}, steps, warmup, device)
+    peak = {name: peak_step_bytes(step, device) for name, step in (("textdiff", mine_step), ("peer", peer_step))}
+    flops = {name: step_flops(step) for name, step in (("textdiff", mine_step), ("peer", peer_step))}
+    rate = matmul_flops_per_s(dtype, device)
+    return {"dtype": str(dtype).removeprefix("torch."), "compile": compile, "device": str(device), "batch": n,
+            "image_size": cfg.model.image_size, "params_textdiff": trainable_size(mine),
+            "params_peer": trainable_size(peer), "img_s_textdiff": n / seconds["textdiff"],
+            "img_s_peer": n / seconds["peer"], "ratio": seconds["peer"] / seconds["textdiff"],
+            "peak_mb_textdiff": peak["textdiff"] / 2 ** 20, "peak_mb_peer": peak["peer"] / 2 ** 20,
+            "gflop_textdiff": flops["textdiff"] / 1e9, "gflop_peer": flops["peer"] / 1e9,
+            "matmul_gflop_s": rate / 1e9, "mfu_textdiff": flops["textdiff"] / seconds["textdiff"] / rate,
+            "mfu_peer": flops["peer"] / seconds["peer"] / rate}
