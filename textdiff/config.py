@@ -388,7 +388,9 @@ class EMAConfig:
     # how the average starts (textdiff/train/ema.py): "arithmetic" (the seed's) mean of the weights so far until
     # the rate takes over, or "ramp": decay min(rate, (1 + n) / (10 + n)), which forgets the random start fast
     warmup: Literal["arithmetic", "ramp"] = "arithmetic"
-    arithmetic_avg_from_step: int = 0
+    # -1 (the research code's default): no arithmetic start, the plain EMA of the rate from the first update;
+    # the seed's example run sets 0
+    arithmetic_avg_from_step: int = -1
     arithmetic_avg_extra_shift: int = 0
 
     def validate(self) -> None:
@@ -397,11 +399,13 @@ class EMAConfig:
                  f"is {list(self.rates)}; give one or more distinct rates, e.g. [0.9999]")
         for r in self.rates:
             _require(0.0 < r < 1.0, "ema.rates", f"holds {r}; every rate must lie in (0, 1)")
-        _require(self.arithmetic_avg_from_step >= 0, "ema.arithmetic_avg_from_step", "must be >= 0")
+        _require(self.arithmetic_avg_from_step >= -1, "ema.arithmetic_avg_from_step",
+                 f"is {self.arithmetic_avg_from_step}; give -1 (plain EMA from the start) or a step >= 0")
         _require(self.arithmetic_avg_extra_shift >= 0, "ema.arithmetic_avg_extra_shift", "must be >= 0")
-        _require(self.warmup == "arithmetic" or (self.arithmetic_avg_from_step == 0
+        _require(self.warmup == "arithmetic" or (self.arithmetic_avg_from_step == -1
                                                  and self.arithmetic_avg_extra_shift == 0),
-                 "ema.arithmetic_avg_from_step", "only applies to ema.warmup=\"arithmetic\"; leave it 0 with \"ramp\"")
+                 "ema.arithmetic_avg_from_step", "only applies to ema.warmup=\"arithmetic\"; leave it unset (-1) "
+                 "and arithmetic_avg_extra_shift 0 with \"ramp\"")
 
 
 @dataclass

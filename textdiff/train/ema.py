@@ -33,10 +33,11 @@ from textdiff.config import EMAConfig
 def ema_decay(rate: float, update: int, from_step: int, extra_shift: int, warmup: str = "arithmetic") -> float:
     """Decay for the 0-based ``update``: ``rate`` before ``from_step``, then ``min(rate, 1 - 1/(n + 2 + shift))``
     with n = update - from_step (n = 0 gives decay 1/2: the average restarts halfway between its value and
-    the current weights). With ``warmup="ramp"``: ``min(rate, (1 + update) / (10 + update))``."""
+    the current weights); ``from_step = -1`` (the research code's default): ``rate`` always, a plain EMA.
+    With ``warmup="ramp"``: ``min(rate, (1 + update) / (10 + update))``."""
     if warmup == "ramp":
         return min(rate, (1.0 + update) / (10.0 + update))
-    if update < from_step:
+    if from_step < 0 or update < from_step:
         return rate
     n = update - from_step
     return min(rate, 1.0 - 1.0 / (n + 2 + extra_shift))
