@@ -7,7 +7,7 @@ import torch
 
 from textdiff.config import DiffusionConfig
 from textdiff.diffusion import build_diffusion
-from textdiff.diffusion.gaussian import GaussianDiffusion, gaussian_noise, quartile_means
+from textdiff.diffusion.gaussian import GaussianDiffusion, gaussian_noise
 from textdiff.diffusion.schedules import cosine_betas, linear_betas
 
 
@@ -162,11 +162,6 @@ def test_sampling_fn_turns_an_x0_prediction_into_eps():
     xt = d.q_sample(x0, torch.tensor([30]), noise)
     fn = d.sampling_fn(lambda x, t: x0.expand_as(x))
     assert torch.allclose(fn(xt, torch.tensor([30.0])), noise)
-
-
-def test_quartile_means_split_by_timestep_quarter():
-    out = quartile_means({"mse": torch.tensor([1.0, 2.0, 3.0, 5.0])}, torch.tensor([0, 24, 25, 99]), 100)
-    assert out == {"mse_q0": 1.5, "mse_q1": 3.0, "mse_q3": 5.0}
 
 
 def test_build_diffusion_reads_the_diffusion_section():

@@ -320,20 +320,3 @@ class GaussianDiffusion:
             _, eps = xstart_and_eps(self.target, out[:, :channels], x, abar)
             return torch.cat([eps, out[:, channels:]], dim=1)
         return fn
-
-
-def quartile_means(terms: dict[str, torch.Tensor], t: torch.Tensor, num_timesteps: int) -> dict[str, float]:
-    """Mean of each per-sample term by timestep quartile: ``{"mse_q0": ..., "vb_q3": ...}``.
-
-    ``terms``: name -> ``[N]``; ``t``: ``[N]`` indices in [0, num_timesteps). Quartiles with no sample in
-    the batch are left out.
-    """
-    quartile = (4 * t.long() // num_timesteps).clamp(max=3).cpu()
-    out = {}
-    for name, values in terms.items():
-        values = values.detach().float().cpu()
-        for q in range(4):
-            mask = quartile == q
-            if bool(mask.any()):
-                out[f"{name}_q{q}"] = float(values[mask].mean())
-    return out

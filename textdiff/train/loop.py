@@ -16,7 +16,6 @@ rank finish the current step, save a checkpoint, and return normally.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -553,18 +552,14 @@ class Trainer:
 
     def _save_eval_images(self, grid: torch.Tensor, shown: dict[str, list[torch.Tensor]]) -> None:
         """RUN_DIR/eval/step_N/grid.png and <condition>/NNN.png (prompt order of expand(eval prompts))."""
-        from PIL import Image
-
-        from textdiff.data.preview import to_uint8
+        from textdiff.data.preview import png_bytes, to_uint8
 
         out = self.run_dir / "eval" / f"step_{self.step:08d}"
         save_png(grid, out / "grid.png")
         for name, batches in shown.items():
             for i, array in enumerate(to_uint8(torch.cat(batches))):
-                buf = io.BytesIO()
-                Image.fromarray(array).save(buf, format="PNG")
                 (out / name).mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(out / name / f"{i:03d}.png", buf.getvalue())
+                atomic_write_bytes(out / name / f"{i:03d}.png", png_bytes(array))
 
     def _eval_sample_fn(self, txt: list[str], capt: list[str], seed: int, shown: list[torch.Tensor],
                         condition) -> np.ndarray:
