@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from textdiff.models.conv import Conv2d, conv2d
 from textdiff.models.fused import GroupNormSiLU
 
 
@@ -50,7 +51,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int, use_conv: bool):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -74,7 +75,7 @@ def upsample_conv3x3(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
             r = rows[a]  # [Co, Ci, 2, 3]
             k = (torch.stack([r[..., 0], r[..., 1] + r[..., 2]], -1) if b == 0
                  else torch.stack([r[..., 0] + r[..., 1], r[..., 2]], -1))
-            phases.append(F.conv2d(padded[:, :, a:a + h + 1, b:b + wd + 1], k, conv.bias))
+            phases.append(conv2d(padded[:, :, a:a + h + 1, b:b + wd + 1], k, conv.bias))
     out = torch.stack(phases, 2)  # [N, Co, 4, H, W], phase index 2a + b
     return F.pixel_shuffle(out.flatten(1, 2), 2)
 
@@ -84,7 +85,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int, use_conv: bool):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else nn.Identity()
+        self.conv = Conv2d(channels, channels, 3, padding=1) if use_conv else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.conv, nn.Conv2d):
@@ -106,7 +107,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_norm = GroupNormSiLU(channels, silu_impl, groups)
-        self.in_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        self.in_conv = Conv2d(channels, out_channels, 3, padding=1)
         if up:
             self.h_resample, self.x_resample = Upsample(channels, False), Upsample(channels, False)
         elif down:
@@ -117,8 +118,8 @@ class ResBlock(nn.Module):
                                                             else out_channels))
         self.out_norm = GroupNormSiLU(out_channels, silu_impl, groups)
         self.dropout = nn.Dropout(dropout)
-        self.out_conv = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        self.out_conv = zero_module(Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if isinstance(self.h_resample, Upsample):  # upsample + conv as one sub-pixel conv, 2.25x fewer FLOPs

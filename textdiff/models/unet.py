@@ -21,6 +21,7 @@ from torch import nn
 
 from textdiff.config import ModelConfig
 from textdiff.models.blocks import AttentionBlock, Downsample, ResBlock, TimestepMLP, Upsample, zero_module
+from textdiff.models.conv import Conv2d
 from textdiff.models.cross_attn import AxialPositionTable, TextCrossAttnBlock
 from textdiff.models.fused import GroupNormSiLU
 from textdiff.models.text_encoder import CharTokenizer, TextEncoder
@@ -119,9 +120,9 @@ class TextdiffUNet(nn.Module):
 
         self.rgb_in = self.rgb_out = None
         if cfg.monochrome_adapter:
-            self.rgb_in = nn.Conv2d(cfg.in_channels, 1, 1, bias=False)
+            self.rgb_in = Conv2d(cfg.in_channels, 1, 1, bias=False)
             self.rgb_in.weight.data[:] = torch.tensor(LUMA[: cfg.in_channels])[None, :, None, None]
-            self.rgb_out = nn.Conv2d(out_mult, out_mult * cfg.in_channels, 1, bias=False)
+            self.rgb_out = Conv2d(out_mult, out_mult * cfg.in_channels, 1, bias=False)
             self.rgb_out.weight.data[:] = torch.eye(out_mult).repeat_interleave(cfg.in_channels, 0)[:, :, None, None]
         # space-to-depth stem: p x p pixel blocks become channels, so the first level runs at image_size / p
         in_ch = self.image_channels * (2 if cfg.low_res_size else 1) * cfg.stem_patch ** 2
@@ -143,7 +144,7 @@ class TextdiffUNet(nn.Module):
                             groups=cfg.num_groups, **kw)
 
         ch, res = nc * cfg.channel_mult[0], cfg.feature_size
-        self.input_steps = nn.ModuleList([Step(nn.Conv2d(in_ch, ch, 3, padding=1), res=res)])
+        self.input_steps = nn.ModuleList([Step(Conv2d(in_ch, ch, 3, padding=1), res=res)])
         skips = [ch]
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
@@ -174,7 +175,7 @@ class TextdiffUNet(nn.Module):
         for step in [*self.input_steps, self.middle, *self.output_steps]:
             step.checkpoint = cfg.use_checkpoint or step.res <= cfg.use_checkpoint_below_res
         self.out_norm = GroupNormSiLU(ch, cfg.silu_impl, cfg.num_groups)
-        self.out_conv = zero_module(nn.Conv2d(ch, self.image_channels * out_mult * cfg.stem_patch ** 2, 3, padding=1))
+        self.out_conv = zero_module(Conv2d(ch, self.image_channels * out_mult * cfg.stem_patch ** 2, 3, padding=1))
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters the optimizer should update (excludes a frozen caption encoder)."""

@@ -9,10 +9,13 @@ cross-attends to a random text sequence of the same length and width. diffusers 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from textdiff.config import ModelConfig, TextdiffConfig
+from textdiff.models.conv import Conv2d, emulates_bf16
 from textdiff.train.bench import (matmul_flops_per_s, peak_step_bytes, step_flops, step_seconds, synthetic_batch,
                                   training_step)
 
@@ -35,6 +38,17 @@ def peer_unet(cfg: ModelConfig) -> nn.Module:
         cross_attention_dim=cfg.txt_dim, attention_head_dim=cfg.channels_per_head, norm_num_groups=cfg.num_groups)
 
 
+def with_textdiff_convs(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose ``nn.Conv2d`` modules run textdiff's :class:`~textdiff.models.conv.Conv2d`
+    forward (the same weights): the peer on textdiff's bf16 convolution route, to separate what the
+    convolution kernel buys from what the rest of the step does."""
+    out = copy.deepcopy(model)
+    for m in out.modules():
+        if type(m) is nn.Conv2d:
+            m.__class__ = Conv2d
+    return out
+
+
 def trainable_size(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -44,7 +58,11 @@ def peer_bench(cfg: TextdiffConfig, dtype: torch.dtype, steps: int = 6, warmup: 
                device: torch.device = torch.device("cpu"), seed: int = 0) -> dict:
     """Images/s of textdiff's and diffusers' training step at ``cfg``'s model and micro-batch, their
     ratio (textdiff over diffusers: > 1 means textdiff is faster), each step's peak memory, FLOPs, and MFU
-    (FLOPs per second over the measured matmul rate in ``dtype`` on ``device``)."""
+    (FLOPs per second over the measured matmul rate in ``dtype`` on ``device``).
+
+    Where textdiff convolves bf16 through the fp32 kernel (bf16 on a CPU without a bf16 convolution kernel,
+    :mod:`textdiff.models.conv`), the peer is also timed with its convolutions on that route, in the same
+    rounds: ``img_s_peer_same_convs`` and ``ratio_same_convs``, textdiff over that."""
     torch.manual_seed(seed)
     from textdiff.models import build_model
 
@@ -62,7 +80,14 @@ def peer_bench(cfg: TextdiffConfig, dtype: torch.dtype, steps: int = 6, warmup: 
     run_mine, run_peer = (torch.compile(mine), torch.compile(peer)) if compile else (mine, peer)
     mine_step = training_step(mine, lambda: run_mine(x, t, **cond), target, dtype, device)
     peer_step = training_step(peer, lambda: run_peer(x, t, encoder_hidden_states=txt).sample, target, dtype, device)
-    seconds = step_seconds({"textdiff": mine_step, "peer": peer_step}, steps, warmup, device)
+    timed = {"textdiff": mine_step, "peer": peer_step}
+    same_convs = emulates_bf16(x.to(dtype))
+    if same_convs:
+        peer2 = with_textdiff_convs(peer)
+        run_peer2 = torch.compile(peer2) if compile else peer2
+        timed["peer_same_convs"] = training_step(peer2, lambda: run_peer2(x, t, encoder_hidden_states=txt).sample,
+                                                 target, dtype, device)
+    seconds = step_seconds(timed, steps, warmup, device)
     peak = {name: peak_step_bytes(step, device) for name, step in (("textdiff", mine_step), ("peer", peer_step))}
     flops = {name: step_flops(step) for name, step in (("textdiff", mine_step), ("peer", peer_step))}
     rate = matmul_flops_per_s(dtype, device)
@@ -73,4 +98,6 @@ def peer_bench(cfg: TextdiffConfig, dtype: torch.dtype, steps: int = 6, warmup: 
             "peak_mb_textdiff": peak["textdiff"] / 2 ** 20, "peak_mb_peer": peak["peer"] / 2 ** 20,
             "gflop_textdiff": flops["textdiff"] / 1e9, "gflop_peer": flops["peer"] / 1e9,
             "matmul_gflop_s": rate / 1e9, "mfu_textdiff": flops["textdiff"] / seconds["textdiff"] / rate,
-            "mfu_peer": flops["peer"] / seconds["peer"] / rate}
+            "mfu_peer": flops["peer"] / seconds["peer"] / rate,
+            **({"img_s_peer_same_convs": n / seconds["peer_same_convs"],
+                "ratio_same_convs": seconds["peer_same_convs"] / seconds["textdiff"]} if same_convs else {})}
