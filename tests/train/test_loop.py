@@ -8,6 +8,7 @@ import uuid
 import fsspec
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from textdiff.config import ConfigError
 from textdiff.train import engine as eng
@@ -49,17 +50,44 @@ def test_four_steps_straight_equal_two_plus_resumed_two(tiny, tmp_path, stage):
     assert [s for s, _ in complete_checkpoints(tmp_path / "split" / "checkpoints")] == [2, 4]
 
 
-def test_a_nan_loss_under_fp32_stops_naming_the_step_and_saves_nothing(tiny, tmp_path):
+def test_a_nan_loss_under_fp32_stops_at_the_next_reduction_naming_the_step_and_saves_nothing(tiny, tmp_path):
+    """The step does not wait to read the loss: the NaN of step 2 is counted on the device and raises at the
+    next check, before a sample, an evaluation or a checkpoint (which must not hold what that step reached)."""
     trainer = Trainer(tiny("train.max_steps=10", "checkpoint.save_every=1"), tmp_path / "run")
     trainer.train_step()
-    before = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
     with torch.no_grad():
         trainer.engine.module.out_conv.bias.fill_(float("nan"))
-    with pytest.raises(TrainingDiverged, match=r"not finite at step 2 .* under float32"):
-        trainer.train_step()
-    after = trainer.engine.module.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before if k != "out_conv.bias")
+    trainer.train_step()
+    trainer.train_step()
+    for check in (trainer.check_finite, trainer.sample_grid, trainer.save, trainer.reduce_window):
+        with pytest.raises(TrainingDiverged, match=r"not finite at step 2 \(in 1 micro-batches of 1 x 1 ranks; "
+                                                   r"2 of the 3 steps up to step 3\) under float32"):
+            check(*([None] if check == trainer.sample_grid else []))
     assert complete_checkpoints(tmp_path / "run" / "checkpoints") == []
+    trainer.close()
+
+
+def test_a_training_step_reads_no_value_of_the_device_on_the_host(tiny, tmp_path):
+    """No loss, norm or statistic is turned into a Python number inside the step (on a GPU each would wait for
+    the device). What remains are the optimizer's step counters, which torch keeps on the CPU."""
+    trainer = Trainer(tiny("train.max_steps=10", "train.log_every=100"), tmp_path / "run")
+    trainer.train_step()
+    counters = {s["step"].data_ptr() for s in trainer.engine.optimizer.state.values() if "step" in s}
+    assert len(counters) == len(trainer.params)
+
+    class HostReads(TorchDispatchMode):
+        reads = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+                if args[0].data_ptr() not in counters:
+                    self.reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with HostReads():
+        trainer.train_step()
+    assert HostReads.reads == []
+    assert trainer.reduce_window()["train/loss"] > 0
     trainer.close()
 
 

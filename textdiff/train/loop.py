@@ -3,15 +3,17 @@
 ``train(cfg, run_dir, resume)`` is what ``launch.sh`` runs on every rank. :class:`Trainer` holds the parts
 (engine, EMA, stream, checkpoints, logger) and :meth:`Trainer.run` is the loop itself, written out plainly.
 
-The step waits for the accelerator once: at the vote before the optimizer step (is every rank's loss finite,
-did a rank get a stop signal). The losses, their timestep quartiles and the gradient norm stay on the device
-and are reduced over the ranks once per ``train.log_every`` (:meth:`Trainer.reduce_window`).
+The step never waits for the accelerator: the losses, their timestep quartiles, the count of non-finite
+losses and the gradient norm stay on the device and are reduced over the ranks once per ``train.log_every``
+(:meth:`Trainer.reduce_window`); the only per-step agreement is a vote on host values (does every rank have
+its batch, did a rank get a stop signal), a CPU all-reduce.
 
-Failure behaviour: a NaN or inf loss on any rank is seen by all ranks (the vote before the step). With
-fp16 the step goes through and DeepSpeed's loss scaler skips it (counted in ``train/skipped_steps``); with
-bf16 or fp32 there is no scaler to skip it, so every rank stops with :class:`TrainingDiverged` naming the
-step, before the bad gradients touch the weights and without saving anything. SIGTERM or SIGINT make every
-rank finish the current step, save a checkpoint, and return normally.
+Failure behaviour: a NaN or inf loss on any rank is seen by all ranks at the next reduction of the window:
+the next log, and before every checkpoint, sample grid and evaluation. With fp16 the step goes through and
+DeepSpeed's loss scaler skips it (counted in ``train/skipped_steps``); with bf16 or fp32 there is no scaler to
+skip it, so every rank stops there with :class:`TrainingDiverged` naming the first bad step, before anything
+is saved from the weights that step reached. SIGTERM or SIGINT make every rank finish the current step, save
+a checkpoint, and return normally.
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ def step_stats(terms: dict[str, torch.Tensor], t: torch.Tensor, num_timesteps: i
     """One step's sums for the log, on the terms' device: [loss, mse, vb sums, samples, loss sum by
     timestep quartile (4), samples by quartile (4)]. terms: per-sample [N]; t: [N] step indices."""
     quartile = (4 * t.long() // num_timesteps).clamp(max=3).to(terms["loss"].device)
-    onehot = F.one_hot(quartile, 4).to(terms["loss"].dtype)  # [N, 4]
+    # not F.one_hot: off CUDA it reads the indices' min and max on the host to check them
+    onehot = (quartile[:, None] == torch.arange(4, device=quartile.device)).to(terms["loss"].dtype)  # [N, 4]
     sums = torch.stack([terms["loss"].sum(), terms["mse"].sum(), terms["vb"].sum(),
                         torch.tensor(float(len(t)), device=onehot.device)])
     return torch.cat([sums, terms["loss"] @ onehot, onehot.sum(0)])
@@ -140,10 +143,11 @@ class Trainer:
         # DeepSpeed reports no gradient norm for an fp32 ZeRO-0 engine; the loop measures it then
         self._own_grad_norm = eng.zero_stage(cfg.deepspeed) == 0 and self.dtype == torch.float32
         self._grad_norm: Optional[torch.Tensor] = None
-        # the per-micro-batch votes (data, stop, non-finite loss) are host values: a CPU all-reduce decides
-        # them without waiting for the accelerator (gloo, also under NCCL)
+        # the per-micro-batch votes (data, stop) are host values: a CPU all-reduce decides them without
+        # waiting for the accelerator (gloo, also under NCCL)
         self._host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
-        self._window: list[torch.Tensor] = []  # step_stats of the steps since the last log, on the device
+        # per step since the last reduction, on the device: step_stats and the non-finite micro-batch count
+        self._window: list[torch.Tensor] = []
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
         self.accumulation = self.engine.gradient_accumulation_steps()
 
@@ -314,9 +318,9 @@ class Trainer:
         votes (``_images_per_s``, ``_samples_per_s``, ``_skipped``, ``_stop``). The losses stay on the device
         in ``self._window`` until :meth:`reduce_window` (at ``train.log_every``).
 
-        Host syncs: one CPU vote per micro-batch (does every rank have its batch), and one before the last
-        backward (is the loss finite on every rank; did a rank get a stop signal). Raises TrainingDiverged
-        (all ranks at once) on a NaN/inf loss under bf16/fp32, before the optimizer step.
+        No device value is read on the host: one CPU vote per micro-batch (does every rank have its batch; at
+        the last, did a rank get a stop signal). A NaN/inf loss is counted on the device and raises
+        TrainingDiverged at the next :meth:`reduce_window` or :meth:`check_finite` (under bf16/fp32).
         """
         started, data_time = time.perf_counter(), 0.0
         skipped_before = self.engine.skipped_steps
@@ -327,7 +331,10 @@ class Trainer:
             t0 = time.perf_counter()
             batch = self._next_batch(stop)
             data_time += time.perf_counter() - t0
-            if self._vote([float(batch is None)])[0]:  # every rank gives up this step together
+            last = micro == self.accumulation - 1
+            missing, stopping = self._vote([float(batch is None), float(last and stop is not None and stop.requested)])
+            stop_votes += stopping
+            if missing:  # every rank gives up this step together
                 if stop is not None:
                     stop.requested = True
                 raise StepAborted(f"step {self.step + 1} abandoned: data workers were stopped on "
@@ -343,17 +350,8 @@ class Trainer:
             loss, t, micro_terms = diffusion_loss(self.engine.module, self.engine_fn, self.diffusion, self.timesteps,
                                                   batch, self.cfg, self.generator, self.device)
             nonfinite = nonfinite + (~torch.isfinite(loss.detach())).float()
-            if micro == self.accumulation - 1:  # the optimizer step comes with this backward: vote before it
-                bad, stop_votes = self._vote([float(nonfinite), float(stop is not None and stop.requested)])
-                if bad and nonfinite_action(self.dtype) == "stop":
-                    raise TrainingDiverged(
-                        f"the loss is not finite at step {self.step + 1} (in {int(bad)} micro-batches of "
-                        f"{self.accumulation} x {self.world_size} ranks) under "
-                        f"{str(self.dtype).removeprefix('torch.')}, which has no loss scaling to skip it; the step "
-                        "was not applied and nothing was saved. Resume from the last checkpoint with a lower lr "
-                        "or gradient_clipping, or check the data")
             self.engine.backward(loss)
-            if micro == self.accumulation - 1 and self._own_grad_norm:
+            if last and self._own_grad_norm:
                 self._grad_norm = grad_norm(self.params)
             self.engine.step()
             ts.append(t)
@@ -371,7 +369,8 @@ class Trainer:
             gathered = self._all_gather(torch.stack([step_t.double(), step_terms["loss"].double().cpu()]))
             finite = torch.isfinite(gathered[1])  # an fp16 overflow step must not enter the loss history
             self.timesteps.update(gathered[0][finite].long(), gathered[1][finite])
-        self._window.append(step_stats(step_terms, step_t, self.diffusion.num_timesteps))
+        self._window.append(torch.cat([step_stats(step_terms, step_t, self.diffusion.num_timesteps),
+                                       nonfinite.reshape(1).to(step_terms["loss"].dtype)]))
         step_time = time.perf_counter() - started
         images = self.micro_batch * self.accumulation
         return {"_images_per_s": images / step_time, "_samples_per_s": images / max(data_time, 1e-9),
@@ -383,10 +382,11 @@ class Trainer:
         quartiles with samples); each step's mean loss joins ``self.losses``."""
         if not self._window:
             return {}
-        stats = torch.stack(self._window).double()  # [steps, 12]
-        self._window = []
+        stats = torch.stack(self._window).double()  # [steps, 13]
         dist.all_reduce(stats)
         stats = stats.cpu()
+        self._raise_if_diverged(stats[:, 12])
+        self._window = []
         self.losses.extend((stats[:, 0] / stats[:, 3]).tolist())
         total = stats.sum(0)
         out = {"train/loss": float(total[0] / total[3]), "train/mse": float(total[1] / total[3]),
@@ -395,6 +395,27 @@ class Trainer:
             if total[8 + q] > 0:
                 out[f"train/loss_q{q}"] = float(total[4 + q] / total[8 + q])
         return out
+
+    def check_finite(self) -> None:
+        """Raise TrainingDiverged (on every rank: all must call this) if a step since the last reduction had a
+        non-finite loss under bf16/fp32; the window is kept for the next log."""
+        if self._window:
+            counts = torch.stack([row[12] for row in self._window]).double()
+            dist.all_reduce(counts)
+            self._raise_if_diverged(counts.cpu())
+
+    def _raise_if_diverged(self, nonfinite: torch.Tensor) -> None:
+        """nonfinite: [steps] non-finite micro-batches of each step in the window, summed over the ranks."""
+        bad = nonfinite.nonzero().flatten()
+        if len(bad) == 0 or nonfinite_action(self.dtype) != "stop":
+            return
+        first = self.step - len(nonfinite) + 1 + int(bad[0])
+        raise TrainingDiverged(
+            f"the loss is not finite at step {first} (in {int(nonfinite[bad[0]])} micro-batches of "
+            f"{self.accumulation} x {self.world_size} ranks; {len(bad)} of the {len(nonfinite)} steps up to step "
+            f"{self.step}) under {str(self.dtype).removeprefix('torch.')}, which has no loss scaling to skip it; "
+            f"nothing was saved after it. Resume from the last checkpoint with a lower lr or gradient_clipping, "
+            "or check the data")
 
     def _next_batch(self, stop: Optional[StopFlag]) -> Optional[dict]:
         """The next batch, or None when the data workers were killed by a stop signal (this rank is stopping)."""
@@ -481,6 +502,7 @@ class Trainer:
 
         Upsamplers take their low-res inputs from the first training batch (the same images every time).
         """
+        self.check_finite()  # no grid from weights a non-finite step reached
         self.ema_weights(self._sample_rate())  # every rank takes part in gathering a sharded EMA
         if self.rank != 0:
             return None
@@ -513,6 +535,7 @@ class Trainer:
         from textdiff.eval.spelling import eval_conditions, evaluate_spelling
 
         record = None
+        self.check_finite()  # no evaluation of weights a non-finite step reached
         self.ema_weights(self._sample_rate())  # every rank takes part in gathering a sharded EMA
         if self.rank == 0:
             started = time.perf_counter()
