@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from textdiff.data.shards import make_synthetic_shards
 
@@ -20,3 +22,28 @@ def synthetic_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_synthetic_shards(SYNTHETIC_IMAGES, out_dir, seed=0, size=SYNTHETIC_SIZE, maxcount=SYNTHETIC_PER_SHARD,
                           workers=0, overwrite=True, progress=False, command="tests/conftest.py synthetic_shards")
     return out_dir
+
+
+class WaitingCopies(TorchDispatchMode):
+    """Counts host -> device copies that wait for the device (not ``non_blocking``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            src, dst = args[0].device, kwargs.get("device", args[0].device)
+            if src != dst and not kwargs.get("non_blocking", False):
+                self.count += 1
+        elif func is torch.ops.aten.copy_.default and args[0].device != args[1].device:
+            if not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False)):
+                self.count += 1
+        return func(*args, **kwargs)
+
+
+@pytest.fixture
+def waiting_copies_mode():
+    """The :class:`WaitingCopies` dispatch mode (a class: ``with waiting_copies_mode() as mode``)."""
+    return WaitingCopies

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from textdiff.config import ConfigError
 from textdiff.train import engine as eng
 from textdiff.train.checkpoint import complete_checkpoints
-from textdiff.train.loop import Trainer, TrainingDiverged, grad_norm, nonfinite_action, step_stats
+from textdiff.train.loop import Trainer, TrainingDiverged, diffusion_loss, grad_norm, nonfinite_action, step_stats
 
 
 def _recording(batches, keys):
@@ -310,6 +310,26 @@ def test_grad_norm_is_the_norm_of_all_gradients_together_as_a_tensor():
     a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])
     norm = grad_norm([a, b, torch.zeros(1, requires_grad=True)])  # a parameter without a gradient is left out
     assert isinstance(norm, torch.Tensor) and norm.item() == 5.0
+
+
+def test_the_loss_of_a_micro_batch_never_waits_for_the_device(tiny, waiting_copies_mode):
+    """On the meta device (no data: reading a value on the host raises), the whole loss, from the batch's
+    copy to the weighted mean, makes no copy to the device that waits for it (on CUDA each would synchronise
+    the stream): the timestep tables are read on the host, where the timesteps are drawn."""
+    from textdiff.diffusion import build_diffusion
+    from textdiff.diffusion.timesteps import build_timestep_sampler
+    from textdiff.models import build_model
+
+    cfg = tiny("model.learn_sigma=true")
+    model = build_model(cfg.model).to("meta").train()
+    diffusion = build_diffusion(cfg.diffusion, learn_sigma=True)
+    timesteps = build_timestep_sampler(cfg.diffusion.schedule_sampler, diffusion.num_timesteps)
+    batch = {"image": torch.zeros(4, 3, 16, 16), "txt": ["ab", "", "cd", "e"], "capt": [""] * 4}
+    mode = waiting_copies_mode()
+    with mode:
+        loss, t, terms = diffusion_loss(model, model, diffusion, timesteps, batch, cfg,
+                                        torch.Generator().manual_seed(0), torch.device("meta"))
+    assert mode.count == 0 and loss.device.type == "meta" and t.device.type == "cpu" and terms["vb"].shape == (4,)
 
 
 def test_step_stats_sum_the_terms_and_the_loss_by_timestep_quartile():

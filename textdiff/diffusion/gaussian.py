@@ -31,8 +31,11 @@ ModelFn = Callable[..., torch.Tensor]
 
 
 def per_sample(arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``arr[t]`` as ``[N, 1, 1, ...]`` broadcastable against ``like``, in ``like``'s dtype and device."""
-    out = arr.to(like.device)[t.to(like.device).long()].to(like.dtype)
+    """``arr[t]`` as ``[N, 1, 1, ...]`` broadcastable against ``like``, in ``like``'s dtype and device.
+
+    Looked up where ``t`` is: with ``t`` on the host (as the training loop and the samplers keep it) the
+    tables stay there and only the ``N`` values travel to the device, without waiting for it."""
+    out = arr.to(t.device)[t.long()].to(like.device, like.dtype, non_blocking=True)
     return out.reshape(-1, *([1] * (like.ndim - 1)))
 
 
@@ -46,11 +49,12 @@ def gaussian_noise(like: torch.Tensor,
     """
     if generator is None or isinstance(generator, torch.Generator):
         device = generator.device if generator is not None else like.device
-        return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+        noise = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype)
+        return noise.to(like.device, non_blocking=True)
     if len(generator) != like.shape[0]:
         raise ValueError(f"{len(generator)} generators for a batch of {like.shape[0]}; give one per row")
     rows = [torch.randn((1, *like.shape[1:]), generator=g, device=g.device, dtype=like.dtype) for g in generator]
-    return torch.cat(rows).to(like.device)
+    return torch.cat(rows).to(like.device, non_blocking=True)
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -270,7 +274,7 @@ class GaussianDiffusion:
         log_scale = (0.5 * out["log_variance"]).expand_as(x_start)
         nll = -mean_flat(discretized_gaussian_log_likelihood(x_start, out["mean"], log_scale,
                                                                 self.decoder_nll_cdf)) / math.log(2.0)
-        return torch.where(t.to(kl.device) == 0, nll, kl)
+        return torch.where(t.to(kl.device, non_blocking=True) == 0, nll, kl)
 
     def training_losses(self, model: ModelFn, x_start: torch.Tensor, t: torch.Tensor,
                         model_kwargs: Optional[dict] = None, noise: Optional[torch.Tensor] = None,
@@ -287,12 +291,12 @@ class GaussianDiffusion:
         if noise is None:
             noise = gaussian_noise(x_start, generator)
         x_t = self.q_sample(x_start, t, noise)
-        output = model(x_t, self.model_time(t).to(x_start.device), **(model_kwargs or {}))
+        output = model(x_t, self.model_time(t).to(x_start.device, non_blocking=True), **(model_kwargs or {}))
         channels = x_start.shape[1]
         pred = output[:, :channels]
         abar = per_sample(self.alphas_cumprod, t, x_start)
         target = {"x0": x_start, "eps": noise, "v": abar.sqrt() * noise - (1 - abar).sqrt() * x_start}[self.target]
-        weight = self.loss_weights.to(x_start.device)[t.to(x_start.device).long()].to(pred.dtype)  # [N]
+        weight = per_sample(self.loss_weights, t, pred).reshape(-1)  # [N]
         mse = mean_flat((target - pred) ** 2) * weight
         if self.use_kl:
             vb = self.vb_terms(output, x_start, x_t, t)
@@ -312,11 +316,11 @@ class GaussianDiffusion:
         predictions are converted), with the variance half passed through unchanged.
         """
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = model_fn(x, self.model_time(t).to(x.device))
+            out = model_fn(x, self.model_time(t).to(x.device, non_blocking=True))
             if self.target == "eps":
                 return out
             channels = x.shape[1]
-            abar = alpha_bar_at(self.alphas_cumprod, t).to(x).reshape(-1, *([1] * (x.ndim - 1)))
+            abar = alpha_bar_at(self.alphas_cumprod, t).to(x, non_blocking=True).reshape(-1, *([1] * (x.ndim - 1)))
             _, eps = xstart_and_eps(self.target, out[:, :channels], x, abar)
             return torch.cat([eps, out[:, channels:]], dim=1)
         return fn

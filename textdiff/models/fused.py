@@ -8,6 +8,7 @@ costs ~30 s per shape for no training benefit, it falls back to the reference pa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable, Optional
 
@@ -28,7 +29,10 @@ def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch
     full copies of every activation per norm, and float32 activations kept for the backward pass);
     autocast is off inside, so CUDA's float32 policy for group_norm does not upcast it either.
     """
-    with torch.autocast(x.device.type, enabled=False):
+    # (devices without autocast, like the meta device of the model summary and the sync tests, skip it)
+    off = (torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type)
+           else contextlib.nullcontext())
+    with off:
         h = F.group_norm(x, groups, weight.to(x.dtype), bias.to(x.dtype), eps)
         if scale is not None:
             h = h * (1 + scale.to(x.dtype)) + shift.to(x.dtype)

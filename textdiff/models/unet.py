@@ -202,22 +202,22 @@ class TextdiffUNet(nn.Module):
             ids, mask = self.tokenizer.encode(list(txt))
             if cfg.txt_null == "empty":
                 mask &= torch.tensor([t is not None for t in txt])[:, None]
-            cond["txt_ids"], cond["txt_mask"] = ids.to(device), mask.to(device)
+            cond["txt_ids"], cond["txt_mask"] = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         if cfg.using_capt:
             if capt is None:
                 raise ValueError("model.using_capt is true: prepare_cond needs capt (a list; None entries = null)")
-            cond["capt_ids"] = self.capt_encoder.tokenize(list(capt)).to(device)
-            cond["capt_keep"] = torch.tensor([bool(c) or cfg.capt_null == "placeholder" for c in capt],
-                                             device=device)
+            cond["capt_ids"] = self.capt_encoder.tokenize(list(capt)).to(device, non_blocking=True)
+            cond["capt_keep"] = torch.tensor([bool(c) or cfg.capt_null == "placeholder" for c in capt]
+                                             ).to(device, non_blocking=True)
         if cfg.low_res_size:
             if low_res is None:
                 raise ValueError(f"model.low_res_size is {cfg.low_res_size}: prepare_cond needs low_res "
                                  f"[N, C, {cfg.low_res_size}, {cfg.low_res_size}]")
-            cond["low_res"] = low_res.to(device)
+            cond["low_res"] = low_res.to(device, non_blocking=True)
         if cfg.noise_cond:
             if noise_cond_t is None:
                 raise ValueError("model.noise_cond is true: prepare_cond needs noise_cond_t [N] (0 = clean low-res)")
-            cond["noise_cond_t"] = torch.as_tensor(noise_cond_t, device=device).long().reshape(-1)
+            cond["noise_cond_t"] = torch.as_tensor(noise_cond_t).to(device, non_blocking=True).long().reshape(-1)
         return cond
 
     def _caption(self, capt_ids: torch.Tensor, keep: torch.Tensor

@@ -85,10 +85,11 @@ def guidance_after_step(guided: Callable[[torch.Tensor, torch.Tensor], torch.Ten
     has come down past ``after_step`` (the research code's ``guidance_after_step``). Each branch is evaluated
     only when some row needs it (the samplers give every row the same step)."""
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        use = t.to(x.device) < after_step
+        use = t < after_step  # t is on the host (the samplers keep it there): deciding waits for nothing
         if bool(use.all()):
             return guided(x, t)
         if not bool(use.any()):
             return plain(x, t)
-        return torch.where(use.reshape(-1, *([1] * (x.ndim - 1))), guided(x, t), plain(x, t))
+        use = use.to(x.device, non_blocking=True).reshape(-1, *([1] * (x.ndim - 1)))
+        return torch.where(use, guided(x, t), plain(x, t))
     return fn

@@ -4,7 +4,7 @@ Every sampler has the signature ``sample_x(model_fn, x, alphas_cumprod, timestep
 callback=None, disable=None, **options)``:
 
 - ``model_fn(x, t)``: ``x`` ``[N, C, ...]``, ``t`` ``[N]`` float64 (fractional) indices into
-  ``alphas_cumprod`` -> eps ``[N, C, ...]``, or ``[N, 2C, ...]`` with the learned-variance half
+  ``alphas_cumprod``, on the host (so that the schedule lookups never wait for the device) -> eps ``[N, C, ...]``, or ``[N, 2C, ...]`` with the learned-variance half
   (``GaussianDiffusion.sampling_fn`` adapts a network; guidance and thresholding wrap it);
 - ``x``: the start, pure noise at ``timesteps[0]``;
 - ``alphas_cumprod``: ``[K]`` of the process the model was trained on (or a respaced one);
@@ -63,7 +63,7 @@ def _abars(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> list[float]
 
 
 def _call(model_fn: ModelFn, x: torch.Tensor, t: float) -> torch.Tensor:
-    return model_fn(x, torch.full((x.shape[0],), float(t), dtype=torch.float64, device=x.device))
+    return model_fn(x, torch.full((x.shape[0],), float(t), dtype=torch.float64))
 
 
 def _eps(model_fn: ModelFn, x: torch.Tensor, t: float) -> torch.Tensor:

@@ -44,7 +44,8 @@ def threshold_model(model_fn: ModelFn, alphas_cumprod: torch.Tensor,
     def wrapped(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = model_fn(x, t)
         channels = x.shape[1]
-        abar = alpha_bar_at(alphas_cumprod, t).to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        abar = alpha_bar_at(alphas_cumprod, t).to(x.device, x.dtype, non_blocking=True)
+        abar = abar.reshape(-1, *([1] * (x.ndim - 1)))
         x0 = threshold((x - (1 - abar).sqrt() * out[:, :channels]) / abar.sqrt())
         eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
         return torch.cat([eps, out[:, channels:]], dim=1)

@@ -72,7 +72,7 @@ def diffusion_loss(model: torch.nn.Module, model_fn, diffusion, timesteps, batch
     from textdiff.diffusion.noise_cond import noise_low_res, sample_noise_cond_steps
     from textdiff.models import cond_dropout
 
-    x0 = batch["image"].to(device)
+    x0 = batch["image"].to(device, non_blocking=True)
     n = x0.shape[0]
     txt, capt = cond_dropout(batch["txt"], batch["capt"], cfg.model, generator=generator)
     low_res, noise_cond_t = batch.get("low_res"), None
@@ -82,9 +82,10 @@ def diffusion_loss(model: torch.nn.Module, model_fn, diffusion, timesteps, batch
     cond = model.prepare_cond(txt if cfg.model.txt else None, capt if cfg.model.using_capt else None,
                               low_res=low_res, noise_cond_t=noise_cond_t)
     t, weights = timesteps.sample(n, generator=generator)
-    noise = torch.randn(x0.shape, generator=generator).to(device)
-    terms = diffusion.training_losses(model_fn, x0, t.to(device), model_kwargs=cond, noise=noise)
-    loss = (terms["loss"] * weights.to(device)).mean()
+    noise = torch.randn(x0.shape, generator=generator).to(device, non_blocking=True)
+    # t stays on the host: the schedule lookups happen there and only their N values travel
+    terms = diffusion.training_losses(model_fn, x0, t, model_kwargs=cond, noise=noise)
+    loss = (terms["loss"] * weights.to(device, non_blocking=True)).mean()
     return loss, t, {k: v.detach().float() for k, v in terms.items()}
 
 
