@@ -165,6 +165,34 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny):
         torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-5, atol=1e-7)
 
 
+def test_norm_recompute_trades_kept_activations_for_nothing_else(tiny):
+    """"all" keeps less for the backward pass than "top" (only the 16 px maps recompute), "top" less than
+    "none"; the loss and gradients are the same whichever recomputes."""
+    from textdiff.train.bench import LiveTensorBytes
+
+    x, t = tiny.inputs()
+    kept, results = {}, {}
+    for mode in ("all", "top", "none"):
+        model = tiny.model(tiny.cfg(txt=True, norm_recompute=mode)).train()
+        cond = model.prepare_cond(["ab", "cd"], None)
+        with LiveTensorBytes() as counter:
+            out = model(x, t, **cond)
+        kept[mode] = counter.live
+        del out
+        results[mode] = _loss_and_grads(model, x, t, **cond)
+    assert kept["all"] < kept["top"] < kept["none"]
+    for mode in ("top", "none"):
+        assert torch.equal(results[mode][0], results["all"][0])
+        for name, grad in results["all"][1].items():
+            torch.testing.assert_close(results[mode][1][name], grad, rtol=1e-6, atol=1e-8)
+
+
+def test_norm_recompute_top_is_the_full_width_maps(tiny):
+    model = build_model(tiny.cfg(norm_recompute="top"))
+    widths = {m.recompute_from_width for m in model.modules() if isinstance(m, GroupNormSiLU)}
+    assert widths == {16}
+
+
 def test_checkpointing_below_a_resolution_picks_the_levels_at_most_that_wide(tiny):
     model = build_model(tiny.cfg(use_checkpoint_below_res=8))
     steps = [*model.input_steps, model.middle, *model.output_steps]

@@ -11,6 +11,7 @@ Each U-net position is a :class:`Step`: a residual block (or a resampler), then 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -176,6 +177,10 @@ class TextdiffUNet(nn.Module):
             step.checkpoint = cfg.use_checkpoint or step.res <= cfg.use_checkpoint_below_res
         self.out_norm = GroupNormSiLU(ch, cfg.silu_impl, cfg.num_groups)
         self.out_conv = zero_module(Conv2d(ch, self.image_channels * out_mult * cfg.stem_patch ** 2, 3, padding=1))
+        recompute_from = {"all": 0, "top": cfg.feature_size, "none": math.inf}[cfg.norm_recompute]
+        for m in self.modules():
+            if isinstance(m, GroupNormSiLU):
+                m.recompute_from_width = recompute_from
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters the optimizer should update (excludes a frozen caption encoder)."""
