@@ -6,6 +6,7 @@ with ``--peer``, textdiff's U-net next to diffusers' of the same size.
     python tools/bench_train.py --config ds_configs/base64.json --set deepspeed.zero_optimization.stage=2
     python tools/bench_train.py --peer                      # demo and 46 M, fp32 and bf16 (needs '.[bench]')
     python tools/bench_train.py --peer --compile --sizes demo --dtypes fp32
+    python tools/bench_train.py --peer --config ds_configs/base64.json --sizes recipe --dtypes bf16 --device cuda
     python tools/bench_train.py --checkpointing --sizes 46M  # activation checkpointing: memory and step cost
 
 Uses a fixed synthetic batch (no data loading) and random weights (no CLIP download: the caption
@@ -23,14 +24,21 @@ import torch
 
 from textdiff.config import ConfigError, load_config
 
-# --peer sizes: overrides of --config (ds_configs/demo_cpu.json by default)
+# --peer and --checkpointing sizes: overrides of ds_configs/demo_cpu.json; "recipe" is --config as it is
+DEMO = "ds_configs/demo_cpu.json"
 PEER_SIZES = {
     "demo": [],
+    "recipe": [],
     "46M": ["model.image_size=64", "model.num_channels=128", "model.channel_mult=[1,2,2,2]",
             "model.num_res_blocks=2", "model.attention_resolutions=[16,8]", "model.txt_resolutions=[16,8]",
             "deepspeed.train_micro_batch_size_per_gpu=4"],
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def size_config(size: str, args):
+    """The config of one ``--sizes`` entry, with ``--set`` applied."""
+    return load_config(args.config if size == "recipe" else DEMO, PEER_SIZES[size] + args.overrides)
 
 
 def run_peer(args, p: argparse.ArgumentParser) -> int:
@@ -43,7 +51,7 @@ def run_peer(args, p: argparse.ArgumentParser) -> int:
 
     device = torch.device(args.device)
     for size in args.sizes:
-        cfg = load_config(args.config or "ds_configs/demo_cpu.json", PEER_SIZES[size] + args.overrides)
+        cfg = size_config(size, args)
         for dtype in args.dtypes:
             result = peer_bench(cfg, DTYPES[dtype], steps=args.steps, warmup=args.warmup, compile=args.compile,
                                 device=device)
@@ -56,7 +64,7 @@ def run_checkpointing(args) -> int:
     from textdiff.train.bench import checkpointing_bench
 
     for size in args.sizes:
-        cfg = load_config(args.config or "ds_configs/demo_cpu.json", PEER_SIZES[size] + args.overrides)
+        cfg = size_config(size, args)
         res = [cfg.model.feature_size // 2 ** i for i in range(len(cfg.model.channel_mult))]
         variants = {"off": {}, f"levels <= {res[-2]} px": {"use_checkpoint_below_res": res[-2]},
                     "every level": {"use_checkpoint": True}}
@@ -68,14 +76,16 @@ def run_checkpointing(args) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="recipe JSON (ds_configs/*.json); required without --peer")
+    p.add_argument("--config", help="recipe JSON (ds_configs/*.json); required without --peer or --checkpointing, "
+                   "and for --sizes recipe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config key (repeatable), as for launch.sh")
     p.add_argument("--steps", type=int, default=10, help="timed steps of each kind")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--peer", action="store_true", help="textdiff's U-net against diffusers' of the same size")
-    p.add_argument("--sizes", nargs="+", choices=list(PEER_SIZES), default=list(PEER_SIZES),
-                   help="with --peer or --checkpointing")
+    p.add_argument("--sizes", nargs="+", choices=list(PEER_SIZES), default=["demo", "46M"],
+                   help="with --peer or --checkpointing: demo_cpu.json, 46M (demo_cpu.json widened), or recipe "
+                   "(--config as it is)")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES),
                    help="with --peer: fp32, and bf16 autocast")
     p.add_argument("--compile", action="store_true", help="with --peer: torch.compile both models")
@@ -89,6 +99,8 @@ def main(argv=None) -> int:
         p.error("--steps must be >= 1 and --warmup >= 0")
     if not (args.peer or args.checkpointing) and not args.config:
         p.error("--config is required (or pass --peer or --checkpointing)")
+    if (args.peer or args.checkpointing) and "recipe" in args.sizes and not args.config:
+        p.error("--sizes recipe needs --config")
     torch.set_num_threads(args.threads)
     try:
         if args.peer:

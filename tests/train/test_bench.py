@@ -1,10 +1,16 @@
 """bench_train: the engine step and the plain PyTorch step both run, and the ratio is their time ratio."""
 
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from textdiff.config import ModelConfig, TextdiffConfig
+from textdiff.config import ModelConfig, TextdiffConfig, load_config
 from textdiff.train.bench import bench_train, synthetic_batch
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_synthetic_batch_has_the_stream_layout_with_low_res_for_upsamplers():
@@ -20,6 +26,16 @@ def test_bench_reports_both_throughputs_and_their_ratio(tiny):
     assert result["images_per_step"] == 8 and result["dtype"] == "float32" and result["zero_stage"] == 0
     assert result["engine_images_per_s"] > 0 and result["plain_images_per_s"] > 0
     assert result["overhead"] == pytest.approx(result["plain_images_per_s"] / result["engine_images_per_s"])
+
+
+def test_mfu_is_the_model_flops_of_the_step_per_second_over_the_matmul_rate(tiny):
+    """Two micro-batches a step do twice the model FLOPs of one; MFU divides them by the engine's step time
+    and by the matmul rate measured beside it."""
+    one = bench_train(tiny(), steps=1, warmup=0)
+    two = bench_train(tiny("deepspeed.gradient_accumulation_steps=2"), steps=1, warmup=0)
+    assert one["gflop_per_step"] > 0 and two["gflop_per_step"] == pytest.approx(2 * one["gflop_per_step"], rel=1e-9)
+    step_s = two["images_per_step"] / two["engine_images_per_s"]
+    assert two["mfu"] == pytest.approx(two["gflop_per_step"] / step_s / two["matmul_gflop_s"])
 
 
 def test_the_ema_update_adds_no_collective_and_its_overhead_is_reported(tiny):
@@ -52,3 +68,23 @@ def test_checkpointing_every_level_keeps_less_for_the_backward_pass(tiny):
         kept[flag] = counter.live
         out.sum().backward()
     assert kept[True] < 0.5 * kept[False]
+
+
+def _bench_tool():
+    spec = importlib.util.spec_from_file_location("bench_train_tool", ROOT / "tools" / "bench_train.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_bench_sizes_are_the_demo_recipe_widened_or_the_given_recipe(capsys):
+    tool = _bench_tool()
+    args = SimpleNamespace(config="ds_configs/base64.json", overrides=["model.num_res_blocks=3"])
+    recipe = tool.size_config("recipe", args).model
+    assert (recipe.image_size, recipe.num_channels, recipe.num_res_blocks) == (64, 256, 3)
+    demo, wide = tool.size_config("demo", args).model, tool.size_config("46M", args).model
+    assert (demo.image_size, demo.num_channels) == (32, load_config(tool.DEMO).model.num_channels)
+    assert (wide.image_size, wide.num_channels, wide.channel_mult) == (64, 128, (1, 2, 2, 2))
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["--peer", "--sizes", "recipe"])
+    assert exit_info.value.code == 2 and "--sizes recipe needs --config" in capsys.readouterr().err

@@ -147,8 +147,10 @@ def bench_train(cfg: TextdiffConfig, steps: int = 10, warmup: int = 2, seed: int
     """Time ``steps`` optimizer steps (micro-batch x accumulation images each) through the engine, in
     plain PyTorch (A-B-B-A rounds), then through the engine without and with the EMA update (A-B-B-A rounds
     again); returns images/s of the first two (from the median step time), ``overhead`` = engine step time /
-    plain step time, ``ema_overhead`` = (engine + EMA) / engine, and the collectives (calls, MB) of one step
-    without and with the EMA."""
+    plain step time, ``ema_overhead`` = (engine + EMA) / engine, the collectives (calls, MB) of one step
+    without and with the EMA, and the engine step's model FLOPs utilisation: ``gflop_per_step`` (the plain
+    step's matmuls, convolutions and attention, counted by ``torch.utils.flop_counter``: the same model work)
+    per second of the engine step over ``matmul_gflop_s``, a matmul measured in the step's dtype."""
     from textdiff.diffusion import build_diffusion
     from textdiff.diffusion.timesteps import UniformSampler
     from textdiff.models import build_model
@@ -212,6 +214,7 @@ def bench_train(cfg: TextdiffConfig, steps: int = 10, warmup: int = 2, seed: int
         engine_ema_step()
     engine_s, plain_s = seconds["engine"], seconds["plain"]
     images = micro * accumulation
+    flops, rate = step_flops(plain_step), matmul_flops_per_s(dtype, device)
     return {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "zero_stage": eng.zero_stage(cfg.deepspeed), "world_size": world, "rank": rank,
             "images_per_step": images, "steps": steps, "engine_images_per_s": images / engine_s,
@@ -219,7 +222,8 @@ def bench_train(cfg: TextdiffConfig, steps: int = 10, warmup: int = 2, seed: int
             "ema_sharded": sharded, "ema_overhead": ema_seconds["engine_ema"] / ema_seconds["engine"],
             "collectives_per_step": without_ema.calls, "collective_mb_per_step": without_ema.bytes / 2 ** 20,
             "collectives_per_step_with_ema": with_ema.calls,
-            "collective_mb_per_step_with_ema": with_ema.bytes / 2 ** 20}
+            "collective_mb_per_step_with_ema": with_ema.bytes / 2 ** 20, "gflop_per_step": flops / 1e9,
+            "matmul_gflop_s": rate / 1e9, "mfu": flops / engine_s / rate}
 
 
 class CollectiveCounter:
