@@ -65,7 +65,7 @@ class EMA:
     @torch.no_grad()
     def update(self, params: Sequence[torch.Tensor]) -> None:
         """Fold in the current weights (one tensor per name, the shapes of ``init``, any dtype); counts one
-        update. Two multi-tensor (``_foreach``) ops per rate, whatever the number of tensors."""
+        update. One multi-tensor op (``_foreach_lerp_``) per rate, whatever the number of tensors."""
         if len(params) != len(self.names):
             raise ValueError(f"EMA.update got {len(params)} tensors for {len(self.names)} parameters")
         first = next(iter(self.averages.values()))
@@ -74,8 +74,8 @@ class EMA:
             decay = ema_decay(rate, self.num_updates, self.cfg.arithmetic_avg_from_step,
                               self.cfg.arithmetic_avg_extra_shift, self.cfg.warmup)
             averages = self.averages[rate_key(rate)]
-            torch._foreach_mul_(averages, decay)
-            torch._foreach_add_(averages, current, alpha=1.0 - decay)
+            # avg + (1 - decay) (cur - avg): one pass over the averages, where mul_ then add_ took two
+            torch._foreach_lerp_(averages, current, 1.0 - decay)
         self.num_updates += 1
 
     def named_averages(self, rate: float | str) -> dict[str, torch.Tensor]:
