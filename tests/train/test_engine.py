@@ -78,3 +78,19 @@ def test_a_build_killed_while_holding_the_lock_does_not_block_the_next_run(slow_
     eng.build_shm_op_once()
     assert time.monotonic() - started < 5.0 and len(slow_builder) == 1
     assert (tmp_path / "ext" / "textdiff-build.lock").exists()  # the file stays; only the kernel's lock went
+
+
+def test_fp32_zero0_clipping_is_textdiffs_and_scales_like_deepspeeds():
+    """textdiff clips where DeepSpeed would loop over parameters (fp32, ZeRO 0), with DeepSpeed's formula:
+    gradients of joint norm 5 clipped to 1 are scaled by 1 / (5 + 1e-6); a norm below the limit is kept."""
+    assert eng.own_clipping({"gradient_clipping": 1.0}) == 1.0
+    assert eng.own_clipping({"gradient_clipping": 1.0, "zero_optimization": {"stage": 2}}) == 0.0
+    assert eng.own_clipping({"gradient_clipping": 1.0, "bf16": {"enabled": True}}) == 0.0
+    assert eng.own_clipping({}) == 0.0
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])
+    norm = eng.clip_gradients_([a, b], 1.0)
+    assert float(norm) == 5.0
+    torch.testing.assert_close(torch.cat([a.grad, b.grad]), torch.tensor([3.0, 0.0, 4.0]) / (5 + 1e-6))
+    assert float(eng.clip_gradients_([a, b], 2.0)) == pytest.approx(1.0, abs=1e-5)
+    torch.testing.assert_close(torch.cat([a.grad, b.grad]), torch.tensor([3.0, 0.0, 4.0]) / (5 + 1e-6))

@@ -312,6 +312,25 @@ def test_grad_norm_is_the_norm_of_all_gradients_together_as_a_tensor():
     assert isinstance(norm, torch.Tensor) and norm.item() == 5.0
 
 
+def test_textdiffs_gradient_clipping_gives_the_weights_deepspeeds_does(tiny, tmp_path, monkeypatch):
+    """fp32 at ZeRO 0 textdiff clips (eng.own_clipping); two steps with a limit far below the gradient norm
+    (so every step is clipped) end at the weights of DeepSpeed clipping the same steps itself."""
+    cfg = ("deepspeed.gradient_clipping=0.001", "deepspeed.gradient_accumulation_steps=2")
+    ours = Trainer(tiny(*cfg), tmp_path / "ours")
+    assert ours.engine.gradient_clipping() == 0.0
+    for _ in range(2):
+        ours.train_step()
+    assert float(ours._grad_norm) > 0.01
+    monkeypatch.setattr(eng, "own_clipping", lambda ds_config: 0.0)
+    theirs = Trainer(tiny(*cfg), tmp_path / "theirs")
+    assert theirs.engine.gradient_clipping() == 0.001
+    for _ in range(2):
+        theirs.train_step()
+    for (name, a), b in zip(ours.engine.module.state_dict().items(), theirs.engine.module.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    ours.close(), theirs.close()
+
+
 def test_the_loss_of_a_micro_batch_never_waits_for_the_device(tiny, waiting_copies_mode):
     """On the meta device (no data: reading a value on the host raises), the whole loss, from the batch's
     copy to the weighted mean, makes no copy to the device that waits for it (on CUDA each would synchronise

@@ -169,10 +169,15 @@ def bench_train(cfg: TextdiffConfig, steps: int = 10, warmup: int = 2, seed: int
 
     engine_fn = eng.engine_forward(engine, dtype, cfg.train.channels_last)
 
-    def engine_step():
-        for _ in range(accumulation):
+    own_clip = eng.own_clipping(cfg.deepspeed)
+    trainable_engine = [p for _, p in eng.trainable_named_parameters(engine)]
+
+    def engine_step():  # as Trainer.train_step does it
+        for micro in range(accumulation):
             loss, _, _ = diffusion_loss(engine.module, engine_fn, diffusion, timesteps, batch, cfg, generator, device)
             engine.backward(loss)
+            if own_clip and micro == accumulation - 1:
+                eng.clip_gradients_(trainable_engine, own_clip)
             engine.step()
 
     plain_model.to(device).train()
@@ -197,7 +202,6 @@ def bench_train(cfg: TextdiffConfig, steps: int = 10, warmup: int = 2, seed: int
         optimizer.zero_grad(set_to_none=True)
 
     # the EMA as the Trainer keeps it: this rank's fp32 master weights (its ZeRO partition), _foreach updates
-    trainable_engine = [p for _, p in eng.trainable_named_parameters(engine)]
     master, sharded = eng.fp32_master_weights(engine, trainable_engine)
     ema = EMA([f"fp32 master {i}" for i in range(len(master))], master, cfg.ema) if sharded or rank == 0 else None
 

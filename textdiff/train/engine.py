@@ -225,6 +225,8 @@ def build_engine(model: nn.Module, cfg: TextdiffConfig, world_size: int):
         module.to(device=dev, dtype=dtype)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     parameters, ds_config = optimizer_inputs(trainable, cfg.train, dict(cfg.deepspeed))
+    if own_clipping(cfg.deepspeed):
+        ds_config["gradient_clipping"] = 0.0  # clip_gradients_ does it, see there
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameters, config=ds_config)
     if cfg.train.channels_last and weights_stay_plain(cfg.deepspeed):
         # after initialize: DeepSpeed broadcasts each weight as a flat byte view, which a channels-last tensor
@@ -235,6 +237,22 @@ def build_engine(model: nn.Module, cfg: TextdiffConfig, world_size: int):
         # gradient each step (ZeRO 1-3 keep theirs: their optimizers do bookkeeping in it)
         engine.enable_backward_allreduce = False
     return engine, frozen, promoted
+
+
+def own_clipping(ds_config: dict) -> float:
+    """The ``gradient_clipping`` norm textdiff applies itself (:func:`clip_gradients_`), 0 when DeepSpeed does
+    (or nobody clips). textdiff clips where DeepSpeed's engine would run its per-parameter norm loop, fp32 at
+    ZeRO 0; the ZeRO and 16-bit optimizers clip their own flat partitions."""
+    clip = float(ds_config.get("gradient_clipping", 0.0))
+    return clip if zero_stage(ds_config) == 0 and compute_dtype(ds_config) == torch.float32 else 0.0
+
+
+def clip_gradients_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale the gradients of ``params`` (already summed over the ranks) in place so that their joint L2 norm
+    is at most ``max_norm``, as DeepSpeed does (``max_norm / (norm + 1e-6)``, at most 1); returns the norm
+    before clipping, a 0-dim tensor on the device. Two multi-tensor ops and no host sync, where DeepSpeed's
+    fp32 path takes one norm per parameter and an all-reduce of it."""
+    return torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm, foreach=True)
 
 
 def weights_stay_plain(ds_config: dict) -> bool:
