@@ -69,7 +69,7 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, g
 class _GroupNormSiLUFunction(torch.autograd.Function):
     """:func:`group_norm_silu_reference` with a hand-written backward that keeps less: the input, the
     [N, groups] statistics and, unless ``recompute``, the normalised map ``out``; never the modulated map
-    (one ``addcmul`` recomputes it) nor a second copy for SiLU (``silu_backward`` reads the recomputed map).
+    (:func:`_modulate` recomputes it) nor a second copy for SiLU (``silu_backward`` reads the recomputed map).
     With ``recompute`` the backward recomputes ``out`` too (one group_norm pass), so only the input is kept.
     x: [N, C, ...]; weight, bias: [C]; scale, shift: broadcastable to x or None -> [N, C, ...] in x's dtype."""
 

@@ -4,8 +4,9 @@ Every sampler has the signature ``sample_x(model_fn, x, alphas_cumprod, timestep
 callback=None, disable=None, **options)``:
 
 - ``model_fn(x, t)``: ``x`` ``[N, C, ...]``, ``t`` ``[N]`` float64 (fractional) indices into
-  ``alphas_cumprod``, on the host (so that the schedule lookups never wait for the device) -> eps ``[N, C, ...]``, or ``[N, 2C, ...]`` with the learned-variance half
-  (``GaussianDiffusion.sampling_fn`` adapts a network; guidance and thresholding wrap it);
+  ``alphas_cumprod``, on the host (so that the schedule lookups never wait for the device) -> eps
+  ``[N, C, ...]``, or ``[N, 2C, ...]`` with the learned-variance half (``GaussianDiffusion.sampling_fn``
+  adapts a network; guidance and thresholding wrap it);
 - ``x``: the start, pure noise at ``timesteps[0]``;
 - ``alphas_cumprod``: ``[K]`` of the process the model was trained on (or a respaced one);
 - ``timesteps``: ``[S]`` decreasing indices (see :func:`sampling_timesteps`, :func:`default_grid`). Each

@@ -239,12 +239,16 @@ def build_engine(model: nn.Module, cfg: TextdiffConfig, world_size: int):
     return engine, frozen, promoted
 
 
+def own_grad_norm(ds_config: dict) -> bool:
+    """Whether textdiff takes the gradient norm itself: fp32 at ZeRO 0, where DeepSpeed reports none and its
+    clipping would loop over the parameters (the ZeRO and 16-bit optimizers clip their own flat partitions)."""
+    return zero_stage(ds_config) == 0 and compute_dtype(ds_config) == torch.float32
+
+
 def own_clipping(ds_config: dict) -> float:
-    """The ``gradient_clipping`` norm textdiff applies itself (:func:`clip_gradients_`), 0 when DeepSpeed does
-    (or nobody clips). textdiff clips where DeepSpeed's engine would run its per-parameter norm loop, fp32 at
-    ZeRO 0; the ZeRO and 16-bit optimizers clip their own flat partitions."""
-    clip = float(ds_config.get("gradient_clipping", 0.0))
-    return clip if zero_stage(ds_config) == 0 and compute_dtype(ds_config) == torch.float32 else 0.0
+    """The ``gradient_clipping`` norm textdiff applies itself (:func:`clip_gradients_`) where
+    :func:`own_grad_norm`; 0 when DeepSpeed clips (or nobody does)."""
+    return float(ds_config.get("gradient_clipping", 0.0)) if own_grad_norm(ds_config) else 0.0
 
 
 def clip_gradients_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:

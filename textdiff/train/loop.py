@@ -142,8 +142,8 @@ class Trainer:
         self.diffusion = build_diffusion(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
         self.timesteps = build_timestep_sampler(cfg.diffusion.schedule_sampler, self.diffusion.num_timesteps)
         # DeepSpeed reports no gradient norm for an fp32 ZeRO-0 engine; the loop measures it then, and clips
-        # with it (eng.own_clipping)
-        self._own_grad_norm = eng.zero_stage(cfg.deepspeed) == 0 and self.dtype == torch.float32
+        # with it
+        self._own_grad_norm, self._own_clip = eng.own_grad_norm(cfg.deepspeed), eng.own_clipping(cfg.deepspeed)
         self._grad_norm: Optional[torch.Tensor] = None
         # the per-micro-batch votes (data, stop) are host values: a CPU all-reduce decides them without
         # waiting for the accelerator (gloo, also under NCCL)
@@ -354,8 +354,8 @@ class Trainer:
             nonfinite = nonfinite + (~torch.isfinite(loss.detach())).float()
             self.engine.backward(loss)
             if last and self._own_grad_norm:  # the gradients are summed over the ranks by now
-                clip = eng.own_clipping(self.cfg.deepspeed)
-                self._grad_norm = eng.clip_gradients_(self.params, clip) if clip else grad_norm(self.params)
+                self._grad_norm = (eng.clip_gradients_(self.params, self._own_clip) if self._own_clip
+                                   else grad_norm(self.params))
             self.engine.step()
             ts.append(t)
             for k in terms:
