@@ -23,6 +23,7 @@ import sys
 import torch
 
 from textdiff.config import ConfigError, load_config
+from textdiff.host import keep_freed_memory
 
 # --peer and --checkpointing sizes: overrides of ds_configs/demo_cpu.json; "recipe" is --config as it is
 DEMO = "ds_configs/demo_cpu.json"
@@ -102,6 +103,8 @@ def main(argv=None) -> int:
     if (args.peer or args.checkpointing) and "recipe" in args.sizes and not args.config:
         p.error("--sizes recipe needs --config")
     torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        keep_freed_memory()  # as training and sampling on CPU do: both sides of --peer gain from it
     try:
         if args.peer:
             return run_peer(args, p)

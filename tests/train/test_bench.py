@@ -88,3 +88,13 @@ def test_bench_sizes_are_the_demo_recipe_widened_or_the_given_recipe(capsys):
     with pytest.raises(SystemExit) as exit_info:
         tool.main(["--peer", "--sizes", "recipe"])
     assert exit_info.value.code == 2 and "--sizes recipe needs --config" in capsys.readouterr().err
+
+
+def test_page_faults_counts_the_pages_a_step_maps_in():
+    """A 64 MiB block is above glibc's largest mmap threshold (32 MiB), with or without textdiff.host's
+    setting: each allocation maps it afresh, and its first touch faults at least once per 2 MiB (huge
+    pages; 16,384 with 4 KiB pages). A step that allocates nothing takes (next to) none."""
+    from textdiff.train.bench import page_faults
+
+    assert page_faults(lambda: torch.ones(16 * 2 ** 20)) >= 31
+    assert page_faults(lambda: None) <= 8

@@ -24,6 +24,7 @@ def test_peer_bench_reports_both_throughputs_sizes_and_peaks(tiny):
     assert result["ratio"] == pytest.approx(result["img_s_textdiff"] / result["img_s_peer"])
     assert result["params_textdiff"] > 0 and result["params_peer"] > 0
     assert result["peak_mb_textdiff"] > 0 and result["peak_mb_peer"] > 0
+    assert result["faults_textdiff"] >= 0 and result["faults_peer"] >= 0
     assert result["gflop_textdiff"] > 0 and 0 < result["mfu_textdiff"] and 0 < result["mfu_peer"]
 
 

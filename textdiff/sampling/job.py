@@ -29,6 +29,7 @@ from textdiff.config import ModelConfig
 from textdiff.diffusion import build_diffusion
 from textdiff.data.preview import batch_grid, png_bytes, to_uint8
 from textdiff.eval.prompts import Prompt, read_jsonl
+from textdiff.host import keep_freed_memory
 from textdiff.models.text_encoder import max_characters
 from textdiff.sampling.cascade import CascadeError, StageSettings, check_cascade, run_cascade
 from textdiff.sampling.loading import LoadedModel, load_for_sampling, read_source_config
@@ -126,6 +127,12 @@ def check_job(stages: Sequence[StageSpec], names: Sequence[str], requests: Seque
     return cfgs, prompt_warnings(requests, cfgs, names)
 
 
+def _load_stages(stages: Sequence[StageSpec], device: str) -> list[LoadedModel]:
+    if device == "cpu":
+        keep_freed_memory()  # each sampler step frees what the next allocates again
+    return [load_for_sampling(s.source, s.weights, s.ema_rate, device) for s in stages]
+
+
 def _write_records(out_dir: Path, records: list[dict]) -> None:
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     atomic_write_bytes(out_dir / RECORDS_FILE, text.encode("utf-8"))
@@ -149,7 +156,7 @@ def run_job(stages: Sequence[StageSpec], requests: Sequence[SampleRequest], out_
         raise CascadeError(f"--batch-size {batch_size} must be at least 1")
     names = list(names or [s.source for s in stages])
     check_job(stages, names, requests, device, precision)
-    models = [load_for_sampling(s.source, s.weights, s.ema_rate, device) for s in stages]
+    models = _load_stages(stages, device)
     out_dir = Path(out_dir)
     (out_dir / "samples").mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
@@ -227,7 +234,7 @@ def replay(jsonl: str | Path, index: int, out_dir: str | Path, device: Optional[
     stages = [StageSpec.from_dict(d) for d in record["stages"]]
     device = device or record["device"]
     check_job(stages, [s.source for s in stages], batch, device, record["precision"])
-    models = [load_for_sampling(s.source, s.weights, s.ema_rate, device) for s in stages]
+    models = _load_stages(stages, device)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(record.get("cpu_threads", threads))  # CPU sums are split by thread

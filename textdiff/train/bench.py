@@ -118,6 +118,17 @@ def training_step(model: nn.Module, forward: Callable[[], torch.Tensor], target:
     return step
 
 
+def page_faults(step: Callable[[], None]) -> int:
+    """The page faults one ``step()`` takes (minor and major, this process): each is a page the step touches
+    that the kernel had to map in, zeroed, because the allocator had returned it (:mod:`textdiff.host`)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    step()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return after.ru_minflt + after.ru_majflt - before.ru_minflt - before.ru_majflt
+
+
 def step_flops(step: Callable[[], None]) -> int:
     """FLOPs of one ``step()`` as ``torch.utils.flop_counter`` counts them (matmuls, convolutions and
     attention, forward and backward; elementwise ops count 0)."""

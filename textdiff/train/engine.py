@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from textdiff.config import ConfigError, TextdiffConfig
+from textdiff.host import keep_freed_memory
 from textdiff.train.param_groups import optimizer_inputs
 
 
@@ -74,7 +75,9 @@ def init_distributed() -> tuple[int, int, int]:
     """Join (or, when started without a launcher, create) the process group; returns (rank, world, local_rank).
 
     Under ``deepspeed``/``torchrun`` the launcher's RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are used;
-    a plain ``bash launch.sh`` run becomes a world of one on a free local port.
+    a plain ``bash launch.sh`` run becomes a world of one on a free local port. On CPU it also picks the
+    threads per rank (unless ``OMP_NUM_THREADS`` is set) and keeps freed memory for the next step
+    (:func:`textdiff.host.keep_freed_memory`).
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -96,9 +99,11 @@ def init_distributed() -> tuple[int, int, int]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if get_accelerator().device_name() == "cuda":
         get_accelerator().set_device(local_rank)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        # CPU ranks share the cores; more threads than cores makes every op wait on its siblings
-        torch.set_num_threads(cpu_threads_per_rank(os.cpu_count() or 1, int(os.environ.get("LOCAL_SIZE", "1"))))
+    else:
+        keep_freed_memory()
+        if "OMP_NUM_THREADS" not in os.environ:
+            # CPU ranks share the cores; more threads than cores makes every op wait on its siblings
+            torch.set_num_threads(cpu_threads_per_rank(os.cpu_count() or 1, int(os.environ.get("LOCAL_SIZE", "1"))))
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
 
 

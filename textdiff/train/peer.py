@@ -16,7 +16,7 @@ from torch import nn
 
 from textdiff.config import ModelConfig, TextdiffConfig
 from textdiff.models.conv import Conv2d, emulates_bf16
-from textdiff.train.bench import (matmul_flops_per_s, peak_step_bytes, step_flops, step_seconds, synthetic_batch,
+from textdiff.train.bench import (matmul_flops_per_s, page_faults, peak_step_bytes, step_flops, step_seconds, synthetic_batch,
                                   training_step)
 
 
@@ -57,8 +57,9 @@ def trainable_size(model: nn.Module) -> int:
 def peer_bench(cfg: TextdiffConfig, dtype: torch.dtype, steps: int = 6, warmup: int = 2, compile: bool = False,
                device: torch.device = torch.device("cpu"), seed: int = 0) -> dict:
     """Images/s of textdiff's and diffusers' training step at ``cfg``'s model and micro-batch, their
-    ratio (textdiff over diffusers: > 1 means textdiff is faster), each step's peak memory, FLOPs, and MFU
-    (FLOPs per second over the measured matmul rate in ``dtype`` on ``device``).
+    ratio (textdiff over diffusers: > 1 means textdiff is faster), each step's peak memory, page faults
+    (after the timed rounds), FLOPs, and MFU (FLOPs per second over the measured matmul rate in ``dtype``
+    on ``device``).
 
     Where textdiff convolves bf16 through the fp32 kernel (bf16 on a CPU without a bf16 convolution kernel,
     :mod:`textdiff.models.conv`), the peer is also timed with its convolutions on that route, in the same
@@ -88,6 +89,7 @@ def peer_bench(cfg: TextdiffConfig, dtype: torch.dtype, steps: int = 6, warmup: 
         timed["peer_same_convs"] = training_step(peer2, lambda: run_peer2(x, t, encoder_hidden_states=txt).sample,
                                                  target, dtype, device)
     seconds = step_seconds(timed, steps, warmup, device)
+    faults = {name: page_faults(step) for name, step in (("textdiff", mine_step), ("peer", peer_step))}
     peak = {name: peak_step_bytes(step, device) for name, step in (("textdiff", mine_step), ("peer", peer_step))}
     flops = {name: step_flops(step) for name, step in (("textdiff", mine_step), ("peer", peer_step))}
     rate = matmul_flops_per_s(dtype, device)
@@ -96,6 +98,7 @@ def peer_bench(cfg: TextdiffConfig, dtype: torch.dtype, steps: int = 6, warmup: 
             "params_peer": trainable_size(peer), "img_s_textdiff": n / seconds["textdiff"],
             "img_s_peer": n / seconds["peer"], "ratio": seconds["peer"] / seconds["textdiff"],
             "peak_mb_textdiff": peak["textdiff"] / 2 ** 20, "peak_mb_peer": peak["peer"] / 2 ** 20,
+            "faults_textdiff": faults["textdiff"], "faults_peer": faults["peer"],
             "gflop_textdiff": flops["textdiff"] / 1e9, "gflop_peer": flops["peer"] / 1e9,
             "matmul_gflop_s": rate / 1e9, "mfu_textdiff": flops["textdiff"] / seconds["textdiff"] / rate,
             "mfu_peer": flops["peer"] / seconds["peer"] / rate,
