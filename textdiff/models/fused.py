@@ -68,39 +68,102 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, g
 
 class _GroupNormSiLUFunction(torch.autograd.Function):
     """:func:`group_norm_silu_reference` with a hand-written backward that keeps less: the input, the
-    [N, groups] statistics and, unless ``recompute``, the normalised map ``out``; never the modulated map
-    (:func:`_modulate` recomputes it) nor a second copy for SiLU (``silu_backward`` reads the recomputed map).
-    With ``recompute`` the backward recomputes ``out`` too (one group_norm pass), so only the input is kept.
+    [N, groups] statistics and, unless ``recompute``, the normalised map; never a second copy for SiLU
+    (``silu_backward`` reads the map it kept or recomputed). With ``recompute`` the backward recomputes the
+    map (one group_norm pass), so only the input is kept.
+
+    Where x is contiguous the modulation is folded into the norm's affine step (:func:`_folded_affine`):
+    one group_norm pass normalises and modulates, where a separate multiply and add would read and write
+    the map twice more, and its backward returns the per-(sample, channel) weight and bias gradients from
+    which those of weight, bias, scale and shift follow. Otherwise (channels-last x) the normalised map is
+    modulated by :func:`_modulate`.
     x: [N, C, ...]; weight, bias: [C]; scale, shift: broadcastable to x or None -> [N, C, ...] in x's dtype."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, groups, eps, recompute):
-        n, c = x.shape[:2]
+        n, c, hw = x.shape[0], x.shape[1], x[0, 0].numel()
+        fold = scale is None or _foldable(x, scale, shift)
         with _autocast_off(x):
-            w, b = weight.to(x.dtype), bias.to(x.dtype)
-            out, mean, rstd = torch.ops.aten.native_group_norm(x, w, b, n, c, x[0, 0].numel(), groups, eps)
-            y = F.silu(_modulate(out, scale, shift))
-        ctx.save_for_backward(x, w, b, mean, rstd, scale, shift, None if recompute else out)
-        ctx.conf = (groups, eps, weight.dtype, bias.dtype)
+            if fold:
+                w, b, s1 = _folded_affine(weight, bias, scale, shift, n, c, x.dtype)
+                dims = (n, c, hw, groups) if scale is None else (1, n * c, hw, n * groups)
+                h, mean, rstd = torch.ops.aten.native_group_norm(x, w, b, *dims, eps)
+                y = F.silu(h, inplace=recompute)  # with recompute, h is not kept: overwrite it
+            else:
+                w, b, s1, dims = weight.to(x.dtype), bias.to(x.dtype), None, (n, c, hw, groups)
+                h, mean, rstd = torch.ops.aten.native_group_norm(x, w, b, *dims, eps)
+                y = F.silu(_modulate(h, scale, shift))
+        ctx.save_for_backward(x, w, b, mean, rstd, scale, shift, s1, None if recompute else h)
+        ctx.conf = (dims, eps, fold, weight, bias)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, w, b, mean, rstd, scale, shift, out = ctx.saved_tensors
-        groups, eps, w_dtype, b_dtype = ctx.conf
-        n, c, hw = x.shape[0], x.shape[1], x[0, 0].numel()
+        x, w, b, mean, rstd, scale, shift, s1, h = ctx.saved_tensors
+        dims, eps, fold, weight, bias = ctx.conf
         need_x, need_w, need_b, need_scale, need_shift = ctx.needs_input_grad[:5]
         with _autocast_off(x):
-            if out is None:
-                out = torch.ops.aten.native_group_norm(x, w, b, n, c, hw, groups, eps)[0]
-            dh = torch.ops.aten.silu_backward(grad, _modulate(out, scale, shift))
-            d_scale = (dh * out).sum_to_size(scale.shape).to(scale.dtype) if need_scale else None
+            if h is None:
+                h = torch.ops.aten.native_group_norm(x, w, b, *dims, eps)[0]
+            if fold:
+                dh = torch.ops.aten.silu_backward(grad, h)
+                dx, dw, db = torch.ops.aten.native_group_norm_backward(
+                    dh, x, mean, rstd, w, *dims, [need_x, need_w or need_scale, need_b or need_scale or need_shift])
+                if scale is None:
+                    return (dx, None if dw is None else dw.to(weight.dtype),
+                            None if db is None else db.to(bias.dtype), None, None, None, None, None)
+                grads = _unfold_affine_grads(dw, db, weight, bias, s1, scale, shift)
+                return (dx, *(g if need else None for g, need in zip(grads, (need_w, need_b, need_scale, need_shift))),
+                        None, None, None)
+            dh = torch.ops.aten.silu_backward(grad, _modulate(h, scale, shift))
+            d_scale = (dh * h).sum_to_size(scale.shape).to(scale.dtype) if need_scale else None
             d_shift = dh.sum_to_size(shift.shape).to(shift.dtype) if need_shift else None
-            d_out = dh if scale is None else dh * (1 + scale.to(x.dtype))
-            dx, dw, db = torch.ops.aten.native_group_norm_backward(d_out, x, mean, rstd, w, n, c, hw, groups,
-                                                                   [need_x, need_w, need_b])
-        return (dx, None if dw is None else dw.to(w_dtype), None if db is None else db.to(b_dtype), d_scale,
-                d_shift, None, None, None)
+            dx, dw, db = torch.ops.aten.native_group_norm_backward(dh * (1 + scale.to(x.dtype)), x, mean, rstd, w,
+                                                                   *dims, [need_x, need_w, need_b])
+        return (dx, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
+                d_scale, d_shift, None, None, None)
+
+
+def _foldable(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+    """Whether x is contiguous and scale and shift are per (sample, channel): [N, C, 1, ...] or [1, C, 1, ...]."""
+    return x.is_contiguous() and all(t.dim() == x.dim() and t.shape[1] == x.shape[1] and t.shape[0] in (1, x.shape[0])
+                                     and all(d == 1 for d in t.shape[2:]) for t in (scale, shift))
+
+
+def _folded_affine(weight: torch.Tensor, bias: torch.Tensor, scale: Optional[torch.Tensor],
+                   shift: Optional[torch.Tensor], n: int, c: int, dtype: torch.dtype):
+    """GroupNorm's affine weight and bias that also modulate, in ``dtype``, and ``1 + scale``.
+
+    Normalised x times ``weight * (1 + scale)`` plus ``bias * (1 + scale) + shift`` is the reference's
+    ``(normalised x * weight + bias) * (1 + scale) + shift``. weight, bias: [C]; scale, shift: [N or 1, C,
+    1, ...] -> (weight', bias' [N * C], computed in float32 (or dtype, if wider) and rounded once; 1 + scale
+    [N, C] in that precision), or
+    (weight, bias [C], None) without modulation."""
+    if scale is None:
+        return weight.to(dtype), bias.to(dtype), None
+    acc = torch.promote_types(dtype, torch.float32)
+    s1 = 1 + scale.to(acc).reshape(-1, c).expand(n, c)
+    w = weight.to(acc) * s1
+    b = torch.addcmul(shift.to(acc).reshape(-1, c), bias.to(acc), s1)
+    return w.reshape(-1).to(dtype), b.reshape(-1).to(dtype), s1
+
+
+def _unfold_affine_grads(dw: Optional[torch.Tensor], db: Optional[torch.Tensor], weight: torch.Tensor,
+                         bias: torch.Tensor, s1: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
+    """The gradients of (weight [C], bias [C], scale, shift) from those of the folded affine weight and
+    bias (dw, db: [N * C] or None) by the chain rule through :func:`_folded_affine`; s1: 1 + scale [N, C]."""
+    n, c = s1.shape
+    dw = None if dw is None else dw.to(s1.dtype).view(n, c)
+    db = None if db is None else db.to(s1.dtype).view(n, c)
+    d_weight = None if dw is None else (dw * s1).sum(0).to(weight.dtype)
+    d_bias = None if db is None else (db * s1).sum(0).to(bias.dtype)
+    d_scale = None
+    if dw is not None and db is not None:
+        d_scale = dw * weight.to(s1.dtype) + db * bias.to(s1.dtype)
+        d_scale = d_scale.view(n, c, *scale.shape[2:]).sum_to_size(scale.shape)
+        d_scale = d_scale.to(scale.dtype)
+    d_shift = None if db is None else db.view(n, c, *shift.shape[2:]).sum_to_size(shift.shape).to(shift.dtype)
+    return d_weight, d_bias, d_scale, d_shift
 
 
 def _modulate(out: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor]) -> torch.Tensor:
