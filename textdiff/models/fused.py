@@ -87,28 +87,31 @@ class _GroupNormSiLUFunction(torch.autograd.Function):
             if fold:
                 w, b, s1 = _folded_affine(weight, bias, scale, shift, n, c, x.dtype)
                 dims = (n, c, hw, groups) if scale is None else (1, n * c, hw, n * groups)
-                h, mean, rstd = torch.ops.aten.native_group_norm(x, w, b, *dims, eps)
+                h, mean, rstd = torch.ops.aten.native_group_norm(_as_norm_input(x, dims), w, b, *dims, eps)
+                h = h.view(x.shape)
                 y = F.silu(h, inplace=recompute)  # with recompute, h is not kept: overwrite it
             else:
                 w, b, s1, dims = weight.to(x.dtype), bias.to(x.dtype), None, (n, c, hw, groups)
                 h, mean, rstd = torch.ops.aten.native_group_norm(x, w, b, *dims, eps)
                 y = F.silu(_modulate(h, scale, shift))
-        ctx.save_for_backward(x, w, b, mean, rstd, scale, shift, s1, None if recompute else h)
-        ctx.conf = (dims, eps, fold, weight, bias)
+        ctx.save_for_backward(x, w, b, mean, rstd, weight, bias, scale, shift, s1, None if recompute else h)
+        ctx.conf = (dims, eps, fold)  # no tensor here: torch.compile traces the Function whole
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, w, b, mean, rstd, scale, shift, s1, h = ctx.saved_tensors
-        dims, eps, fold, weight, bias = ctx.conf
+        x, w, b, mean, rstd, weight, bias, scale, shift, s1, h = ctx.saved_tensors
+        dims, eps, fold = ctx.conf
         need_x, need_w, need_b, need_scale, need_shift = ctx.needs_input_grad[:5]
         with _autocast_off(x):
             if h is None:
-                h = torch.ops.aten.native_group_norm(x, w, b, *dims, eps)[0]
+                h = torch.ops.aten.native_group_norm(_as_norm_input(x, dims), w, b, *dims, eps)[0].view(x.shape)
             if fold:
                 dh = torch.ops.aten.silu_backward(grad, h)
                 dx, dw, db = torch.ops.aten.native_group_norm_backward(
-                    dh, x, mean, rstd, w, *dims, [need_x, need_w or need_scale, need_b or need_scale or need_shift])
+                    _as_norm_input(dh, dims), _as_norm_input(x, dims), mean, rstd, w, *dims,
+                    [need_x, need_w or need_scale, need_b or need_scale or need_shift])
+                dx = None if dx is None else dx.view(x.shape)
                 if scale is None:
                     return (dx, None if dw is None else dw.to(weight.dtype),
                             None if db is None else db.to(bias.dtype), None, None, None, None, None)
@@ -122,6 +125,13 @@ class _GroupNormSiLUFunction(torch.autograd.Function):
                                                                    *dims, [need_x, need_w, need_b])
         return (dx, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
                 d_scale, d_shift, None, None, None)
+
+
+def _as_norm_input(t: torch.Tensor, dims: tuple) -> torch.Tensor:
+    """t as the [N', C', HW] tensor that native_group_norm's (N', C', HW, groups') ``dims`` describe: itself
+    where those are t's own sample and channel counts, else (the folded modulation) one sample of N * C
+    channels, which torch.compile's shape rules need spelled out."""
+    return t if t.shape[:2] == dims[:2] else t.reshape(dims[0], dims[1], dims[2])
 
 
 def _foldable(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> bool:
