@@ -112,17 +112,17 @@ class _GroupNormSiLUFunction(torch.autograd.Function):
                     _as_norm_input(dh, dims), _as_norm_input(x, dims), mean, rstd, w, *dims,
                     [need_x, need_w or need_scale, need_b or need_scale or need_shift])
                 dx = None if dx is None else dx.view(x.shape)
-                if scale is None:
-                    return (dx, None if dw is None else dw.to(weight.dtype),
-                            None if db is None else db.to(bias.dtype), None, None, None, None, None)
-                grads = _unfold_affine_grads(dw, db, weight, bias, s1, scale, shift)
-                return (dx, *(g if need else None for g, need in zip(grads, (need_w, need_b, need_scale, need_shift))),
-                        None, None, None)
-            dh = torch.ops.aten.silu_backward(grad, _modulate(h, scale, shift))
-            d_scale = (dh * h).sum_to_size(scale.shape).to(scale.dtype) if need_scale else None
-            d_shift = dh.sum_to_size(shift.shape).to(shift.dtype) if need_shift else None
-            dx, dw, db = torch.ops.aten.native_group_norm_backward(dh * (1 + scale.to(x.dtype)), x, mean, rstd, w,
-                                                                   *dims, [need_x, need_w, need_b])
+                if scale is not None:
+                    grads = _unfold_affine_grads(dw, db, weight, bias, s1, scale, shift)
+                    needs = (need_w, need_b, need_scale, need_shift)
+                    return (dx, *(g if need else None for g, need in zip(grads, needs)), None, None, None)
+                d_scale = d_shift = None
+            else:
+                dh = torch.ops.aten.silu_backward(grad, _modulate(h, scale, shift))
+                d_scale = (dh * h).sum_to_size(scale.shape).to(scale.dtype) if need_scale else None
+                d_shift = dh.sum_to_size(shift.shape).to(shift.dtype) if need_shift else None
+                dx, dw, db = torch.ops.aten.native_group_norm_backward(dh * (1 + scale.to(x.dtype)), x, mean, rstd,
+                                                                       w, *dims, [need_x, need_w, need_b])
         return (dx, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
                 d_scale, d_shift, None, None, None)
 

@@ -16,8 +16,8 @@ from torch import nn
 
 from textdiff.config import ModelConfig, TextdiffConfig
 from textdiff.models.conv import Conv2d, emulates_bf16
-from textdiff.train.bench import (matmul_flops_per_s, page_faults, peak_step_bytes, step_flops, step_seconds, synthetic_batch,
-                                  training_step)
+from textdiff.train.bench import (matmul_flops_per_s, page_faults, peak_step_bytes, step_flops, step_seconds,
+                                  synthetic_batch, training_step)
 
 
 def peer_unet(cfg: ModelConfig) -> nn.Module:
@@ -89,9 +89,10 @@ def peer_bench(cfg: TextdiffConfig, dtype: torch.dtype, steps: int = 6, warmup: 
         timed["peer_same_convs"] = training_step(peer2, lambda: run_peer2(x, t, encoder_hidden_states=txt).sample,
                                                  target, dtype, device)
     seconds = step_seconds(timed, steps, warmup, device)
-    faults = {name: page_faults(step) for name, step in (("textdiff", mine_step), ("peer", peer_step))}
-    peak = {name: peak_step_bytes(step, device) for name, step in (("textdiff", mine_step), ("peer", peer_step))}
-    flops = {name: step_flops(step) for name, step in (("textdiff", mine_step), ("peer", peer_step))}
+    both = (("textdiff", mine_step), ("peer", peer_step))
+    faults = {name: page_faults(step) for name, step in both}
+    peak = {name: peak_step_bytes(step, device) for name, step in both}
+    flops = {name: step_flops(step) for name, step in both}
     rate = matmul_flops_per_s(dtype, device)
     return {"dtype": str(dtype).removeprefix("torch."), "compile": compile, "device": str(device), "batch": n,
             "image_size": cfg.model.image_size, "params_textdiff": trainable_size(mine),
