@@ -1,10 +1,14 @@
-"""The engine's process setup: one extension cache per environment, and one build of DeepSpeed's shm op at a time."""
+"""The engine's process setup: one extension cache per environment, one build of DeepSpeed's shm op at a time,
+and no shm buffer left behind."""
 
+import json
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import deepspeed.ops
 import pytest
@@ -94,3 +98,39 @@ def test_fp32_zero0_clipping_is_textdiffs_and_scales_like_deepspeeds():
     torch.testing.assert_close(torch.cat([a.grad, b.grad]), torch.tensor([3.0, 0.0, 4.0]) / (5 + 1e-6))
     assert float(eng.clip_gradients_([a, b], 2.0)) == pytest.approx(1.0, abs=1e-5)
     torch.testing.assert_close(torch.cat([a.grad, b.grad]), torch.tensor([3.0, 0.0, 4.0]) / (5 + 1e-6))
+
+
+RANK_SCRIPT = """
+import json, os, sys
+import torch
+import deepspeed.comm as dist
+from textdiff.train import engine as eng
+rank, port = int(sys.argv[1]), sys.argv[2]
+os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_SIZE="2", MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=port)
+eng.init_distributed()
+names = [eng.shm_buffer_path(os.getuid(), "127.0.0.1", port, r).exists() for r in range(2)]
+t = torch.arange(4, dtype=torch.float32) * (rank + 1)
+dist.inference_all_reduce(t)  # through the shm buffers where the CPU has the kernel (AVX2), else gloo
+dist.barrier()
+print(json.dumps({"names": names, "sum": t.tolist()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX shm in /dev/shm")
+def test_two_cpu_ranks_leave_no_shm_buffer_behind_and_still_all_reduce_through_it():
+    """DeepSpeed's CPU all-reduce buffers (66 MB per rank, in memory) lose their /dev/shm names once both
+    ranks have mapped them: nothing is left after the run, and the mapped buffers still add up 0..3 times
+    1 and times 2 to 0, 3, 6, 9 exactly."""
+    port = str(eng.free_port())
+    env = {k: v for k, v in os.environ.items() if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE",
+                                                            "MASTER_ADDR", "MASTER_PORT"}}
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(r), port], env={**env, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=240) for p in ranks]
+    assert all(p.returncode == 0 for p in ranks), [err[-2000:] for _, err in outs]
+    results = [json.loads(out.splitlines()[-1]) for out, _ in outs]
+    for result in results:
+        assert result["names"] == [False, False]  # gone from /dev/shm while the run still had them mapped
+        assert result["sum"] == [0.0, 3.0, 6.0, 9.0]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))

@@ -29,9 +29,12 @@ def _outside_env() -> dict:
 def _deepspeed(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**_outside_env(), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
     deepspeed = str(Path(sys.executable).with_name("deepspeed"))
-    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), *args]
+    port = free_port()
+    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(port), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    # the ranks' shm all-reduce buffers (66 MB each, in memory) are not left in /dev/shm after the run
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")), port
     return proc
 
 

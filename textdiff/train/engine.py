@@ -71,13 +71,42 @@ def build_shm_op_once() -> None:
         builder.load(verbose=False)
 
 
+def shm_buffer_path(uid: int, addr: str, port: str, rank: int) -> Path:
+    """Where DeepSpeed's CPU shm op keeps ``rank``'s all-reduce buffer (66 MB; named in its
+    ops/csrc/cpu/comm/shm.cpp as ``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``)."""
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+
+
+def release_shm_buffer(rank: int, world: int) -> bool:
+    """Unlink this rank's shm all-reduce buffer name once every rank has mapped the buffers; returns
+    whether there was one.
+
+    DeepSpeed creates one per rank at ``init_distributed`` on CPU when all ranks are local (LOCAL_SIZE ==
+    WORLD_SIZE) and never removes it: each run left 66 MB per rank in /dev/shm, which is memory, until a
+    machine running many short jobs (a test suite) had 20 GB there. Every rank maps every rank's buffer
+    before its ``init_distributed`` returns, so after a barrier the names are no longer needed: the
+    mappings stay valid until the processes exit, and the kernel frees the memory then, even on a crash.
+    Every rank must call this (it holds a barrier).
+    """
+    if os.environ.get("LOCAL_SIZE") != str(world):
+        return False
+    if world > 1:
+        torch.distributed.barrier()
+    path = shm_buffer_path(os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def init_distributed() -> tuple[int, int, int]:
     """Join (or, when started without a launcher, create) the process group; returns (rank, world, local_rank).
 
     Under ``deepspeed``/``torchrun`` the launcher's RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are used;
     a plain ``bash launch.sh`` run becomes a world of one on a free local port. On CPU it also picks the
-    threads per rank (unless ``OMP_NUM_THREADS`` is set) and keeps freed memory for the next step
-    (:func:`textdiff.host.keep_freed_memory`).
+    threads per rank (unless ``OMP_NUM_THREADS`` is set), keeps freed memory for the next step
+    (:func:`textdiff.host.keep_freed_memory`) and leaves no shm buffer behind (:func:`release_shm_buffer`).
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -100,6 +129,7 @@ def init_distributed() -> tuple[int, int, int]:
     if get_accelerator().device_name() == "cuda":
         get_accelerator().set_device(local_rank)
     else:
+        release_shm_buffer(torch.distributed.get_rank(), torch.distributed.get_world_size())
         keep_freed_memory()
         if "OMP_NUM_THREADS" not in os.environ:
             # CPU ranks share the cores; more threads than cores makes every op wait on its siblings
