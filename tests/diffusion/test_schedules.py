@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from textdiff.diffusion.schedules import (alpha_bar_at, alphas_cumprod, betas_for, betas_from_alphas_cumprod,
-                                          cosine_alpha_bar, cosine_betas, linear_betas)
+                                          cosine_alpha_bar, cosine_betas, linear_betas, per_row)
 
 
 def test_linear_betas_span_1e4_to_2e2_at_1000_steps():
@@ -47,3 +47,12 @@ def test_alpha_bar_at_is_exact_at_integers_and_log_linear_between():
     assert torch.equal(alpha_bar_at(abar, torch.tensor([3.0])), abar[3:4])
     mid = alpha_bar_at(abar, torch.tensor([3.5])).item()
     assert mid == pytest.approx(math.sqrt(abar[3].item() * abar[4].item()), rel=1e-12)
+
+
+def test_per_row_gives_each_row_of_a_batch_its_own_value():
+    x = torch.ones(3, 2, 4, 5)
+    v = torch.tensor([1.0, 2.0, 3.0])
+    scaled = per_row(v, x) * x
+    assert per_row(v, x).shape == (3, 1, 1, 1) and per_row(v, torch.ones(3, 7)).shape == (3, 1)
+    assert [float(scaled[i].min()) for i in range(3)] == [1.0, 2.0, 3.0]
+    assert [float(scaled[i].max()) for i in range(3)] == [1.0, 2.0, 3.0]

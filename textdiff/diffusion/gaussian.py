@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from textdiff.diffusion.schedules import alphas_cumprod as cumprod_of
-from textdiff.diffusion.schedules import alpha_bar_at, interp_at
+from textdiff.diffusion.schedules import alpha_bar_at, interp_at, per_row
 
 ModelFn = Callable[..., torch.Tensor]
 
@@ -36,7 +36,7 @@ def per_sample(arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.
     Looked up where ``t`` is: with ``t`` on the host (as the training loop and the samplers keep it) the
     tables stay there and only the ``N`` values travel to the device, without waiting for it."""
     out = arr.to(t.device)[t.long()].to(like.device, like.dtype, non_blocking=True)
-    return out.reshape(-1, *([1] * (like.ndim - 1)))
+    return per_row(out, like)
 
 
 def gaussian_noise(like: torch.Tensor,
@@ -320,7 +320,7 @@ class GaussianDiffusion:
             if self.target == "eps":
                 return out
             channels = x.shape[1]
-            abar = alpha_bar_at(self.alphas_cumprod, t).to(x, non_blocking=True).reshape(-1, *([1] * (x.ndim - 1)))
+            abar = per_row(alpha_bar_at(self.alphas_cumprod, t).to(x, non_blocking=True), x)
             _, eps = xstart_and_eps(self.target, out[:, :channels], x, abar)
             return torch.cat([eps, out[:, channels:]], dim=1)
         return fn

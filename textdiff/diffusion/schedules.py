@@ -57,6 +57,12 @@ def betas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return 1 - alphas_cumprod / prev
 
 
+def per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``values`` ``[N]`` viewed as ``[N, 1, ..., 1]``, with as many dimensions as ``like`` ``[N, ...]``, so
+    that each row of ``like`` meets its own value."""
+    return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
 def interp_at(values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Piecewise-linear ``values[t]`` for fractional indices ``t`` (any shape, clamped to [0, K-1]).
 

@@ -19,6 +19,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from textdiff.diffusion.schedules import per_row
+
 Cond = dict[str, torch.Tensor]
 
 
@@ -90,6 +92,6 @@ def guidance_after_step(guided: Callable[[torch.Tensor, torch.Tensor], torch.Ten
             return guided(x, t)
         if not bool(use.any()):
             return plain(x, t)
-        use = use.to(x.device, non_blocking=True).reshape(-1, *([1] * (x.ndim - 1)))
+        use = per_row(use.to(x.device, non_blocking=True), x)
         return torch.where(use, guided(x, t), plain(x, t))
     return fn

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from textdiff.diffusion.schedules import alpha_bar_at
+from textdiff.diffusion.schedules import alpha_bar_at, per_row
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -25,7 +25,7 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995) -> torch.Tens
     if not 0.0 < percentile <= 1.0:
         raise ValueError(f"dynamic thresholding percentile is {percentile}; it must lie in (0, 1]")
     s = torch.quantile(x0.abs().flatten(1).float(), percentile, dim=1).clamp(min=1.0).to(x0.dtype)
-    s = s.reshape(-1, *([1] * (x0.ndim - 1)))
+    s = per_row(s, x0)
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
@@ -44,8 +44,7 @@ def threshold_model(model_fn: ModelFn, alphas_cumprod: torch.Tensor,
     def wrapped(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = model_fn(x, t)
         channels = x.shape[1]
-        abar = alpha_bar_at(alphas_cumprod, t).to(x.device, x.dtype, non_blocking=True)
-        abar = abar.reshape(-1, *([1] * (x.ndim - 1)))
+        abar = per_row(alpha_bar_at(alphas_cumprod, t).to(x.device, x.dtype, non_blocking=True), x)
         x0 = threshold((x - (1 - abar).sqrt() * out[:, :channels]) / abar.sqrt())
         eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
         return torch.cat([eps, out[:, channels:]], dim=1)
