@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import deepspeed.ops
 import pytest
@@ -134,3 +135,23 @@ def test_two_cpu_ranks_leave_no_shm_buffer_behind_and_still_all_reduce_through_i
         assert result["names"] == [False, False]  # gone from /dev/shm while the run still had them mapped
         assert result["sum"] == [0.0, 3.0, 6.0, 9.0]
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))
+
+
+def test_fp16_zero0_master_groups_map_to_parameters_and_back():
+    """FP16_Optimizer's layout (DeepSpeed fp16 at ZeRO 0, which no CPU runs): fp32_groups_flat[i] is
+    fp16_groups[i]'s parameters flattened one after the other. Full values come out per parameter, in the
+    order asked for, and partition_fp32 writes new values back in that layout."""
+    params = [torch.nn.Parameter(torch.arange(6.0).reshape(2, 3).half()),
+              torch.nn.Parameter(torch.arange(6.0, 10.0).half()), torch.nn.Parameter(torch.arange(10.0, 15.0).half())]
+    groups = [[params[0], params[1]], [params[2]]]
+    flats = [torch.arange(10.0), torch.arange(10.0, 15.0)]
+    engine = SimpleNamespace(optimizer=SimpleNamespace(fp16_groups=groups, fp32_groups_flat=flats))
+    assert not eng.master_is_params(engine)
+    assert eng.master_is_params(SimpleNamespace(optimizer=SimpleNamespace()))  # fp32 at ZeRO 0: no master copy
+    asked = [params[2], params[0], params[1]]
+    full = eng.full_fp32_parameters(engine, asked)
+    assert [tuple(f.shape) for f in full] == [(5,), (2, 3), (4,)]
+    assert all(f.dtype == torch.float32 and torch.equal(f, p.float()) for f, p in zip(full, asked))
+    new = eng.partition_fp32(engine, asked, [torch.full(p.shape, float(i)) for i, p in enumerate(asked)])
+    assert torch.equal(new[0], torch.tensor([1.0] * 6 + [2.0] * 4)) and torch.equal(new[1], torch.zeros(5))
+    assert torch.equal(flats[0], torch.arange(10.0))  # the live masters are untouched

@@ -306,6 +306,10 @@ def trainable_named_parameters(engine) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
 
 
+# the optimizer attributes that hold this rank's fp32 partitions: ZeRO 3, ZeRO 1-2, DeepSpeed's bf16 optimizer
+SHARDED_MASTERS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
+
+
 def fp32_master_weights(engine, params: list[nn.Parameter]) -> tuple[list[torch.Tensor], bool]:
     """This rank's fp32 master weights, the tensors the optimizer steps, and whether they are sharded.
 
@@ -314,7 +318,7 @@ def fp32_master_weights(engine, params: list[nn.Parameter]) -> tuple[list[torch.
     of it); in fp32 at ZeRO 0: ``params`` themselves. Views, not copies: they change with every step.
     """
     optimizer = engine.optimizer
-    for sharded in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+    for sharded in SHARDED_MASTERS:
         if hasattr(optimizer, sharded):
             return list(getattr(optimizer, sharded)), True
     if hasattr(optimizer, "fp32_groups_flat"):  # FP16_Optimizer: fp32_groups_flat[i] flattens fp16_groups[i]
@@ -322,8 +326,17 @@ def fp32_master_weights(engine, params: list[nn.Parameter]) -> tuple[list[torch.
     return [p.detach() for p in params], False
 
 
-def _fp16_group_views(engine, params: list[nn.Parameter], flats: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Views of ``flats`` (laid out as FP16_Optimizer's fp32_groups_flat) shaped as ``params``."""
+def master_is_params(engine) -> bool:
+    """Whether :func:`fp32_master_weights` are the parameters themselves (fp32 at ZeRO 0: DeepSpeed keeps
+    no master copy)."""
+    return not any(hasattr(engine.optimizer, a) for a in (*SHARDED_MASTERS, "fp32_groups_flat"))
+
+
+def _unsharded_views(engine, params: list[nn.Parameter], flats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of ``flats``, laid out as the unsharded :func:`fp32_master_weights` (one tensor per parameter,
+    or FP16_Optimizer's flat groups), shaped as ``params``."""
+    if master_is_params(engine):
+        return [v.reshape(p.shape) for v, p in zip(flats, params)]
     views = {}
     for group, flat in zip(engine.optimizer.fp16_groups, flats):
         offset = 0
@@ -344,9 +357,7 @@ def full_fp32_parameters(engine, params: list[nn.Parameter],
     current, sharded = fp32_master_weights(engine, params)
     values = current if master is None else master
     if not sharded:
-        if hasattr(engine.optimizer, "fp16_groups"):
-            return _fp16_group_views(engine, params, values)
-        return [v.reshape(p.shape) for v, p in zip(values, params)]
+        return _unsharded_views(engine, params, values)
     saved = None
     if master is not None:  # DeepSpeed gathers from its own partitions: lend them the given values meanwhile
         saved = [t.clone() for t in current]
@@ -367,9 +378,7 @@ def partition_fp32(engine, params: list[nn.Parameter], full: list[torch.Tensor])
     current, sharded = fp32_master_weights(engine, params)
     if not sharded:
         out = [t.detach().clone().float() for t in current]
-        views = (_fp16_group_views(engine, params, out) if hasattr(engine.optimizer, "fp16_groups")
-                 else [v.view(p.shape) for v, p in zip(out, params)])
-        for view, value in zip(views, full):
+        for view, value in zip(_unsharded_views(engine, params, out), full):
             view.copy_(value.reshape(view.shape))
         return out
     saved = [t.clone() for t in current]
