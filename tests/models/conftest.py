@@ -46,6 +46,23 @@ def inputs(n: int = 2, channels: int = 3, size: int = 16, seed: int = 1) -> tupl
     return torch.randn(n, channels, size, size, generator=g), torch.randint(0, 1000, (n,), generator=g)
 
 
+def bf16_route_errors(emulated, plain, x, w, b, gy) -> list[dict[str, float]]:
+    """For y, x's, w's and b's gradients in turn: the largest error of the fp32-kernel route ``emulated(x, w,
+    b)`` and of PyTorch's own bf16 kernel ``plain(x, w, b)``, both on bf16 operands, against ``plain`` in
+    fp64 on the same bf16-rounded values, as a fraction of the largest exact value."""
+    results = {}
+    for name, fn in (("emulated", emulated), ("bf16", plain)):
+        xs, ws, bs = (t.to(torch.bfloat16).requires_grad_() for t in (x, w, b))
+        y = fn(xs, ws, bs)
+        y.backward(gy.to(torch.bfloat16))
+        results[name] = [y.detach(), xs.grad, ws.grad, bs.grad]
+    xd, wd, bd = (t.to(torch.bfloat16).double().requires_grad_() for t in (x, w, b))
+    ref = plain(xd, wd, bd)
+    ref.backward(gy.to(torch.bfloat16).double())
+    return [{k: float((v[i].double() - exact).abs().max() / exact.abs().max()) for k, v in results.items()}
+            for i, exact in enumerate((ref.detach(), xd.grad, wd.grad, bd.grad))]
+
+
 @pytest.fixture
 def tiny():
     """The helpers above: tiny.cfg(**overrides), tiny.model(cfg), tiny.inputs(...), tiny.clip (config path)."""

@@ -8,6 +8,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from textdiff.models import conv
 from textdiff.models.conv import Conv2d, _Bf16ConvByFp32, emulates_bf16
 
+from .conftest import bf16_route_errors
+
 BF16_U = 2.0 ** -8  # bf16 unit roundoff (8 significant bits)
 FP32_U = 2.0 ** -24
 
@@ -64,18 +66,9 @@ def test_forward_and_gradients_are_bf16_rounded_exact_values():
 def test_it_is_at_least_as_accurate_as_the_bf16_reference_kernel():
     """Against the exact convolution of the same bf16 operands, the fp32-kernel route's largest error (as a
     fraction of the largest value) is no larger than PyTorch's own bf16 convolution's, forward and backward."""
-    x, w, b, gy = operands(1)
-    results = {}
-    for name, fn in (("emulated", lambda *a: _Bf16ConvByFp32.apply(*a)), ("bf16", F.conv2d)):
-        xs, ws, bs = (t.to(torch.bfloat16).requires_grad_() for t in (x, w, b))
-        y = fn(xs, ws, bs, (2, 2), (1, 1))
-        y.backward(gy.to(torch.bfloat16))
-        results[name] = [y.detach(), xs.grad, ws.grad, bs.grad]
-    xd, wd, bd = (bf16_exact64(t).requires_grad_() for t in (x, w, b))
-    ref = F.conv2d(xd, wd, bd, 2, 1)
-    ref.backward(bf16_exact64(gy))
-    for i, exact in enumerate((ref.detach(), xd.grad, wd.grad, bd.grad)):
-        errs = {k: float((v[i].double() - exact).abs().max() / exact.abs().max()) for k, v in results.items()}
+    errors = bf16_route_errors(lambda x, w, b: _Bf16ConvByFp32.apply(x, w, b, (2, 2), (1, 1)),
+                               lambda x, w, b: F.conv2d(x, w, b, 2, 1), *operands(1))
+    for i, errs in enumerate(errors):
         assert errs["emulated"] <= errs["bf16"] + FP32_U * 64 and errs["emulated"] <= BF16_U, (i, errs)
 
 

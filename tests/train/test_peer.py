@@ -10,7 +10,8 @@ from textdiff.train.bench import LiveTensorBytes, peak_step_bytes, step_seconds
 pytest.importorskip("diffusers")
 
 from textdiff.models import conv  # noqa: E402
-from textdiff.train.peer import peer_bench, peer_unet, trainable_size, with_textdiff_convs  # noqa: E402
+from textdiff.models.linear import Linear  # noqa: E402
+from textdiff.train.peer import peer_bench, peer_unet, trainable_size, with_textdiff_kernels  # noqa: E402
 
 
 def test_the_peer_of_the_demo_recipe_is_within_ten_percent_of_its_size():
@@ -28,23 +29,26 @@ def test_peer_bench_reports_both_throughputs_sizes_and_peaks(tiny):
     assert result["gflop_textdiff"] > 0 and 0 < result["mfu_textdiff"] and 0 < result["mfu_peer"]
 
 
-def test_the_peer_on_textdiffs_conv_route_is_the_same_function_in_fp32():
-    """Every conv of the peer swapped, no weight changed: identical output in fp32, where the route is F.conv2d."""
+def test_the_peer_on_textdiffs_kernel_route_is_the_same_function_in_fp32():
+    """Every conv and linear layer of the peer swapped, no weight changed: identical output in fp32, where the
+    route is F.conv2d and F.linear."""
     cfg = load_config("ds_configs/demo_cpu.json")
     torch.manual_seed(0)
     peer = peer_unet(cfg.model).eval()
-    same = with_textdiff_convs(peer)
+    same = with_textdiff_kernels(peer)
     convs = [type(m) for m in same.modules() if isinstance(m, torch.nn.Conv2d)]
+    linears = [type(m) for m in same.modules() if isinstance(m, torch.nn.Linear)]
     assert len(convs) > 20 and set(convs) == {conv.Conv2d}
+    assert len(linears) > 20 and set(linears) == {Linear}
     x, t, txt = torch.randn(2, 3, 32, 32), torch.tensor([3, 700]), torch.randn(2, 24, cfg.model.txt_dim)
     with torch.no_grad():
         assert torch.equal(peer(x, t, encoder_hidden_states=txt).sample, same(x, t, encoder_hidden_states=txt).sample)
 
 
 @pytest.mark.skipif(conv.NATIVE_BF16_CPU, reason="this CPU convolves bf16 natively: no second peer is timed")
-def test_in_bf16_on_this_cpu_the_peer_is_also_timed_on_textdiffs_conv_route(tiny):
+def test_in_bf16_on_this_cpu_the_peer_is_also_timed_on_textdiffs_kernel_route(tiny):
     result = peer_bench(tiny(), torch.bfloat16, steps=1, warmup=0)
-    assert result["ratio_same_convs"] == pytest.approx(result["img_s_textdiff"] / result["img_s_peer_same_convs"])
+    assert result["ratio_same_kernels"] == pytest.approx(result["img_s_textdiff"] / result["img_s_peer_same_kernels"])
 
 
 def test_steps_are_timed_in_a_b_b_a_rounds():

@@ -15,6 +15,7 @@ from torch import nn
 
 from textdiff.models.conv import Conv2d, conv2d
 from textdiff.models.fused import GroupNormSiLU
+from textdiff.models.linear import Linear, linear
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -39,7 +40,7 @@ class TimestepMLP(nn.Sequential):
     """Sinusoid of width ``dim`` -> the U-net's embedding stream [N, emb_dim] (Linear, SiLU, Linear)."""
 
     def __init__(self, dim: int, emb_dim: int):
-        super().__init__(nn.Linear(dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        super().__init__(Linear(dim, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
         self.dim = dim
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:  # t: [N] -> [N, emb_dim], in the weights' dtype
@@ -114,7 +115,7 @@ class ResBlock(nn.Module):
             self.h_resample, self.x_resample = Downsample(channels, False), Downsample(channels, False)
         else:
             self.h_resample = self.x_resample = nn.Identity()
-        self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_channels if use_scale_shift_norm
+        self.emb_proj = nn.Sequential(nn.SiLU(), Linear(emb_dim, 2 * out_channels if use_scale_shift_norm
                                                             else out_channels))
         self.out_norm = GroupNormSiLU(out_channels, silu_impl, groups)
         self.dropout = nn.Dropout(dropout)
@@ -171,7 +172,7 @@ class AttentionBlock(nn.Module):
         self.heads = heads
         self.norm = nn.GroupNorm(min(groups, channels), channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
-        self.capt_kv = nn.Linear(capt_dim, 2 * channels) if capt_dim else None
+        self.capt_kv = Linear(capt_dim, 2 * channels) if capt_dim else None
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor, capt_tokens: Optional[torch.Tensor] = None,
@@ -181,7 +182,7 @@ class AttentionBlock(nn.Module):
         # [N, HW, C] with a contiguous last dimension, which scaled_dot_product_attention's fused kernels
         # need (a transposed Conv1d output sends it to the math path, which keeps the attention matrix)
         tokens = self.norm(x).reshape(n, c, -1).transpose(1, 2)
-        q, k, v = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias).chunk(3, dim=-1)
+        q, k, v = linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias).chunk(3, dim=-1)
         key_mask = None
         if self.capt_kv is not None and capt_tokens is not None:
             ck, cv = self.capt_kv(capt_tokens.to(q.dtype)).chunk(2, dim=-1)
@@ -189,5 +190,5 @@ class AttentionBlock(nn.Module):
             own = torch.ones(n, hh * ww, dtype=torch.bool, device=x.device)
             key_mask = torch.cat([own, capt_mask], dim=1)
         h = attention(q, k, v, self.heads, key_mask)
-        out = F.linear(h, self.proj_out.weight.squeeze(-1), self.proj_out.bias)  # [N, HW, C]
+        out = linear(h, self.proj_out.weight.squeeze(-1), self.proj_out.bias)  # [N, HW, C]
         return x + out.transpose(1, 2).reshape(n, c, hh, ww)

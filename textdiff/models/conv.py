@@ -20,15 +20,16 @@ NATIVE_BF16_CPU = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn
 
 
 def emulates_bf16(x: torch.Tensor, native: bool = NATIVE_BF16_CPU) -> bool:
-    """Whether a convolution of ``x`` runs in bf16 on a CPU that has no bf16 convolution kernel: ``x`` is bf16,
-    or CPU autocast is on in bf16 (it would cast ``x`` to bf16)."""
+    """Whether a convolution or matrix product of ``x`` runs in bf16 on a CPU that has no bf16 kernel for it
+    (oneDNN's bf16 convolution and matmul need the same CPU features): ``x`` is bf16, or CPU autocast is on in
+    bf16 (it would cast ``x`` to bf16)."""
     if native or x.device.type != "cpu":
         return False
     return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
                                          and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
-def _bf16_exact(t: torch.Tensor) -> torch.Tensor:
+def bf16_exact(t: torch.Tensor) -> torch.Tensor:
     """``t`` rounded to bf16, held in fp32."""
     return t.to(torch.bfloat16).float()
 
@@ -42,7 +43,7 @@ class _Bf16ConvByFp32(torch.autograd.Function):
         ctx.save_for_backward(xb, wb)
         ctx.conf = (stride, padding, x.dtype, weight.dtype, None if bias is None else bias.dtype)
         with torch.autocast("cpu", enabled=False):
-            y = F.conv2d(xb.float(), wb.float(), None if bias is None else _bf16_exact(bias), stride, padding)
+            y = F.conv2d(xb.float(), wb.float(), None if bias is None else bf16_exact(bias), stride, padding)
         return y.to(torch.bfloat16)
 
     @staticmethod
@@ -52,7 +53,7 @@ class _Bf16ConvByFp32(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         with torch.autocast("cpu", enabled=False):
             gx, gw, gb = torch.ops.aten.convolution_backward(
-                _bf16_exact(grad), xb.float(), wb.float(), [wb.shape[0]] if b_dtype is not None else None,
+                bf16_exact(grad), xb.float(), wb.float(), [wb.shape[0]] if b_dtype is not None else None,
                 list(stride), list(padding), [1, 1], False, [0, 0], 1, [need_x, need_w, need_b and b_dtype is not None])
         # each gradient is rounded to bf16 first, as a bf16 kernel returns it, then given the input's dtype
         return (gx.to(torch.bfloat16).to(x_dtype) if need_x else None,

@@ -18,6 +18,7 @@ from torch import nn
 
 from textdiff.config import ModelConfig
 from textdiff.models.blocks import attention
+from textdiff.models.linear import Linear
 from textdiff.models.text_encoder import FeedForward
 
 
@@ -50,7 +51,7 @@ class AdaptiveNorm(nn.Module):
         self.layer_norm = layer_norm
         self.norm = ((nn.LayerNorm(channels) if layer_norm else nn.GroupNorm(1, channels)) if do_norm
                      else None)
-        self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * channels)) if emb_dim else None
+        self.emb_proj = nn.Sequential(nn.SiLU(), Linear(emb_dim, 2 * channels)) if emb_dim else None
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, emb: Optional[torch.Tensor]) -> torch.Tensor:
         if self.norm is not None and self.layer_norm:
@@ -86,8 +87,8 @@ class BranchGain(nn.Module):
         return x * (g.exp() if self.exp else g).to(x.dtype)
 
 
-def _project(in_dim: int, out_dim: int, orth: bool) -> nn.Linear:
-    layer = nn.Linear(in_dim, out_dim, bias=False)
+def _project(in_dim: int, out_dim: int, orth: bool) -> Linear:
+    layer = Linear(in_dim, out_dim, bias=False)
     if orth and not layer.weight.is_meta:
         nn.init.orthogonal_(layer.weight)
     return layer

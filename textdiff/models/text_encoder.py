@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from textdiff.models.blocks import attention, timestep_embedding
+from textdiff.models.linear import Linear
 
 # the research code's special tokens, in its ids: start, end, unknown character, padding, and the mask token
 # that its null transcription is made of
@@ -155,8 +156,8 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int, glu: bool):
         super().__init__()
         self.glu = glu
-        self.inp = nn.Linear(dim, dim * mult * (2 if glu else 1))
-        self.out = nn.Linear(dim * mult, dim)
+        self.inp = Linear(dim, dim * mult * (2 if glu else 1))
+        self.out = Linear(dim * mult, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inp(x)
@@ -174,8 +175,8 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.out = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim, bias=False)
+        self.out = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)
@@ -222,7 +223,7 @@ class TextEncoder(nn.Module):
         nn.init.kaiming_normal_(self.token_emb.weight)
         self.pos_emb = nn.Parameter(torch.randn(max_seq_len, dim))
         self.line_emb = LineEmbedding(dim, newline_id) if newline_id is not None else None
-        self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim)) if timestep_emb else None
+        self.time_proj = nn.Sequential(nn.SiLU(), Linear(dim, dim)) if timestep_emb else None
         self.rel_bias = T5RelativePositionBias(heads, scale=(dim // heads) ** 0.5) if t5 else None
         self.layers = nn.ModuleList(EncoderLayer(dim, heads, ff_mult, ff_glu, rezero) for _ in range(depth))
 

@@ -25,6 +25,7 @@ from textdiff.models.blocks import AttentionBlock, Downsample, ResBlock, Timeste
 from textdiff.models.conv import Conv2d
 from textdiff.models.cross_attn import AxialPositionTable, TextCrossAttnBlock
 from textdiff.models.fused import GroupNormSiLU
+from textdiff.models.linear import Linear
 from textdiff.models.text_encoder import CharTokenizer, TextEncoder
 
 # ITU-R BT.601 luma weights: the monochrome adapter starts as an RGB -> grey conversion
@@ -100,7 +101,7 @@ class TextdiffUNet(nn.Module):
             widths = {cfg.feature_size // 2 ** i: nc * m for i, m in enumerate(cfg.channel_mult)}
             # Imagen/GLIDE-style global conditioning: the first token's encoding (START, which attends over the
             # string or over the null's MASK tokens) joins the timestep embedding, so every residual block sees it
-            self.txt_emb_proj = (nn.Sequential(nn.LayerNorm(cfg.txt_dim), nn.Linear(cfg.txt_dim, emb_dim))
+            self.txt_emb_proj = (nn.Sequential(nn.LayerNorm(cfg.txt_dim), Linear(cfg.txt_dim, emb_dim))
                                  if cfg.txt_pooled_emb else None)
             self.pos_tables = nn.ModuleDict({str(r): AxialPositionTable(r, widths[r]) for r in cfg.txt_resolutions})
         self.capt_encoder = self.capt_emb_proj = self.null_capt_token = self.null_capt_pooled = None
@@ -114,7 +115,7 @@ class TextdiffUNet(nn.Module):
             if capt_dim and cfg.clip_use_penultimate_layer:  # CLIP's ln_final was trained for the last layer
                 self.capt_norm = nn.LayerNorm(capt_dim)
             if cfg.glide_style_capt_emb:
-                self.capt_emb_proj = nn.Linear(self.capt_encoder.embed_dim, emb_dim)
+                self.capt_emb_proj = Linear(self.capt_encoder.embed_dim, emb_dim)
             if cfg.capt_null == "learned":
                 self.null_capt_token = nn.Parameter(torch.randn(self.capt_encoder.width) * 0.02)
                 self.null_capt_pooled = nn.Parameter(torch.randn(self.capt_encoder.embed_dim) * 0.02)

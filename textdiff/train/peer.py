@@ -16,6 +16,7 @@ from torch import nn
 
 from textdiff.config import ModelConfig, TextdiffConfig
 from textdiff.models.conv import Conv2d, emulates_bf16
+from textdiff.models.linear import Linear
 from textdiff.train.bench import (matmul_flops_per_s, page_faults, peak_step_bytes, step_flops, step_seconds,
                                   synthetic_batch, training_step)
 
@@ -38,14 +39,17 @@ def peer_unet(cfg: ModelConfig) -> nn.Module:
         cross_attention_dim=cfg.txt_dim, attention_head_dim=cfg.channels_per_head, norm_num_groups=cfg.num_groups)
 
 
-def with_textdiff_convs(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose ``nn.Conv2d`` modules run textdiff's :class:`~textdiff.models.conv.Conv2d`
-    forward (the same weights): the peer on textdiff's bf16 convolution route, to separate what the
-    convolution kernel buys from what the rest of the step does."""
+def with_textdiff_kernels(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose ``nn.Conv2d`` and ``nn.Linear`` modules run textdiff's
+    :class:`~textdiff.models.conv.Conv2d` and :class:`~textdiff.models.linear.Linear` forwards (the same
+    weights): the peer on textdiff's bf16 convolution and matrix-product route, to separate what those
+    kernels buy from what the rest of the step does."""
     out = copy.deepcopy(model)
     for m in out.modules():
         if type(m) is nn.Conv2d:
             m.__class__ = Conv2d
+        elif type(m) is nn.Linear:
+            m.__class__ = Linear
     return out
 
 
@@ -61,9 +65,10 @@ def peer_bench(cfg: TextdiffConfig, dtype: torch.dtype, steps: int = 6, warmup: 
     (after the timed rounds), FLOPs, and MFU (FLOPs per second over the measured matmul rate in ``dtype``
     on ``device``).
 
-    Where textdiff convolves bf16 through the fp32 kernel (bf16 on a CPU without a bf16 convolution kernel,
-    :mod:`textdiff.models.conv`), the peer is also timed with its convolutions on that route, in the same
-    rounds: ``img_s_peer_same_convs`` and ``ratio_same_convs``, textdiff over that."""
+    Where textdiff computes bf16 through the fp32 kernels (bf16 on a CPU without bf16 kernels,
+    :mod:`textdiff.models.conv`, :mod:`textdiff.models.linear`), the peer is also timed with its convolutions
+    and linear layers on that route, in the same rounds: ``img_s_peer_same_kernels`` and
+    ``ratio_same_kernels``, textdiff over that."""
     torch.manual_seed(seed)
     from textdiff.models import build_model
 
@@ -82,11 +87,11 @@ def peer_bench(cfg: TextdiffConfig, dtype: torch.dtype, steps: int = 6, warmup: 
     mine_step = training_step(mine, lambda: run_mine(x, t, **cond), target, dtype, device)
     peer_step = training_step(peer, lambda: run_peer(x, t, encoder_hidden_states=txt).sample, target, dtype, device)
     timed = {"textdiff": mine_step, "peer": peer_step}
-    same_convs = emulates_bf16(x.to(dtype))
-    if same_convs:
-        peer2 = with_textdiff_convs(peer)
+    same_kernels = emulates_bf16(x.to(dtype))
+    if same_kernels:
+        peer2 = with_textdiff_kernels(peer)
         run_peer2 = torch.compile(peer2) if compile else peer2
-        timed["peer_same_convs"] = training_step(peer2, lambda: run_peer2(x, t, encoder_hidden_states=txt).sample,
+        timed["peer_same_kernels"] = training_step(peer2, lambda: run_peer2(x, t, encoder_hidden_states=txt).sample,
                                                  target, dtype, device)
     seconds = step_seconds(timed, steps, warmup, device)
     both = (("textdiff", mine_step), ("peer", peer_step))
@@ -103,5 +108,5 @@ def peer_bench(cfg: TextdiffConfig, dtype: torch.dtype, steps: int = 6, warmup: 
             "gflop_textdiff": flops["textdiff"] / 1e9, "gflop_peer": flops["peer"] / 1e9,
             "matmul_gflop_s": rate / 1e9, "mfu_textdiff": flops["textdiff"] / seconds["textdiff"] / rate,
             "mfu_peer": flops["peer"] / seconds["peer"] / rate,
-            **({"img_s_peer_same_convs": n / seconds["peer_same_convs"],
-                "ratio_same_convs": seconds["peer_same_convs"] / seconds["textdiff"]} if same_convs else {})}
+            **({"img_s_peer_same_kernels": n / seconds["peer_same_kernels"],
+                "ratio_same_kernels": seconds["peer_same_kernels"] / seconds["textdiff"]} if same_kernels else {})}
