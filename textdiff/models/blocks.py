@@ -116,7 +116,7 @@ class ResBlock(nn.Module):
         else:
             self.h_resample = self.x_resample = nn.Identity()
         self.emb_proj = nn.Sequential(nn.SiLU(), Linear(emb_dim, 2 * out_channels if use_scale_shift_norm
-                                                            else out_channels))
+                                                         else out_channels))
         self.out_norm = GroupNormSiLU(out_channels, silu_impl, groups)
         self.dropout = nn.Dropout(dropout)
         self.out_conv = zero_module(Conv2d(out_channels, out_channels, 3, padding=1))
