@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,13 @@ import torch
 from textdiff.config import TextdiffConfig, apply_overrides, config_from_dict
 
 TINY_CLIP = str(Path(__file__).parents[1] / "models" / "tiny_clip.json")
+
+
+def outside_env() -> dict:
+    """This process's environment without the rendezvous variables an in-process Trainer of an earlier test
+    set (RANK, MASTER_PORT ...): a child run must start as a fresh run would, not join this process's store."""
+    dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    return {k: v for k, v in os.environ.items() if k not in dist_vars}
 
 
 def tiny_recipe(shards: Path) -> dict:

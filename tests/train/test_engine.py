@@ -17,6 +17,8 @@ import torch
 
 from textdiff.train import engine as eng
 
+from .conftest import outside_env
+
 
 def test_the_extension_cache_is_one_folder_per_torch_deepspeed_and_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -124,9 +126,8 @@ def test_two_cpu_ranks_leave_no_shm_buffer_behind_and_still_all_reduce_through_i
     ranks have mapped them: nothing is left after the run, and the mapped buffers still add up 0..3 times
     1 and times 2 to 0, 3, 6, 9 exactly."""
     port = str(eng.free_port())
-    env = {k: v for k, v in os.environ.items() if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE",
-                                                            "MASTER_ADDR", "MASTER_PORT"}}
-    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(r), port], env={**env, "OMP_NUM_THREADS": "1"},
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(r), port],
+                              env={**outside_env(), "OMP_NUM_THREADS": "1"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = [p.communicate(timeout=240) for p in ranks]
     assert all(p.returncode == 0 for p in ranks), [err[-2000:] for _, err in outs]

@@ -14,20 +14,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from textdiff.train.checkpoint import complete_checkpoints, load_untrusted
 from textdiff.train.engine import free_port
 
-from .conftest import write_recipe
+from .conftest import outside_env, write_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _outside_env() -> dict:
-    """This process's environment without the rendezvous variables an in-process Trainer of an earlier test
-    set (RANK, MASTER_PORT ...): a child run must start as a fresh run would, not join this process's store."""
-    dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    return {k: v for k, v in os.environ.items() if k not in dist_vars}
-
-
 def _deepspeed(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**_outside_env(), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    env = {**outside_env(), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
     deepspeed = str(Path(sys.executable).with_name("deepspeed"))
     port = free_port()
     cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(port), *args]
@@ -80,13 +73,13 @@ def test_two_cpu_ranks_train_checkpoint_log_and_resume(synthetic_shards, tmp_pat
 def test_bash_and_python_both_run_launch_sh():
     for runner in (["bash"], [sys.executable, "-u"]):
         proc = subprocess.run([*runner, "launch.sh", "--help"], cwd=REPO, capture_output=True, text=True,
-                              env={**_outside_env(), "PYTHON": sys.executable}, timeout=120)
+                              env={**outside_env(), "PYTHON": sys.executable}, timeout=120)
         assert proc.returncode == 0 and "--resume auto|PATH" in proc.stdout, proc.stderr
 
 
 def test_a_bad_override_exits_2_naming_the_key(tmp_path):
     proc = subprocess.run(["bash", "launch.sh", "--config", "ds_configs/demo_cpu.json", "--set", "train.max_step=5"],
-                          cwd=REPO, capture_output=True, text=True, env={**_outside_env(), "PYTHON": sys.executable},
+                          cwd=REPO, capture_output=True, text=True, env={**outside_env(), "PYTHON": sys.executable},
                           timeout=120)
     assert proc.returncode == 2 and "train.max_step" in proc.stderr and "train.max_steps" in proc.stderr
 
@@ -98,7 +91,7 @@ def test_a_bad_override_exits_2_naming_the_key(tmp_path):
 ])
 def test_a_bad_deepspeed_key_learning_rate_or_shards_path_exits_2(override, named):
     proc = subprocess.run(["bash", "launch.sh", "--config", "ds_configs/demo_cpu.json", "--set", override],
-                          cwd=REPO, capture_output=True, text=True, env={**_outside_env(), "PYTHON": sys.executable},
+                          cwd=REPO, capture_output=True, text=True, env={**outside_env(), "PYTHON": sys.executable},
                           timeout=120)
     assert proc.returncode == 2 and named in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 

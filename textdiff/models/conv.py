@@ -34,6 +34,12 @@ def bf16_exact(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).float()
 
 
+def bf16_grad(g: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A gradient rounded to bf16 first, as a bf16 kernel returns it, then given its input's ``dtype``
+    (None stays None)."""
+    return None if g is None else g.to(torch.bfloat16).to(dtype)
+
+
 class _Bf16ConvByFp32(torch.autograd.Function):
     """The bf16 convolution ``y = conv(bf16(x), bf16(w)) + bf16(b)``, rounded to bf16, computed by the fp32 kernel."""
 
@@ -55,10 +61,8 @@ class _Bf16ConvByFp32(torch.autograd.Function):
             gx, gw, gb = torch.ops.aten.convolution_backward(
                 bf16_exact(grad), xb.float(), wb.float(), [wb.shape[0]] if b_dtype is not None else None,
                 list(stride), list(padding), [1, 1], False, [0, 0], 1, [need_x, need_w, need_b and b_dtype is not None])
-        # each gradient is rounded to bf16 first, as a bf16 kernel returns it, then given the input's dtype
-        return (gx.to(torch.bfloat16).to(x_dtype) if need_x else None,
-                gw.to(torch.bfloat16).to(w_dtype) if need_w else None,
-                gb.to(torch.bfloat16).to(b_dtype) if need_b and b_dtype is not None else None, None, None)
+        return (bf16_grad(gx, x_dtype) if need_x else None, bf16_grad(gw, w_dtype) if need_w else None,
+                bf16_grad(gb, b_dtype) if need_b and b_dtype is not None else None, None, None)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from textdiff.models.conv import bf16_exact, emulates_bf16
+from textdiff.models.conv import bf16_exact, bf16_grad, emulates_bf16
 
 
 class _Bf16LinearByFp32(torch.autograd.Function):
@@ -41,10 +41,7 @@ class _Bf16LinearByFp32(torch.autograd.Function):
             gx = g @ wb.float() if need_x else None
             gw = rows.t() @ xb.float().reshape(-1, xb.shape[-1]) if need_w else None
             gb = rows.sum(0) if need_b and b_dtype is not None else None
-        # each gradient is rounded to bf16 first, as a bf16 kernel returns it, then given the input's dtype
-        return (None if gx is None else gx.to(torch.bfloat16).to(x_dtype),
-                None if gw is None else gw.to(torch.bfloat16).to(w_dtype),
-                None if gb is None else gb.to(torch.bfloat16).to(b_dtype))
+        return bf16_grad(gx, x_dtype), bf16_grad(gw, w_dtype), bf16_grad(gb, b_dtype)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

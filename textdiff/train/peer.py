@@ -92,7 +92,7 @@ def peer_bench(cfg: TextdiffConfig, dtype: torch.dtype, steps: int = 6, warmup: 
         peer2 = with_textdiff_kernels(peer)
         run_peer2 = torch.compile(peer2) if compile else peer2
         timed["peer_same_kernels"] = training_step(peer2, lambda: run_peer2(x, t, encoder_hidden_states=txt).sample,
-                                                 target, dtype, device)
+                                                   target, dtype, device)
     seconds = step_seconds(timed, steps, warmup, device)
     both = (("textdiff", mine_step), ("peer", peer_step))
     faults = {name: page_faults(step) for name, step in both}
