@@ -78,3 +78,13 @@ def one_thread(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def deepspeed_cpu_fp16(monkeypatch):
+    """DeepSpeed builds fp16 engines on this CPU, as it does where oneDNN has fp16 kernels (Intel AMX): its CPU
+    accelerator asks ``torch.ops.mkldnn._is_mkldnn_fp16_supported()`` and refuses fp16 elsewhere (AMD), though
+    PyTorch computes fp16 on any CPU. With this switch both CPU kinds run the same fp16 engine tests."""
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: True)

@@ -138,17 +138,21 @@ def test_two_cpu_ranks_leave_no_shm_buffer_behind_and_still_all_reduce_through_i
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))
 
 
+def _half_params() -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(torch.arange(6.0).reshape(2, 3).half()),
+            torch.nn.Parameter(torch.arange(6.0, 10.0).half()), torch.nn.Parameter(torch.arange(10.0, 15.0).half())]
+
+
 def test_fp16_zero0_master_groups_map_to_parameters_and_back():
-    """FP16_Optimizer's layout (DeepSpeed fp16 at ZeRO 0, which no CPU runs): fp32_groups_flat[i] is
-    fp16_groups[i]'s parameters flattened one after the other. Full values come out per parameter, in the
-    order asked for, and partition_fp32 writes new values back in that layout."""
-    params = [torch.nn.Parameter(torch.arange(6.0).reshape(2, 3).half()),
-              torch.nn.Parameter(torch.arange(6.0, 10.0).half()), torch.nn.Parameter(torch.arange(10.0, 15.0).half())]
+    """FP16_Optimizer's layout (fp16 or bf16 with FusedAdam at ZeRO 0): fp32_groups_flat[i] is fp16_groups[i]'s
+    parameters flattened one after the other. Full values come out per parameter, in the order asked for, and
+    partition_fp32 writes new values back in that layout."""
+    params = _half_params()
     groups = [[params[0], params[1]], [params[2]]]
     flats = [torch.arange(10.0), torch.arange(10.0, 15.0)]
     engine = SimpleNamespace(optimizer=SimpleNamespace(fp16_groups=groups, fp32_groups_flat=flats))
-    assert not eng.master_is_params(engine)
-    assert eng.master_is_params(SimpleNamespace(optimizer=SimpleNamespace()))  # fp32 at ZeRO 0: no master copy
+    assert eng.master_layout(engine.optimizer, params) == "fp32_groups_flat"
+    assert not eng.master_is_params(engine, params)
     asked = [params[2], params[0], params[1]]
     full = eng.full_fp32_parameters(engine, asked)
     assert [tuple(f.shape) for f in full] == [(5,), (2, 3), (4,)]
@@ -156,3 +160,51 @@ def test_fp16_zero0_master_groups_map_to_parameters_and_back():
     new = eng.partition_fp32(engine, asked, [torch.full(p.shape, float(i)) for i, p in enumerate(asked)])
     assert torch.equal(new[0], torch.tensor([1.0] * 6 + [2.0] * 4)) and torch.equal(new[1], torch.zeros(5))
     assert torch.equal(flats[0], torch.arange(10.0))  # the live masters are untouched
+
+
+def test_fp16_unfused_master_tensors_map_to_parameters_and_back():
+    """FP16_UnfusedOptimizer's layout (fp16 or bf16 with any optimizer but FusedAdam at ZeRO 0): fp32_groups[i][j]
+    is an fp32 copy of fp16_groups[i][j]. The masters are those tensors, groups one after the other; full values
+    come out per parameter in the order asked for, and partition_fp32 writes new values back in that layout."""
+    params = _half_params()
+    groups = [[params[0], params[1]], [params[2]]]
+    copies = [[p.detach().float() + 0.5 for p in group] for group in groups]
+    engine = SimpleNamespace(optimizer=SimpleNamespace(fp16_groups=groups, fp32_groups=copies))
+    assert eng.master_layout(engine.optimizer, params) == "fp32_groups"
+    masters, sharded = eng.fp32_master_weights(engine, params)
+    assert not sharded and [id(t) for t in masters] == [id(t) for group in copies for t in group]
+    asked = [params[2], params[0], params[1]]
+    full = eng.full_fp32_parameters(engine, asked)
+    assert all(f.dtype == torch.float32 and torch.equal(f, p.float() + 0.5) for f, p in zip(full, asked))
+    new = eng.partition_fp32(engine, asked, [torch.full(p.shape, float(i)) for i, p in enumerate(asked)])
+    assert [float(t.unique()) for t in new] == [1.0, 2.0, 0.0] and [t.shape for t in new] == [(2, 3), (4,), (5,)]
+    assert torch.equal(copies[1][0], torch.arange(10.0, 15.0) + 0.5)  # the live masters are untouched
+
+
+def test_an_fp32_optimizer_stepping_the_parameters_is_their_own_master():
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.ones(2))]
+    engine = SimpleNamespace(optimizer=torch.optim.SGD(params, lr=0.1))
+    assert eng.master_layout(engine.optimizer, params) == "params" and eng.master_is_params(engine, params)
+    masters, sharded = eng.fp32_master_weights(engine, params)
+    assert not sharded and [t.data_ptr() for t in masters] == [p.data_ptr() for p in params]
+
+
+class ForeignWrapper:
+    """A 16-bit optimizer wrapper of unknown layout: it steps fp32 copies that it keeps under another name."""
+
+    def __init__(self, params):
+        self.hidden_masters = [p.detach().float() for p in params]
+        self.param_groups = [{"params": self.hidden_masters}]
+
+
+def test_an_optimizer_whose_fp32_masters_are_unknown_is_an_error_naming_its_class():
+    """Rather than averaging 16-bit weights (the old fallback), the EMA refuses an unknown layout."""
+    params = _half_params()
+    engine = SimpleNamespace(optimizer=ForeignWrapper(params))
+    with pytest.raises(eng.UnknownOptimizerLayout, match=r"test_engine.ForeignWrapper, whose fp32 master .* these "
+                                                         r"are float16"):
+        eng.fp32_master_weights(engine, params)
+    # fp32 parameters that the optimizer does not step are no masters either
+    fp32 = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(eng.UnknownOptimizerLayout, match="these are float32"):
+        eng.master_is_params(SimpleNamespace(optimizer=ForeignWrapper(fp32)), fp32)

@@ -369,19 +369,59 @@ def test_losses_are_logged_once_per_log_every_as_the_mean_of_its_steps(tiny, tmp
         assert event.value == pytest.approx(sum(pair) / 2, rel=1e-6)
 
 
-def test_under_fp16_at_zero_0_the_ema_follows_the_fp32_master_weights(tiny, tmp_path):
-    try:
-        trainer = Trainer(tiny("deepspeed.fp16.enabled=true", "deepspeed.fp16.initial_scale_power=4",
-                               "ema.rates=[0.5]"), tmp_path / "run")
-    except Exception as e:  # noqa: BLE001 - DeepSpeed refuses fp16 on some CPU builds
-        pytest.skip(f"DeepSpeed fp16 on this machine: {e}")
-    full = eng.full_fp32_parameters(trainer.engine, trainer.params)
-    master = {n: v.clone() for n, v in zip(trainer.param_names, full)}
-    assert all(v.dtype == torch.float32 for v in master.values())
-    torch.testing.assert_close(trainer.ema_weights(0.5)["out_conv.weight"], master["out_conv.weight"])
+# Every optimizer wrapper DeepSpeed 0.19 builds for a 16-bit engine, and the attribute holding its fp32 masters:
+# fp16 or bf16 at ZeRO 0 go through _configure_fp16_optimizer (bf16 as DDP_BFLOAT16): FusedAdam (torch_adam off)
+# gets FP16_Optimizer, any other optimizer FP16_UnfusedOptimizer; bf16 at ZeRO 1 with fp32 gradient accumulation
+# gets BF16_Optimizer; ZeRO 1-2 and 3 their own optimizers.
+SGD = 'deepspeed.optimizer={"type": "SGD", "params": {"lr": 0.01, "momentum": 0.9}}'
+WRAPPERS = {
+    "fp16-zero0-torch_adam": (["deepspeed.fp16.enabled=true"], "FP16_UnfusedOptimizer", "fp32_groups"),
+    "bf16-zero0-torch_adam": (["deepspeed.bf16.enabled=true"], "FP16_UnfusedOptimizer", "fp32_groups"),
+    "fp16-zero0-sgd": (["deepspeed.fp16.enabled=true", SGD], "FP16_UnfusedOptimizer", "fp32_groups"),
+    "fp16-zero0-fused_adam": (["deepspeed.fp16.enabled=true", "deepspeed.optimizer.params.torch_adam=false"],
+                              "FP16_Optimizer", "fp32_groups_flat"),
+    "bf16-zero0-fused_adam": (["deepspeed.bf16.enabled=true", "deepspeed.optimizer.params.torch_adam=false"],
+                              "FP16_Optimizer", "fp32_groups_flat"),
+    "bf16-zero1-fp32_accumulation": (["deepspeed.bf16.enabled=true", "deepspeed.zero_optimization.stage=1",
+                                      'deepspeed.data_types={"grad_accum_dtype": "fp32"}'],
+                                     "BF16_Optimizer", "fp32_groups_flat_partition"),
+    "fp16-zero2": (["deepspeed.fp16.enabled=true", "deepspeed.zero_optimization.stage=2"],
+                   "DeepSpeedZeroOptimizer", "single_partition_of_fp32_groups"),
+    "bf16-zero1": (["deepspeed.bf16.enabled=true", "deepspeed.zero_optimization.stage=1"],
+                   "DeepSpeedZeroOptimizer", "single_partition_of_fp32_groups"),
+    "fp16-zero3": (["deepspeed.fp16.enabled=true", "deepspeed.zero_optimization.stage=3"],
+                   "DeepSpeedZeroOptimizer_Stage3", "fp32_partitioned_groups_flat"),
+}
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_under_every_16bit_optimizer_wrapper_the_ema_follows_the_fp32_master_weights(tiny, tmp_path, wrapper,
+                                                                                       deepspeed_cpu_fp16):
+    """The EMA starts as, and averages, the very fp32 tensors the wrapped optimizer steps, whatever wrapper
+    DeepSpeed builds (the EMA had averaged the fp16 weights under FP16_UnfusedOptimizer): at rate 0.5 the first
+    update is the 50/50 mean of the fp32 masters before and after the step."""
+    overrides, wrapper_class, attribute = WRAPPERS[wrapper]
+    trainer = Trainer(tiny(*overrides, "deepspeed.fp16.initial_scale_power=4", "ema.rates=[0.5]",
+                           "deepspeed.scheduler.params.warmup_min_lr=0.002"), tmp_path / "run")  # no lr-0 step
+    assert type(trainer.engine.optimizer).__name__ == wrapper_class
+    assert eng.master_layout(trainer.engine.optimizer, trainer.params) == attribute
+    assert all(p.dtype != torch.float32 for p in trainer.params)  # the module computes in 16 bits
+    # copies: unsharded masters come back as views of the live tensors
+    before = {n: v.detach().clone()
+              for n, v in zip(trainer.param_names, eng.full_fp32_parameters(trainer.engine, trainer.params))}
+    assert all(v.dtype == torch.float32 for v in before.values())
+    for name, value in trainer.ema_weights(0.5).items():
+        assert torch.equal(value, before[name]), name
     trainer.train_step()
-    after = dict(zip(trainer.param_names, eng.full_fp32_parameters(trainer.engine, trainer.params)))
-    expected = 0.5 * master["time_embed.0.weight"] + 0.5 * after["time_embed.0.weight"]  # the first update is 50/50
-    if not trainer.engine.skipped_steps:
-        torch.testing.assert_close(trainer.ema_weights(0.5)["time_embed.0.weight"], expected)
+    assert trainer.engine.skipped_steps == 0  # a loss scale of 2**4 does not overflow this model
+    masters, _ = eng.fp32_master_weights(trainer.engine, trainer.params)
+    # the optimizer's state (moments, momentum) is kept for exactly the tensors the EMA averages
+    assert {id(t) for t in trainer.engine.basic_optimizer.state} == {id(t) for t in masters}
+    assert all(t.dtype == torch.float32 for t in masters)
+    after = {n: v.detach() for n, v in zip(trainer.param_names, eng.full_fp32_parameters(trainer.engine, trainer.params))}
+    assert float((after["out_conv.weight"] - before["out_conv.weight"]).abs().max()) > 0  # the step moved it
+    for name, value in trainer.ema_weights(0.5).items():
+        # one lerp by 0.5 in fp32: within one rounding of the exact mean
+        torch.testing.assert_close(value, before[name] + 0.5 * (after[name] - before[name]), rtol=2 ** -23,
+                                   atol=2 ** -30, msg=name)
     trainer.close()

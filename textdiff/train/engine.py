@@ -308,41 +308,83 @@ def trainable_named_parameters(engine) -> list[tuple[str, nn.Parameter]]:
 
 # the optimizer attributes that hold this rank's fp32 partitions: ZeRO 3, ZeRO 1-2, DeepSpeed's bf16 optimizer
 SHARDED_MASTERS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
+# every rank holds all of them: FP16_Optimizer (fp16 or bf16 with DeepSpeed's FusedAdam at ZeRO 0) keeps one flat
+# fp32 copy per group, fp32_groups_flat[i] flattening fp16_groups[i]; FP16_UnfusedOptimizer (any other optimizer
+# there: torch_adam, SGD, Lion ...) one fp32 copy per tensor, fp32_groups[i][j] of fp16_groups[i][j]
+REPLICATED_MASTERS = ("fp32_groups_flat", "fp32_groups")
+
+
+class UnknownOptimizerLayout(RuntimeError):
+    """DeepSpeed built an optimizer whose fp32 master weights textdiff cannot find; the EMA would otherwise
+    average the 16-bit weights."""
+
+
+def master_layout(optimizer, params: list[nn.Parameter]) -> str:
+    """Where ``optimizer`` keeps the fp32 master weights of ``params``: one of :data:`SHARDED_MASTERS` or
+    :data:`REPLICATED_MASTERS` (the attribute holding them), or ``"params"`` (fp32 at ZeRO 0: the optimizer
+    steps the parameters themselves).
+
+    Raises UnknownOptimizerLayout, naming the optimizer's class, for any other optimizer: one whose parameter
+    groups do not hold ``params`` themselves, or ``params`` that are not fp32.
+    """
+    for attr in (*SHARDED_MASTERS, *REPLICATED_MASTERS):
+        if hasattr(optimizer, attr):
+            return attr
+    stepped = {id(p) for group in getattr(optimizer, "param_groups", []) for p in group["params"]}
+    if all(id(p) in stepped for p in params) and all(p.dtype == torch.float32 for p in params):
+        return "params"
+    kind = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
+    raise UnknownOptimizerLayout(
+        f"DeepSpeed built the optimizer {kind}, whose fp32 master weights textdiff cannot find (it knows "
+        f"{', '.join(SHARDED_MASTERS + REPLICATED_MASTERS)}, or an fp32 optimizer stepping the parameters; these "
+        f"are {'/'.join(dtypes)}); the EMA must not average 16-bit weights. Use another zero_optimization.stage, "
+        "fp16/bf16 setting or optimizer, or teach textdiff/train/engine.py this layout")
 
 
 def fp32_master_weights(engine, params: list[nn.Parameter]) -> tuple[list[torch.Tensor], bool]:
     """This rank's fp32 master weights, the tensors the optimizer steps, and whether they are sharded.
 
     Under ZeRO 1-3 and DeepSpeed's bf16 optimizer: this rank's flat fp32 partitions (sharded: every rank
-    holds its own); under fp16 at ZeRO 0: the flat fp32 copy of each parameter group (every rank holds all
-    of it); in fp32 at ZeRO 0: ``params`` themselves. Views, not copies: they change with every step.
+    holds its own); under fp16 (or bf16) at ZeRO 0: FP16_Optimizer's flat fp32 copy of each parameter group,
+    or FP16_UnfusedOptimizer's fp32 copy of each tensor, groups one after the other (every rank holds all of
+    it); in fp32 at ZeRO 0: ``params`` themselves. Views, not copies: they change with every step. Raises
+    UnknownOptimizerLayout for an optimizer of another layout (:func:`master_layout`).
     """
     optimizer = engine.optimizer
-    for sharded in SHARDED_MASTERS:
-        if hasattr(optimizer, sharded):
-            return list(getattr(optimizer, sharded)), True
-    if hasattr(optimizer, "fp32_groups_flat"):  # FP16_Optimizer: fp32_groups_flat[i] flattens fp16_groups[i]
+    layout = master_layout(optimizer, params)
+    if layout in SHARDED_MASTERS:
+        return list(getattr(optimizer, layout)), True
+    if layout == "fp32_groups":
+        return [t for group in optimizer.fp32_groups for t in group], False
+    if layout == "fp32_groups_flat":
         return list(optimizer.fp32_groups_flat), False
     return [p.detach() for p in params], False
 
 
-def master_is_params(engine) -> bool:
+def master_is_params(engine, params: list[nn.Parameter]) -> bool:
     """Whether :func:`fp32_master_weights` are the parameters themselves (fp32 at ZeRO 0: DeepSpeed keeps
     no master copy)."""
-    return not any(hasattr(engine.optimizer, a) for a in (*SHARDED_MASTERS, "fp32_groups_flat"))
+    return master_layout(engine.optimizer, params) == "params"
 
 
 def _unsharded_views(engine, params: list[nn.Parameter], flats: list[torch.Tensor]) -> list[torch.Tensor]:
     """Views of ``flats``, laid out as the unsharded :func:`fp32_master_weights` (one tensor per parameter,
-    or FP16_Optimizer's flat groups), shaped as ``params``."""
-    if master_is_params(engine):
+    per tensor of FP16_UnfusedOptimizer's groups, or FP16_Optimizer's flat groups), shaped as ``params``."""
+    layout = master_layout(engine.optimizer, params)
+    if layout == "params":
         return [v.reshape(p.shape) for v, p in zip(flats, params)]
+    groups = engine.optimizer.fp16_groups
     views = {}
-    for group, flat in zip(engine.optimizer.fp16_groups, flats):
-        offset = 0
-        for p in group:
-            views[id(p)] = flat.narrow(0, offset, p.numel()).view(p.shape)
-            offset += p.numel()
+    if layout == "fp32_groups":
+        for p, t in zip((p for group in groups for p in group), flats):
+            views[id(p)] = t.view(p.shape)
+    else:
+        for group, flat in zip(groups, flats):
+            offset = 0
+            for p in group:
+                views[id(p)] = flat.narrow(0, offset, p.numel()).view(p.shape)
+                offset += p.numel()
     return [views[id(p)] for p in params]
 
 

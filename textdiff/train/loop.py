@@ -160,7 +160,7 @@ class Trainer:
         # the EMA averages this rank's fp32 master weights where they are: sharded like the optimizer state
         # under ZeRO (every rank its own partition), on rank 0 alone where every rank holds all of them
         master, self.ema_sharded = eng.fp32_master_weights(self.engine, self.params)
-        plain = eng.master_is_params(self.engine)
+        plain = eng.master_is_params(self.engine, self.params)
         labels = self.param_names if plain else [f"fp32 master {i}" for i in range(len(master))]
         self.ema = EMA(labels, master, cfg.ema) if self.ema_sharded or self.rank == 0 else None
         self._ema_cache: dict[str, tuple[int, Optional[dict[str, torch.Tensor]]]] = {}  # rate -> (step, full EMA)
