@@ -92,19 +92,29 @@ class ConvInputDtypes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.skipif(conv.NATIVE_BF16_CPU, reason="this CPU has a bf16 convolution kernel: nothing is emulated")
-def test_a_bf16_unet_step_runs_no_bf16_convolution_here(tiny):
-    """Every convolution of the U-net (3x3, strided, 1x1 skips, sub-pixel upsampling) goes through the fp32
-    kernel under bf16 autocast on this CPU, forward and backward: none is left on the reference bf16 kernel."""
-    cfg = tiny.cfg(resblock_updown=True)
-    model = tiny.model(cfg).train()
-    x, t = tiny.inputs()
+def _conv_dtypes(model, x, t) -> list[torch.dtype]:
     mode = ConvInputDtypes()
     with mode:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x, t)
         out.float().square().mean().backward()
-    assert len(mode.dtypes) > 10 and set(mode.dtypes) == {torch.float32}
+    return mode.dtypes
+
+
+def test_a_bf16_unet_step_convolves_in_fp32_exactly_where_the_cpu_has_no_bf16_kernel(tiny, monkeypatch):
+    """Every convolution of the U-net (3x3, strided, 1x1 skips, sub-pixel upsampling) goes through the fp32
+    kernel under bf16 autocast on a CPU without bf16 kernels, forward and backward: none is left on the
+    reference bf16 kernel; on a CPU with them, the same convolutions are all bf16. The switch stands in for
+    the CPU, so both CPU kinds run both routes (PyTorch computes bf16 on any CPU, only slower without them)."""
+    cfg = tiny.cfg(resblock_updown=True)
+    model = tiny.model(cfg).train()
+    x, t = tiny.inputs()
+    monkeypatch.setattr(conv, "NATIVE_BF16_CPU", True)
+    native = _conv_dtypes(model, x, t)
+    monkeypatch.setattr(conv, "NATIVE_BF16_CPU", False)
+    emulated = _conv_dtypes(model, x, t)
+    assert len(native) > 10 and native == [torch.bfloat16] * len(native)
+    assert emulated == [torch.float32] * len(native)
 
 
 def test_the_module_keeps_nn_conv2ds_state_dict():

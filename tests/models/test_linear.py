@@ -85,20 +85,30 @@ class MatmulInputDtypes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.skipif(conv.NATIVE_BF16_CPU, reason="this CPU has bf16 kernels: nothing is emulated")
-def test_a_bf16_unet_step_runs_no_bf16_matrix_product_here(tiny):
-    """Every linear layer of a U-net with a transcription encoder, cross-attention and the timestep MLP
-    goes through the fp32 kernel under bf16 autocast on this CPU, forward and backward."""
-    cfg = tiny.cfg(txt=True)
-    model = tiny.model(cfg).train()
-    x, t = tiny.inputs()
-    cond = model.prepare_cond(["ab", "cde"], None)
+def _matmul_dtypes(model, x, t, cond) -> list[torch.dtype]:
     mode = MatmulInputDtypes()
     with mode:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x, t, **cond)
         out.float().square().mean().backward()
-    assert len(mode.dtypes) > 20 and set(mode.dtypes) == {torch.float32}
+    return mode.dtypes
+
+
+def test_a_bf16_unet_step_multiplies_in_fp32_exactly_where_the_cpu_has_no_bf16_kernel(tiny, monkeypatch):
+    """Every linear layer of a U-net with a transcription encoder, cross-attention and the timestep MLP
+    goes through the fp32 kernel under bf16 autocast on a CPU without bf16 kernels, forward and backward: the
+    same matrix products as on a CPU with bf16 kernels, where they are bf16 (but those autocast keeps in fp32).
+    The switch stands in for the CPU, so both CPU kinds run both routes."""
+    cfg = tiny.cfg(txt=True)
+    model = tiny.model(cfg).train()
+    x, t = tiny.inputs()
+    cond = model.prepare_cond(["ab", "cde"], None)
+    monkeypatch.setattr(conv, "NATIVE_BF16_CPU", True)
+    native = _matmul_dtypes(model, x, t, cond)
+    monkeypatch.setattr(conv, "NATIVE_BF16_CPU", False)
+    emulated = _matmul_dtypes(model, x, t, cond)
+    assert sum(d == torch.bfloat16 for d in native) > 20
+    assert emulated == [torch.float32] * len(native)
 
 
 def test_the_module_keeps_nn_linears_state_dict_and_is_f_linear_in_fp32():

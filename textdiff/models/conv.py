@@ -15,14 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# fixed for the life of the process; read once here so that torch.compile sees a constant
+# whether oneDNN has bf16 kernels on this CPU (AVX-512 BF16 or AMX); read once here so that torch.compile sees
+# a constant. It is also the switch of the route: tests set it to False to run the fp32-kernel route on a CPU
+# with bf16 kernels, and to True to run PyTorch's own bf16 kernels on one without, so both CPU kinds test both.
 NATIVE_BF16_CPU = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def emulates_bf16(x: torch.Tensor, native: bool = NATIVE_BF16_CPU) -> bool:
+def emulates_bf16(x: torch.Tensor, native: bool | None = None) -> bool:
     """Whether a convolution or matrix product of ``x`` runs in bf16 on a CPU that has no bf16 kernel for it
-    (oneDNN's bf16 convolution and matmul need the same CPU features): ``x`` is bf16, or CPU autocast is on in
-    bf16 (it would cast ``x`` to bf16)."""
+    (``native``, by default :data:`NATIVE_BF16_CPU`; oneDNN's bf16 convolution and matmul need the same CPU
+    features): ``x`` is bf16, or CPU autocast is on in bf16 (it would cast ``x`` to bf16)."""
+    if native is None:
+        native = NATIVE_BF16_CPU
     if native or x.device.type != "cpu":
         return False
     return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
