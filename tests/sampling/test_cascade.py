@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from textdiff.diffusion import build_diffusion
+from textdiff.diffusion.schedules import alpha_bar_at
 from textdiff.sampling.cascade import (CascadeError, StageSettings, check_cascade, per_sample_noise, run_cascade,
                                        sample_stage)
 from textdiff.sampling.loading import LoadedModel, load_for_sampling
 from textdiff.sampling.samplers import sample, sampling_timesteps
+from textdiff.sampling.thresholding import clipping
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -155,14 +157,50 @@ def test_random_streams_of_neighbouring_seeds_do_not_repeat_each_other():
     assert float((per_sample_noise([5], (3, 4, 4), 1)[0] - start[0]).abs().max()) > 0.5
 
 
-def test_clipping_the_denoised_image_keeps_an_untrained_eps_model_from_saturating(base):
-    """An untrained eps model on the cosine schedule: its first x_0 estimate is its error / sqrt(abar)."""
+def _recording(fn, calls: list):
+    def wrapped(x, t):
+        out = fn(x, t)
+        calls.append((x, t, out))
+        return out
+    return wrapped
+
+
+def _implied_x0(x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """The x_0 a sampler reads from the eps it is given, in float64: (x - sqrt(1 - abar) eps) / sqrt(abar)."""
+    a = alpha_bar_at(abar, t).double().reshape(-1, 1, 1, 1)
+    return (x.double() - (1 - a).sqrt() * eps[:, :x.shape[1]].double()) / a.sqrt()
+
+
+def test_with_clip_denoised_every_x0_the_sampler_reads_lies_in_the_unit_range(base):
+    """clip_denoised (on by default) clips the x_0 the model implies before the sampler reads it, at every
+    step, so whatever an eps model predicts, DDIM's last step (onto abar = 1, where x = x_0) lands in [-1, 1].
+    Shown on an untrained eps model, whose x_0 estimates run far outside the range unclipped. The only slack is
+    float32 rounding of the eps <-> x_0 round trip, which 1/sqrt(abar) amplifies: a few ulps of
+    (|x| + 1) / sqrt(abar), bounded below with 8 ulps."""
     diffusion_cfg = dataclasses.replace(base.cfg.diffusion, predict_xstart=False)
-    eps_model = LoadedModel(base.model, build_diffusion(diffusion_cfg, learn_sigma=True),
-                            dataclasses.replace(base.cfg, diffusion=diffusion_cfg), "eps", "raw")
-    unclipped = sample_stage(eps_model, StageSettings(sampler="ddim", steps="3", clip_denoised=False), ["ab", "cd"],
-                             ["", ""], [1, 2], progress=False)
-    clipped = sample_stage(eps_model, StageSettings(sampler="ddim", steps="3"), ["ab", "cd"], ["", ""], [1, 2],
-                           progress=False)
-    assert float((unclipped.abs() == 1.0).float().mean()) > 0.9
-    assert float((clipped.abs() == 1.0).float().mean()) < 0.1
+    diffusion = build_diffusion(diffusion_cfg, learn_sigma=True)
+    eps_model = LoadedModel(base.model, diffusion, dataclasses.replace(base.cfg, diffusion=diffusion_cfg), "eps",
+                            "raw")
+    abar = diffusion.alphas_cumprod
+    cond = base.model.prepare_cond(["ab", "cd"], None)
+    raw = diffusion.sampling_fn(lambda x, t: base.model(x, t, **cond))
+    timesteps = sampling_timesteps(diffusion.num_timesteps, "3")
+    x_start = per_sample_noise([1, 2], (3, 16, 16), 0)
+    unclipped_calls, clipped_calls = [], []
+    with torch.no_grad():
+        sample("ddim", _recording(raw, unclipped_calls), x_start, abar, timesteps, disable=True)
+        clipped = sample("ddim", _recording(clipping(raw, abar), clipped_calls), x_start, abar, timesteps,
+                         disable=True)
+    # without clipping, the first estimate is the model's error over sqrt(abar) at the top of the schedule
+    first = _implied_x0(*unclipped_calls[0], abar)
+    assert float(first.abs().amax()) > 10 and float((first.abs() > 1).float().mean()) > 0.5
+    assert len(clipped_calls) == 3
+    for x, t, eps in clipped_calls:
+        slack = 8 * 2.0 ** -24 * (float(x.abs().amax()) + 1) / float(alpha_bar_at(abar, t).min().sqrt())
+        assert float(_implied_x0(x, t, eps, abar).abs().amax()) <= 1 + slack
+    assert float(clipped.abs().amax()) <= 1 + slack
+    # and it is what sample_stage does by default, for the same prompts and seeds
+    with torch.no_grad():
+        staged = sample_stage(eps_model, StageSettings(sampler="ddim", steps="3"), ["ab", "cd"], ["", ""], [1, 2],
+                              progress=False)
+    assert torch.equal(staged, clipped.clamp(-1, 1))
