@@ -24,7 +24,7 @@ from textdiff.config import ConfigError, EvalConfig, load_config
 from textdiff.eval.ocr import TesseractError, TesseractMissingError
 from textdiff.eval.prompts import PromptFileError, expand, heldout_prompts, pair_images, read_prompts, render_prompts
 from textdiff.eval.spelling import evaluate_images
-from textdiff.files import atomic_write_bytes
+from textdiff.files import atomic_write_json
 
 SUMMARY_KEYS = ("cer", "exact_match", "word_accuracy", "false_text_rate", "n", "n_text", "n_empty", "normalize")
 
@@ -93,11 +93,6 @@ def collect(args: argparse.Namespace, cfg: EvalConfig, size: int) -> tuple[list,
     return images, [p for _, p in pairs]
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(obj, indent=1, ensure_ascii=False).encode("utf-8"))
-
-
 def print_summary(report: dict) -> None:
     def fmt(v):
         return "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
@@ -122,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval_text: {e}", file=sys.stderr)
         return 2
     if args.report:
-        write_json_atomic(args.report, report)
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(args.report, report, indent=1)
     if args.json:
         print(json.dumps({k: report[k] for k in SUMMARY_KEYS}))
     else:

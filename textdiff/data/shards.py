@@ -19,7 +19,6 @@ Usage (see docs/data.md)::
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import re
@@ -37,7 +36,7 @@ from textdiff.data import sources
 from textdiff.data.sources import (BAD_INPUT_KINDS, DEFAULT_MAX_PIXELS, ImageJob, KeyIndex, Problem, ShardSample,
                                    SourceError, SourceOptions, sample_meta)
 from textdiff.data.synthetic import MIN_SIZE as MIN_SYNTHETIC_SIZE, synthetic_sample
-from textdiff.files import atomic_write_bytes
+from textdiff.files import atomic_write_json, publish
 
 SHARD_NAME = "shard-{:06d}.tar"
 PARTIAL_SUFFIX = ".partial"
@@ -112,9 +111,7 @@ def write_shards(samples: Iterable[ShardSample], out_dir: Path, maxcount: int = 
 
 def _finish(partial: Path, count: int) -> ShardInfo:
     final = partial.with_name(partial.name[: -len(PARTIAL_SUFFIX)])
-    with open(partial, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(partial, final)
+    publish(partial, final)
     return ShardInfo(final.name, count, final.stat().st_size)
 
 
@@ -124,11 +121,6 @@ def brace_pattern(out_dir: Path, count: int) -> str:
     if count == 1:
         return str(base / SHARD_NAME.format(0))
     return str(base / f"shard-{{{0:06d}..{count - 1:06d}}}.tar")
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write ``obj`` as indented JSON to ``path`` via a temporary name and a rename."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def build_manifest(out_dir: Path, shards: list[ShardInfo], written: Counter, problems: list[Problem],
@@ -212,7 +204,7 @@ def make_synthetic_shards(n: int, out_dir: str | Path, seed: int = 0, size: int 
     shards = write_shards(counted(_pool_map(_render_synthetic, items, workers, "synthetic", progress)),
                           out_dir, maxcount, maxsize)
     manifest = build_manifest(out_dir, shards, written, [], n, command, ORDER_SYNTHETIC, seed)
-    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    atomic_write_json(out_dir / MANIFEST_NAME, manifest)
     return manifest
 
 
@@ -315,7 +307,7 @@ def make_source_shards(src_dir: str | Path, out_dir: str | Path, captions: Optio
     shards = write_shards(accepted(_pool_map(_Prepare(options), jobs, workers, "shards", progress)),
                           out_dir, maxcount, maxsize)
     manifest = build_manifest(out_dir, shards, written, problems, inputs, command, order, seed)
-    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    atomic_write_json(out_dir / MANIFEST_NAME, manifest)
     return manifest
 
 

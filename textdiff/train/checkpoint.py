@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from textdiff.config import ConfigError
-from textdiff.files import atomic_write_bytes
+from textdiff.files import atomic_write, atomic_write_bytes, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +66,8 @@ def rank_file(rank: int) -> str:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save through a temporary name, an fsync and a rename (a crash leaves the old file or the new one)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """torch.save through :func:`textdiff.files.atomic_write` (a crash leaves the old file or the new one)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 class UnsafeCheckpointError(ConfigError):
@@ -108,15 +99,6 @@ def load_untrusted(path: str | Path, map_location: Any = "cpu") -> Any:
                 f"{path} is refused: its pickle {what}, which torch.load(weights_only=True) does not allow, so "
                 "loading it could run code from the file. Use checkpoints written by textdiff's training, or "
                 "weights exported with tools/export.py (*.safetensors)") from None
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory, so the renames and new names in it survive a power cut."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_tree(path: Path) -> None:

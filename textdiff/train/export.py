@@ -10,13 +10,13 @@ partitions with DeepSpeed's ``zero_to_fp32``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from textdiff.config import ConfigError, TextdiffConfig, config_from_dict
+from textdiff.files import atomic_write_bytes
 
 CONFIG_KEY = "textdiff_config"
 
@@ -46,7 +46,7 @@ def export_checkpoint(source: str | Path, out: str | Path, weights: str = "ema",
 
     weights: ``"ema"`` (one EMA rate; ``ema_rate`` picks one when the run kept several) or ``"raw"``.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from textdiff.sampling.loading import checkpoint_weights, read_source_config, resolve_checkpoint
 
@@ -62,9 +62,7 @@ def export_checkpoint(source: str | Path, out: str | Path, weights: str = "ema",
     meta = {CONFIG_KEY: json.dumps(cfg.to_dict()), "weights": label, "source": str(ckpt),
             "step": ckpt.name.removeprefix("step_").lstrip("0") or "0"}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, out)
+    atomic_write_bytes(out, save(state, metadata=meta))
     return out
 
 
