@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from textdiff.config import ConfigError
+from textdiff.formats.weights import LoadError, export_checkpoint
 
 
 def main(argv=None) -> int:
@@ -20,9 +21,6 @@ def main(argv=None) -> int:
     p.add_argument("--raw", action="store_true", help="the optimizer's weights instead of the EMA")
     p.add_argument("--ema-rate", type=float, default=None, help="which EMA when the run kept several")
     args = p.parse_args(argv)
-    from textdiff.sampling.loading import LoadError
-    from textdiff.train.export import export_checkpoint
-
     try:
         out = export_checkpoint(args.source, args.out, "raw" if args.raw else "ema", args.ema_rate)
     except (ConfigError, LoadError) as e:

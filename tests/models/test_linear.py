@@ -1,6 +1,5 @@
 """bf16 linear layers on CPUs without a bf16 kernel: the fp32 kernel computes the same bf16 arithmetic."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode

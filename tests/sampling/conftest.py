@@ -17,7 +17,7 @@ import torch
 
 from textdiff.config import DiffusionConfig, EMAConfig, ModelConfig, TextdiffConfig
 from textdiff.models import build_model
-from textdiff.train.checkpoint import COMPLETE, CONFIG_FILE, TEXTDIFF_STATE, checkpoint_name
+from textdiff.formats.checkpoint import COMPLETE, CONFIG_FILE, TEXTDIFF_STATE, checkpoint_name
 from textdiff.train.ema import EMA
 
 EMA_SCALE = 0.5  # the fake EMA is the raw weights times this, so the two are told apart

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from textdiff.sampling.loading import LoadError, load_for_sampling, read_source_config, resolve_checkpoint
-from textdiff.train.checkpoint import COMPLETE
-from textdiff.train.export import export_checkpoint
+from textdiff.formats.checkpoint import COMPLETE
+from textdiff.formats.weights import LoadError, export_checkpoint, read_source_config, resolve_checkpoint
+from textdiff.sampling.loading import load_for_sampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from textdiff.config import CheckpointConfig, ConfigError, TextdiffConfig
-from textdiff.train.checkpoint import (COMPLETE, PARTIAL_PREFIX, CheckpointManager, RunDirError,
-                                       UnsafeCheckpointError, atomic_torch_save,
-                                       check_resume_compatible, checkpoint_name, copy_to_remote, latest_checkpoint,
-                                       load_untrusted, resolve_resume, steps_to_delete)
+from textdiff.formats.checkpoint import (COMPLETE, PARTIAL_PREFIX, UnsafeCheckpointError, atomic_torch_save,
+                                         checkpoint_name, latest_checkpoint, load_untrusted, resolve_resume)
+from textdiff.train.checkpoint import (CheckpointManager, RunDirError, check_resume_compatible, copy_to_remote,
+                                       steps_to_delete)
 from textdiff.train.control import rng_state, set_rng_state
 
 
@@ -237,7 +237,7 @@ def test_a_partial_checkpoint_ignored_at_resume_is_logged(tmp_path, caplog, monk
     monkeypatch.setattr(logging.getLogger("textdiff"), "propagate", True)  # training's setup_logging turns it off
     _fake_checkpoint(tmp_path, 10)
     partial = _fake_checkpoint(tmp_path, 20, prefix=PARTIAL_PREFIX, complete=False)
-    with caplog.at_level(logging.WARNING, logger="textdiff.train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="textdiff.formats.checkpoint"):
         assert resolve_resume("auto", tmp_path).name == "step_00000010"
     assert f"ignored the partial checkpoint {partial} (no COMPLETE file" in caplog.text
     assert "resuming from " + str(tmp_path / "step_00000010") in caplog.text

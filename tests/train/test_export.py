@@ -5,8 +5,9 @@ import torch
 from safetensors import safe_open
 
 from textdiff.config import ConfigError
+from textdiff.formats.export import read_export
+from textdiff.formats.weights import export_checkpoint, fit_shapes
 from textdiff.sampling.loading import load_for_sampling
-from textdiff.train.export import export_checkpoint, fit_shapes, read_export
 from textdiff.train.loop import Trainer
 
 

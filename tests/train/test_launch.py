@@ -11,7 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from textdiff.train.checkpoint import complete_checkpoints, load_untrusted
+from textdiff.formats.checkpoint import complete_checkpoints, load_untrusted
 from textdiff.train.engine import free_port
 
 from .conftest import outside_env, write_recipe

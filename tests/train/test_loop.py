@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from textdiff.config import ConfigError
 from textdiff.train import engine as eng
-from textdiff.train.checkpoint import complete_checkpoints
+from textdiff.formats.checkpoint import complete_checkpoints
 from textdiff.train.loop import Trainer, TrainingDiverged, diffusion_loss, grad_norm, nonfinite_action, step_stats
 
 
@@ -418,7 +418,8 @@ def test_under_every_16bit_optimizer_wrapper_the_ema_follows_the_fp32_master_wei
     # the optimizer's state (moments, momentum) is kept for exactly the tensors the EMA averages
     assert {id(t) for t in trainer.engine.basic_optimizer.state} == {id(t) for t in masters}
     assert all(t.dtype == torch.float32 for t in masters)
-    after = {n: v.detach() for n, v in zip(trainer.param_names, eng.full_fp32_parameters(trainer.engine, trainer.params))}
+    after = {n: v.detach()
+             for n, v in zip(trainer.param_names, eng.full_fp32_parameters(trainer.engine, trainer.params))}
     assert float((after["out_conv.weight"] - before["out_conv.weight"]).abs().max()) > 0  # the step moved it
     for name, value in trainer.ema_weights(0.5).items():
         # one lerp by 0.5 in fp32: within one rounding of the exact mean

@@ -340,7 +340,7 @@ def run_experiment(out: str | Path, minutes: float, design: Design = Design(), p
     if proc.returncode != 0:
         raise ExperimentError(f"training exited with status {proc.returncode}; see its output above")
     figures = evaluate(out, design, heldout, cfg)
-    from textdiff.train.checkpoint import complete_checkpoints
+    from textdiff.formats.checkpoint import complete_checkpoints
 
     step = complete_checkpoints(out / "run" / "checkpoints")[-1][0]
     per_step = cfg.deepspeed.get("train_micro_batch_size_per_gpu", 1) * cfg.deepspeed.get(

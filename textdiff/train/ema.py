@@ -28,6 +28,7 @@ from typing import Sequence
 import torch
 
 from textdiff.config import EMAConfig
+from textdiff.formats.checkpoint import rate_key
 
 
 def ema_decay(rate: float, update: int, from_step: int, extra_shift: int, warmup: str = "arithmetic") -> float:
@@ -41,11 +42,6 @@ def ema_decay(rate: float, update: int, from_step: int, extra_shift: int, warmup
         return rate
     n = update - from_step
     return min(rate, 1.0 - 1.0 / (n + 2 + extra_shift))
-
-
-def rate_key(rate: float) -> str:
-    """The name of one average in state dicts, exports and TensorBoard (``0.9999`` -> ``"0.9999"``)."""
-    return repr(float(rate))
 
 
 class EMA:

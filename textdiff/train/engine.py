@@ -212,7 +212,7 @@ def promote_scalar_parameters(model: nn.Module) -> list[str]:
     """Reshape every 0-dim parameter to shape [1] in place; returns their names.
 
     DeepSpeed 0.19 broadcasts parameters as ``p.data.view(torch.uint8)``, which fails for 0-dim tensors. A
-    [1]-shaped gain broadcasts the same way in the forward pass; :func:`textdiff.train.export` reshapes such
+    [1]-shaped gain broadcasts the same way in the forward pass; :func:`textdiff.formats.weights.fit_shapes` reshapes such
     entries back to the model's shapes.
     """
     names = []

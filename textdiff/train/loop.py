@@ -28,16 +28,16 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from textdiff.config import ConfigError, TextdiffConfig
 from textdiff.files import atomic_write_bytes
 from textdiff.train import engine as eng
-from textdiff.train.checkpoint import (CONFIG_FILE, CheckpointManager, RunDirError, check_resume_compatible,
-                                       load_untrusted, rank_file, read_config, resolve_resume, write_failure)
+from textdiff.formats.checkpoint import (CONFIG_FILE, load_untrusted, rank_file, rate_key, read_config,
+                                         resolve_resume)
+from textdiff.train.checkpoint import CheckpointManager, RunDirError, check_resume_compatible, write_failure
 from textdiff.train.control import StopFlag, rng_state, seed_everything, set_rng_state
-from textdiff.train.ema import EMA, rate_key
+from textdiff.train.ema import EMA
 from textdiff.train.logging import (EVAL_GRID_COLUMNS, TrainLogger, append_jsonl, eval_scalars, gpu_memory_gib,
                                     image_grid, per_rank, save_png, setup_logging)
 
@@ -468,7 +468,8 @@ class Trainer:
 
     def _ema_sampler(self):
         """Rank 0: a LoadedModel holding the EMA weights of the current step (loaded once per step)."""
-        from textdiff.sampling.loading import LoadedModel, load_weights
+        from textdiff.formats.weights import load_weights
+        from textdiff.sampling.loading import LoadedModel
 
         rate = self._sample_rate()
         if self._sampler_model is None:
