@@ -9,6 +9,6 @@
 # Python reads it as a string and goes on below. Flags: see `bash launch.sh --help` and docs/training.md.
 import sys
 
-from textdiff.train.cli import main
+from textdiff.launch import main
 
 sys.exit(main())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,21 +10,17 @@ import torch
 from textdiff.config import ModelConfig
 from textdiff.models import build_model
 
-TINY_CLIP = str(Path(__file__).with_name("tiny_clip.json"))
-
+from ..conftest import TINY_CLIP, tiny_model_cfg
 
 def tiny_cfg(**overrides) -> ModelConfig:
-    """16 px, two levels (16 and 8 px), 32 channels; self-attention at 8 px."""
-    base = dict(image_size=16, num_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
-                channels_per_head=16, num_heads=2, learn_sigma=False)
+    """The tiny model (tests/conftest.py) without a learned variance; with ``txt``, a one-layer transcription
+    encoder read at both levels; with ``using_capt``, the tiny CLIP tower."""
+    extra = dict(learn_sigma=False)
     if overrides.get("txt"):
-        base.update(txt_dim=32, txt_depth=1, max_seq_len=12, txt_resolutions=(8, 16), cross_attn_channels_per_head=16)
+        extra.update(txt_dim=32, txt_depth=1, max_seq_len=12, txt_resolutions=(8, 16), cross_attn_channels_per_head=16)
     if overrides.get("using_capt"):
-        base.update(clipname=TINY_CLIP, clip_pretrained="")
-    base.update(overrides)
-    cfg = ModelConfig(**base)
-    cfg.validate()
-    return cfg
+        extra.update(clipname=TINY_CLIP, clip_pretrained="")
+    return tiny_model_cfg(**{**extra, **overrides})
 
 
 def perturbed(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:

@@ -20,23 +20,24 @@ from textdiff.models import build_model
 from textdiff.formats.checkpoint import COMPLETE, CONFIG_FILE, TEXTDIFF_STATE, checkpoint_name
 from textdiff.train.ema import EMA
 
+from ..conftest import tiny_model_cfg
+
 EMA_SCALE = 0.5  # the fake EMA is the raw weights times this, so the two are told apart
 
 
-def tiny_model_cfg(**overrides) -> ModelConfig:
-    """16 px base with transcription conditioning; ``image_size=32, low_res_size=16`` makes an upsampler."""
-    base = dict(image_size=16, num_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
-                channels_per_head=16, num_heads=2, learn_sigma=True, txt=True, txt_dim=32, txt_depth=1,
-                max_seq_len=8, txt_resolutions=(8,), cross_attn_channels_per_head=16)
-    base.update(overrides)
-    if base["image_size"] == 32:
-        base.update(channel_mult=(1, 1, 2), txt_resolutions=(8,), attention_resolutions=(8,))
-    return ModelConfig(**base)
+def tiny_sampling_cfg(**overrides) -> ModelConfig:
+    """The tiny model (tests/conftest.py) with transcription conditioning and a learned variance;
+    ``image_size=32, low_res_size=16`` makes an upsampler (three levels, attention at 8 px)."""
+    keys = dict(learn_sigma=True, txt=True, txt_dim=32, txt_depth=1, max_seq_len=8, txt_resolutions=(8,),
+                cross_attn_channels_per_head=16, **overrides)
+    if keys.get("image_size") == 32:
+        keys.update(channel_mult=(1, 1, 2), txt_resolutions=(8,), attention_resolutions=(8,))
+    return tiny_model_cfg(**keys)
 
 
-def tiny_config(**model_overrides) -> TextdiffConfig:
+def tiny_sampling_config(**model_overrides) -> TextdiffConfig:
     """The whole tree of a tiny model, with a 100-step cosine diffusion that predicts x_0."""
-    return TextdiffConfig(model=tiny_model_cfg(**model_overrides),
+    return TextdiffConfig(model=tiny_sampling_cfg(**model_overrides),
                           diffusion=DiffusionConfig(diffusion_steps=100, predict_xstart=True)).validate()
 
 
@@ -66,15 +67,6 @@ def write_run(run_dir: Path, cfg: TextdiffConfig, seed: int = 0, step: int = 3) 
     return model
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny convolutions only lose to thread contention on CI's shared cores; the setting is restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """``ema_scale`` and run directories of a 16 px base (``base``), a 16 -> 32 px upsampler (``up``), a
@@ -86,7 +78,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
              "up_from8": dict(image_size=32, low_res_size=8)}
     out = {}
     for i, (name, overrides) in enumerate(specs.items()):
-        cfg = tiny_config(**overrides)
+        cfg = tiny_sampling_config(**overrides)
         out[name] = root / name
         out[f"{name}_model"] = write_run(root / name, cfg, seed=i)
         out[f"{name}_cfg"] = cfg
@@ -96,4 +88,4 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 @pytest.fixture
 def make_run():
     """``make_run(run_dir, **model_overrides)`` writes a tiny run directory and returns its raw model."""
-    return lambda run_dir, **overrides: write_run(run_dir, tiny_config(**overrides))
+    return lambda run_dir, **overrides: write_run(run_dir, tiny_sampling_config(**overrides))

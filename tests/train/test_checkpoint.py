@@ -271,7 +271,7 @@ def test_a_full_disk_during_a_save_names_the_folder_and_the_last_checkpoint_stay
 
 
 def test_a_read_only_run_dir_is_found_before_the_engine_is_built_and_exits_4(tiny, tmp_path, monkeypatch, capsys):
-    from textdiff.train import cli
+    from textdiff import launch
     from textdiff.train import engine as eng
 
     recipe = tmp_path / "tiny.json"
@@ -285,6 +285,6 @@ def test_a_read_only_run_dir_is_found_before_the_engine_is_built_and_exits_4(tin
 
     monkeypatch.setattr(Path, "write_bytes", read_only)
     monkeypatch.setattr(eng, "build_engine", lambda *a, **k: pytest.fail("the engine was built"))
-    assert cli.main(["--config", str(recipe), "--run-dir", str(tmp_path / "run")]) == 4
+    assert launch.main(["--config", str(recipe), "--run-dir", str(tmp_path / "run")]) == 4
     assert f"launch.sh: --run-dir {tmp_path / 'run'} is not writable: {tmp_path / 'run'}/.write-test-rank0: " \
            "Read-only file system" in capsys.readouterr().err

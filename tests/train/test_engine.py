@@ -17,7 +17,7 @@ import torch
 
 from textdiff.train import engine as eng
 
-from .conftest import outside_env
+from ..conftest import outside_env
 
 
 def test_the_extension_cache_is_one_folder_per_torch_deepspeed_and_environment(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import torch
 from safetensors import safe_open
 
 from textdiff.config import ConfigError
+from textdiff.eval.monitor import TrainingMonitor
 from textdiff.formats.export import read_export
 from textdiff.formats.weights import export_checkpoint, fit_shapes
 from textdiff.sampling.loading import load_for_sampling
@@ -20,8 +21,9 @@ def test_fit_shapes_restores_zero_dim_gains_and_leaves_the_rest():
 
 def test_ema_and_raw_exports_of_a_zero2_run_load_back(tiny, tmp_path):
     run = tmp_path / "run"
-    trainer = Trainer(tiny("deepspeed.zero_optimization.stage=2", "train.max_steps=2", "train.sample_every=2",
-                           "train.sample_steps=2", 'train.sample_prompts=["ab", ""]'), run)
+    cfg = tiny("deepspeed.zero_optimization.stage=2", "train.max_steps=2", "train.sample_every=2",
+               "train.sample_steps=2", 'train.sample_prompts=["ab", ""]')
+    trainer = Trainer(cfg, run, monitor=TrainingMonitor(cfg, run))
     trainer.run()
     trainer.close()
     assert (run / "samples" / "step_00000002.png").is_file()

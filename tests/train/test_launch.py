@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from textdiff.formats.checkpoint import complete_checkpoints, load_untrusted
 from textdiff.train.engine import free_port
 
-from .conftest import outside_env, write_recipe
+from ..conftest import outside_env, write_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,7 +13,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from textdiff.config import ConfigError
 from textdiff.train import engine as eng
 from textdiff.formats.checkpoint import complete_checkpoints
-from textdiff.train.loop import Trainer, TrainingDiverged, diffusion_loss, grad_norm, nonfinite_action, step_stats
+from textdiff.eval.monitor import TrainingMonitor
+from textdiff.train.loop import Trainer
+from textdiff.train.loss import diffusion_loss, grad_norm
+from textdiff.train.window import TrainingDiverged, nonfinite_action, step_stats
 
 
 def _recording(batches, keys):
@@ -53,16 +56,17 @@ def test_four_steps_straight_equal_two_plus_resumed_two(tiny, tmp_path, stage):
 def test_a_nan_loss_under_fp32_stops_at_the_next_reduction_naming_the_step_and_saves_nothing(tiny, tmp_path):
     """The step does not wait to read the loss: the NaN of step 2 is counted on the device and raises at the
     next check, before a sample, an evaluation or a checkpoint (which must not hold what that step reached)."""
-    trainer = Trainer(tiny("train.max_steps=10", "checkpoint.save_every=1"), tmp_path / "run")
+    cfg = tiny("train.max_steps=10", "checkpoint.save_every=1", "train.sample_every=1")
+    trainer = Trainer(cfg, tmp_path / "run", monitor=TrainingMonitor(cfg, tmp_path / "run"))
     trainer.train_step()
     with torch.no_grad():
         trainer.engine.module.out_conv.bias.fill_(float("nan"))
     trainer.train_step()
     trainer.train_step()
-    for check in (trainer.check_finite, trainer.sample_grid, trainer.save, trainer.reduce_window):
+    for check in (trainer.check_finite, lambda: trainer.look(False, False), trainer.save, trainer.reduce_window):
         with pytest.raises(TrainingDiverged, match=r"not finite at step 2 \(in 1 micro-batches of 1 x 1 ranks; "
                                                    r"2 of the 3 steps up to step 3\) under float32"):
-            check(*([None] if check == trainer.sample_grid else []))
+            check()
     assert complete_checkpoints(tmp_path / "run" / "checkpoints") == []
     trainer.close()
 
@@ -261,7 +265,6 @@ class _ZeroLoss:
 
 def _noise_cond_loss(tiny, *overrides, n=2000):
     from textdiff.diffusion.timesteps import build_timestep_sampler
-    from textdiff.train.loop import diffusion_loss
 
     cfg = tiny("model.image_size=32", "model.low_res_size=16", "model.attention_resolutions=[16]",
                "model.txt_resolutions=[16]", *overrides)

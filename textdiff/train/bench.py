@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten
 from textdiff.config import TextdiffConfig
 from textdiff.train import engine as eng
 from textdiff.train.ema import EMA
-from textdiff.train.loop import diffusion_loss
+from textdiff.train.loss import diffusion_loss
 
 
 def synthetic_batch(cfg: TextdiffConfig, n: int, generator: torch.Generator) -> dict:

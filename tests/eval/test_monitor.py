@@ -1,4 +1,5 @@
-"""Spelling evaluation during training: eval/* scalars and the JSONL, the Tesseract check at start, off at 0."""
+"""The training monitor: spelling evaluation during training (eval/* scalars and the JSONL, the Tesseract
+check at start, off at 0) and the sample grid, through the trainer's seam."""
 
 import json
 
@@ -8,14 +9,27 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from textdiff.config import ConfigError
+from textdiff.eval.monitor import TrainingMonitor
 from textdiff.eval.prompts import eval_prompts
 from textdiff.train.loop import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 EVAL = ("eval.every=2", "eval.num_prompts=5", "eval.steps=2")  # 4 text prompts and 1 text-free (every 5th)
 
 
+def _trainer(cfg, run_dir) -> Trainer:
+    return Trainer(cfg, run_dir, monitor=TrainingMonitor(cfg, run_dir))
+
+
+def _look(trainer) -> dict:
+    """Hand the monitor the EMA at this step, as the loop does at its last step; the eval record it wrote."""
+    trainer.look(last=True, stopping=False)
+    return json.loads((trainer.run_dir / "eval.jsonl").read_text().splitlines()[-1])
+
+
 def _run(cfg, run_dir):
-    trainer = Trainer(cfg, run_dir)
+    trainer = _trainer(cfg, run_dir)
     summary = trainer.run()
     trainer.close()
     return summary
@@ -54,18 +68,18 @@ def _known_prompts(path):
 
 
 def _evaluate_with(trainer, show):
-    """Trainer.evaluate with the sampler replaced by 64 px synthetic renders of ``show(txt)`` (what OCR reads
+    """The monitor's evaluation with the sampler replaced by 64 px synthetic renders of ``show(txt)`` (what OCR reads
     best: the renderer the demo set is drawn with), so the scores are known in advance."""
     from textdiff.data.augment import to_tensor
     from textdiff.data.synthetic import render_sample
     from textdiff.eval.prompts import render_rng
 
-    def renders(txt, capt, seeds, steps, low_res, *settings):
+    def renders(model, txt, capt, seeds, steps, low_res, *settings):
         return torch.stack([to_tensor(np.asarray(render_sample(show(t), render_rng(s, 0), 64).image.convert("RGB")))
                             for t, s in zip(txt, seeds)])
 
-    trainer._sample_ema = renders
-    return trainer.evaluate()
+    trainer.monitor._sample = renders
+    return _look(trainer)
 
 
 @pytest.mark.parametrize("show, cer, exact", [
@@ -76,7 +90,7 @@ def _evaluate_with(trainer, show):
 ])
 def test_the_hook_scores_images_of_known_text_with_the_cer_they_must_get(tiny, tmp_path, show, cer, exact):
     cfg = tiny("train.max_steps=1", "eval.every=1", f"eval.prompts_file={_known_prompts(tmp_path / 'p.jsonl')}")
-    trainer = Trainer(cfg, tmp_path / "run")
+    trainer = _trainer(cfg, tmp_path / "run")
     record = _evaluate_with(trainer, show)
     trainer.close()
     assert (record["n"], record["n_text"], record["n_empty"]) == (5, 4, 1)
@@ -88,9 +102,9 @@ def test_the_hook_scores_images_of_known_text_with_the_cer_they_must_get(tiny, t
 
 
 def test_the_same_seeds_give_the_same_eval_for_the_same_weights(tiny, tmp_path):
-    trainer = Trainer(tiny("train.max_steps=1", *EVAL), tmp_path / "run")
+    trainer = _trainer(tiny("train.max_steps=1", *EVAL), tmp_path / "run")
     trainer.train_step()
-    first, second = trainer.evaluate(), trainer.evaluate()
+    first, second = _look(trainer), _look(trainer)
     trainer.close()
     for record in (first, second):
         record.pop("seconds"), record.pop("time")
@@ -99,7 +113,7 @@ def test_the_same_seeds_give_the_same_eval_for_the_same_weights(tiny, tmp_path):
 
 def test_a_missing_tesseract_stops_before_step_one_naming_the_key(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"eval.tesseract_cmd.*not found"):
-        Trainer(tiny(*EVAL, f"eval.tesseract_cmd={tmp_path / 'no-such-tesseract'}"), tmp_path / "run")
+        _trainer(tiny(*EVAL, f"eval.tesseract_cmd={tmp_path / 'no-such-tesseract'}"), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert not (tmp_path / "run" / "tb").exists()
 
@@ -115,10 +129,10 @@ def test_eval_every_zero_evaluates_nothing(tiny, tmp_path):
 def test_an_upsampler_is_evaluated_on_renders_of_the_prompts_at_its_low_res_size(tiny, tmp_path):
     cfg = tiny("model.image_size=32", "model.low_res_size=16", "model.noise_cond=true",
                "model.attention_resolutions=[16]", "model.txt_resolutions=[16]", "train.max_steps=1", *EVAL)
-    trainer = Trainer(cfg, tmp_path / "run")
-    assert trainer.eval_prompts == eval_prompts(cfg.eval, size=16)  # words drawn to fit the 16 px renders
+    trainer = _trainer(cfg, tmp_path / "run")
+    assert trainer.monitor.eval_prompts == eval_prompts(cfg.eval, size=16)  # words drawn to fit the 16 px renders
     trainer.train_step()
-    record = trainer.evaluate()
+    record = _look(trainer)
     trainer.close()
     assert record["n"] == 5 and record["n_text"] == 4
     assert record["exact_match"] == 0.0 and record["cer"] >= 0.5  # 1 step of training spells nothing
@@ -131,15 +145,16 @@ def test_several_guidance_scales_and_the_null_control_are_logged_and_their_image
     import numpy as np
     from PIL import Image
 
-    trainer = Trainer(tiny("train.max_steps=1", *EVAL, "eval.guidance_scales=[1, 3]", "eval.null_control=true"),
-                      tmp_path / "run")
+    trainer = _trainer(tiny("train.max_steps=1", *EVAL, "eval.guidance_scales=[1, 3]", "eval.null_control=true"),
+                       tmp_path / "run")
     trainer.train_step()
     asked = []
-    sample = trainer._sample_ema
-    trainer._sample_ema = lambda txt, *a, **kw: asked.append((list(txt), a[4])) or sample(txt, *a, **kw)
-    record = trainer.evaluate()
+    sample = trainer.monitor._sample
+    trainer.monitor._sample = lambda model, txt, *a, **kw: asked.append((list(txt), a[4])) or sample(model, txt, *a,
+                                                                                                     **kw)
+    record = _look(trainer)
     trainer.close()
-    prompts = [p.txt for p in trainer.eval_prompts]
+    prompts = [p.txt for p in trainer.monitor.eval_prompts]
     # each condition samples every prompt once (one seed: one call); the null control gives None for each
     assert asked == [(prompts, 1.0), (prompts, 3.0), ([None] * 5, 1.0)]
     assert list(record["conditions"]) == ["g1", "g3", "null"]

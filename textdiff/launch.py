@@ -1,4 +1,6 @@
-"""Command line of ``launch.sh``: which recipe, which overrides, where the run lives, whether to resume."""
+"""Command line of ``launch.sh``: which recipe, which overrides, where the run lives, whether to resume; it
+trains with the run's monitor (sample grids, spelling evaluation: textdiff/eval/monitor.py) when the recipe
+asks for either."""
 
 from __future__ import annotations
 
@@ -7,7 +9,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from textdiff.config import ConfigError, load_config
+from textdiff.config import ConfigError, TextdiffConfig, load_config
+from textdiff.eval.monitor import TrainingMonitor
+from textdiff.train.checkpoint import RunDirError, write_failure
+from textdiff.train.loop import train
+from textdiff.train.window import TrainingDiverged
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +40,12 @@ def run_dir_for(config_path: str, run_dir: Optional[str]) -> Path:
     return Path(run_dir) if run_dir else Path("runs") / Path(config_path).stem
 
 
+def monitor_for(cfg: TextdiffConfig, run_dir: Path) -> Optional[TrainingMonitor]:
+    """The run's monitor, or None when it neither samples grids (``train.sample_every``) nor evaluates
+    (``eval.every``)."""
+    return TrainingMonitor(cfg, run_dir) if cfg.train.sample_every or cfg.eval.every else None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse flags, load and validate the recipe, train; returns the process exit status."""
     args = build_parser().parse_args(argv)
@@ -42,11 +54,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"launch.sh: {e}", file=sys.stderr)
         return 2
-    from textdiff.train.checkpoint import RunDirError, write_failure
-    from textdiff.train.loop import TrainingDiverged, train
-
+    run_dir = run_dir_for(args.config, args.run_dir)
     try:
-        train(cfg, run_dir_for(args.config, args.run_dir), resume=args.resume)
+        train(cfg, run_dir, resume=args.resume, monitor=monitor_for(cfg, run_dir))
     except ConfigError as e:
         print(f"launch.sh: {e}", file=sys.stderr)
         return 2
