@@ -19,7 +19,6 @@ Usage (see docs/data.md)::
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import re
 import shlex
@@ -27,12 +26,12 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from textdiff.data import sources
+from textdiff.data.pool import pool_map
 from textdiff.data.sources import (BAD_INPUT_KINDS, DEFAULT_MAX_PIXELS, ImageJob, KeyIndex, Problem, ShardSample,
                                    SourceError, SourceOptions, sample_meta)
 from textdiff.data.synthetic import MIN_SIZE as MIN_SYNTHETIC_SIZE, synthetic_sample
@@ -151,26 +150,6 @@ def _count_kind(sample: ShardSample) -> str:
     return "unknown_text" if sample.txt is None else "text_free" if sample.txt == "" else "with_text"
 
 
-def _pool_map(fn: Callable, items: Sequence, workers: int, desc: str, progress: bool) -> Iterator:
-    """``fn`` over ``items`` in order, in a pool of ``workers`` processes (0: in this process), with tqdm."""
-    bar = tqdm(total=len(items), desc=desc, unit="img", disable=not progress)
-    if workers <= 0:
-        results: Iterable = map(fn, items)
-        pool = None
-    else:
-        pool = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(workers)
-        results = pool.imap(fn, items, chunksize=max(1, min(64, len(items) // (workers * 8))))
-    try:
-        for result in results:
-            bar.update(1)
-            yield result
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-
-
 def _render_synthetic(args: tuple[int, int, int, str]) -> ShardSample:
     index, seed, size, ext = args
     sample = synthetic_sample(index, seed, size)
@@ -201,7 +180,7 @@ def make_synthetic_shards(n: int, out_dir: str | Path, seed: int = 0, size: int 
     if image_format not in ("png", "jpg", "webp"):
         raise ShardingError(f"--image-format {image_format}: synthetic images are stored as png, jpg or webp")
     items = [(i, seed, size, image_format) for i in range(n)]
-    shards = write_shards(counted(_pool_map(_render_synthetic, items, workers, "synthetic", progress)),
+    shards = write_shards(counted(pool_map(_render_synthetic, items, workers, "synthetic", progress)),
                           out_dir, maxcount, maxsize)
     manifest = build_manifest(out_dir, shards, written, [], n, command, ORDER_SYNTHETIC, seed)
     atomic_write_json(out_dir / MANIFEST_NAME, manifest)
@@ -304,7 +283,7 @@ def make_source_shards(src_dir: str | Path, out_dir: str | Path, captions: Optio
             written[_count_kind(result)] += 1
             yield result
 
-    shards = write_shards(accepted(_pool_map(_Prepare(options), jobs, workers, "shards", progress)),
+    shards = write_shards(accepted(pool_map(_Prepare(options), jobs, workers, "shards", progress)),
                           out_dir, maxcount, maxsize)
     manifest = build_manifest(out_dir, shards, written, problems, inputs, command, order, seed)
     atomic_write_json(out_dir / MANIFEST_NAME, manifest)
