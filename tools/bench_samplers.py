@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from textdiff.diffusion.mixture import CASES, make_case, pf_ode_reference, sliced_wasserstein
+from textdiff.bench.mixture import CASES, make_case, pf_ode_reference, sliced_wasserstein
 from textdiff.diffusion.schedules import alpha_bar_at, alphas_cumprod, betas_for
 from textdiff.sampling.samplers import SAMPLERS, default_grid, sample, sampling_timesteps
 

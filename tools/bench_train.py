@@ -23,7 +23,7 @@ import sys
 import torch
 
 from textdiff.config import ConfigError, load_config
-from textdiff.host import keep_freed_memory
+from textdiff.malloc import keep_freed_memory
 
 # --peer and --checkpointing sizes: overrides of ds_configs/demo_cpu.json; "recipe" is --config as it is
 DEMO = "ds_configs/demo_cpu.json"
@@ -48,7 +48,7 @@ def run_peer(args, p: argparse.ArgumentParser) -> int:
         import diffusers  # noqa: F401
     except ImportError:
         p.error("--peer needs diffusers: pip install -e '.[bench]'")
-    from textdiff.train.peer import peer_bench
+    from textdiff.bench.peer import peer_bench
 
     device = torch.device(args.device)
     for size in args.sizes:
@@ -62,7 +62,7 @@ def run_peer(args, p: argparse.ArgumentParser) -> int:
 
 def run_checkpointing(args) -> int:
     """``--checkpointing``: per size, one JSON line per variant (off, the two smallest levels, every level)."""
-    from textdiff.train.bench import checkpointing_bench
+    from textdiff.bench.train import checkpointing_bench
 
     for size in args.sizes:
         cfg = size_config(size, args)
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"bench_train: {e}", file=sys.stderr)
         return 2
-    from textdiff.train.bench import bench_train
+    from textdiff.bench.train import bench_train
 
     result = bench_train(cfg, steps=args.steps, warmup=args.warmup)
     print(json.dumps({"config": args.config, "overrides": args.overrides, **result}))

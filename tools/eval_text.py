@@ -22,7 +22,8 @@ from PIL import Image
 
 from textdiff.config import ConfigError, EvalConfig, load_config
 from textdiff.eval.ocr import TesseractError, TesseractMissingError
-from textdiff.eval.prompts import PromptFileError, expand, heldout_prompts, pair_images, read_prompts, render_prompts
+from textdiff.eval.prompts import heldout_prompts, pair_images, render_prompts
+from textdiff.sampling.prompts import PromptFileError, expand, read_prompts
 from textdiff.eval.spelling import evaluate_images
 from textdiff.files import atomic_write_json
 

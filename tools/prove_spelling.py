@@ -18,7 +18,7 @@ import json
 import sys
 
 from textdiff.config import ConfigError
-from textdiff.eval.experiment import RESULT_KEYS, Design, ExperimentError, rescore, run_experiment
+from textdiff.experiments.spelling import RESULT_KEYS, Design, ExperimentError, rescore, run_experiment
 from textdiff.eval.ocr import TesseractError, TesseractMissingError
 
 

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from textdiff.config import ConfigError
 from textdiff.formats.weights import LoadError
-from textdiff.eval.prompts import Prompt, PromptFileError, read_prompts
+from textdiff.sampling.prompts import Prompt, PromptFileError, read_prompts
 from textdiff.sampling.cascade import PRECISIONS, CascadeError, StageSettings
 from textdiff.sampling.job import StageSpec, check_job, expand_prompts, replay, run_job
 from textdiff.sampling.samplers import RECOMMENDED_SAMPLER, SAMPLERS, default_grid

@@ -9,7 +9,8 @@ import pytest
 
 from textdiff.config import EvalConfig
 from textdiff.data.synthetic import HELDOUT_WORDS, TRAIN_WORDS, render_sample
-from textdiff.eval.prompts import Prompt, heldout_prompts, render_prompts
+from textdiff.eval.prompts import heldout_prompts, render_prompts
+from textdiff.sampling.prompts import Prompt
 from textdiff.eval.spelling import evaluate_images
 
 

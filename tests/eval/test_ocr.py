@@ -115,7 +115,7 @@ def test_the_whitelist_keeps_tesseract_to_the_listed_characters():
 def test_an_empty_one_line_reading_is_read_again_in_the_retry_mode():
     """Tesseract 5's one-line mode (psm 7) returns nothing for some clean 32 px digit renders (8 of 220 held-out
     renders of the spelling experiment); word mode (psm 8) reads them. This render of "544" is one of them."""
-    from textdiff.data.spelling_set import render_rng, render_string
+    from textdiff.experiments.spelling_set import render_rng, render_string
 
     image = render_string("544", render_rng(7919, "544", 118), 32)[0]
     cfg = EvalConfig(whitelist="0123456789", ocr_glyph_height=40)

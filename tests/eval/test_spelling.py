@@ -5,7 +5,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from textdiff.config import EvalConfig
-from textdiff.eval.prompts import Prompt, expand
+from textdiff.sampling.prompts import Prompt, expand
 from textdiff.eval.spelling import evaluate_images, evaluate_spelling, sample_prompts
 
 

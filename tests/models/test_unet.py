@@ -168,7 +168,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny):
 def test_norm_recompute_trades_kept_activations_for_nothing_else(tiny):
     """"all" keeps less for the backward pass than "top" (only the 16 px maps recompute), "top" less than
     "none"; the loss and gradients are the same whichever recomputes."""
-    from textdiff.train.bench import LiveTensorBytes
+    from textdiff.bench.train import LiveTensorBytes
 
     x, t = tiny.inputs()
     kept, results = {}, {}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from textdiff.eval.prompts import read_prompts
+from textdiff.sampling.prompts import read_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from textdiff.diffusion.gaussian import GaussianDiffusion
-from textdiff.diffusion.mixture import CASES, pf_ode_reference, sliced_wasserstein
+from textdiff.bench.mixture import CASES, pf_ode_reference, sliced_wasserstein
 from textdiff.diffusion.respace import respace, space_timesteps
 from textdiff.diffusion.schedules import alphas_cumprod, cosine_betas
 from textdiff.sampling.samplers import (SAMPLERS, data_multistep_step, default_grid, eps_last_step, sample,

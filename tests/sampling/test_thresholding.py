@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from textdiff.diffusion.mixture import GaussianMixture
+from textdiff.bench.mixture import GaussianMixture
 from textdiff.diffusion.schedules import alphas_cumprod, cosine_betas
 from textdiff.sampling.samplers import SAMPLERS, sample, sampling_timesteps
 from textdiff.sampling.thresholding import clip, clipping, dynamic_threshold, dynamic_thresholding

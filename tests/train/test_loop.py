@@ -264,7 +264,7 @@ class _ZeroLoss:
 
 
 def _noise_cond_loss(tiny, *overrides, n=2000):
-    from textdiff.diffusion.timesteps import build_timestep_sampler
+    from textdiff.diffusion.timestep_sampler import build_timestep_sampler
 
     cfg = tiny("model.image_size=32", "model.low_res_size=16", "model.attention_resolutions=[16]",
                "model.txt_resolutions=[16]", *overrides)
@@ -339,7 +339,7 @@ def test_the_loss_of_a_micro_batch_never_waits_for_the_device(tiny, waiting_copi
     copy to the weighted mean, makes no copy to the device that waits for it (on CUDA each would synchronise
     the stream): the timestep tables are read on the host, where the timesteps are drawn."""
     from textdiff.diffusion import build_diffusion
-    from textdiff.diffusion.timesteps import build_timestep_sampler
+    from textdiff.diffusion.timestep_sampler import build_timestep_sampler
     from textdiff.models import build_model
 
     cfg = tiny("model.learn_sigma=true")

@@ -21,11 +21,12 @@ from textdiff.data.preview import png_bytes, to_uint8
 from textdiff.data.synthetic import render_sample
 from textdiff.diffusion import build_diffusion
 from textdiff.eval.ocr import TesseractError, TesseractMissingError, find_tesseract
-from textdiff.eval.prompts import Prompt, eval_prompts, render_rng
+from textdiff.eval.prompts import eval_prompts, render_rng
 from textdiff.eval.spelling import EvalCondition, eval_conditions, evaluate_spelling
 from textdiff.files import atomic_write_bytes
 from textdiff.sampling.cascade import StageSettings, sample_stage
 from textdiff.sampling.loading import LoadedModel
+from textdiff.sampling.prompts import Prompt
 from textdiff.sampling.samplers import default_grid
 from textdiff.train.engine import compute_dtype
 from textdiff.train.logging import EVAL_GRID_COLUMNS, append_jsonl, eval_scalars, image_grid, save_png

@@ -15,7 +15,7 @@ import numpy as np
 from textdiff.config import EvalConfig
 from textdiff.eval.metrics import Score, aggregate, score, shows_text
 from textdiff.eval.ocr import ImageLike, Reading, ocr_images
-from textdiff.eval.prompts import Prompt, expand
+from textdiff.sampling.prompts import Prompt, expand
 
 # sample_fn(txts, capts, seed) -> uint8 [N, H, W, 3] (array or CPU tensor) or a list of N PIL images
 SampleFn = Callable[[list[str], list[str], int], object]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from textdiff.config import ModelConfig
+from textdiff.models.unet import build_model
 
 PARTS = ("unet", "txt_encoder", "cross_attn", "weave_attn", "pos_tables", "capt_adapters", "capt_norm",
          "capt_encoder_trainable", "capt_encoder_frozen")
@@ -48,7 +49,5 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 
 def count_without_weights(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts of ``build_model(cfg)`` built on the meta device: no memory, no weight download."""
-    from textdiff.models.unet import build_model
-
     with torch.device("meta"):
         return parameter_counts(build_model(cfg, load_capt_weights=False))

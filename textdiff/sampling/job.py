@@ -26,14 +26,15 @@ import torch
 from tqdm.auto import tqdm
 
 from textdiff.config import ModelConfig
-from textdiff.diffusion import build_diffusion
 from textdiff.data.preview import batch_grid, png_bytes, to_uint8
-from textdiff.eval.prompts import Prompt, read_jsonl
-from textdiff.host import keep_freed_memory
-from textdiff.models.text_encoder import max_characters
-from textdiff.sampling.cascade import CascadeError, StageSettings, check_cascade, run_cascade
-from textdiff.sampling.loading import LoadedModel, load_for_sampling, read_source_config
+from textdiff.diffusion import build_diffusion
+from textdiff.sampling.prompts import Prompt, read_jsonl
 from textdiff.files import atomic_write_bytes
+from textdiff.malloc import keep_freed_memory
+from textdiff.models.text_encoder import max_characters
+from textdiff.sampling.cascade import CascadeError, PRECISIONS, StageSettings, check_cascade, run_cascade
+from textdiff.formats.weights import read_source_config
+from textdiff.sampling.loading import LoadedModel, load_for_sampling
 
 RECORDS_FILE = "samples.jsonl"
 GRID_FILE = "grid.png"
@@ -110,8 +111,6 @@ def check_job(stages: Sequence[StageSpec], names: Sequence[str], requests: Seque
               device: str, precision: str) -> tuple[list[ModelConfig], list[str]]:
     """Check everything that can be checked before loading weights; returns (each stage's model config,
     warnings). Raises CascadeError (or the loader's LoadError) naming the flag."""
-    from textdiff.sampling.cascade import PRECISIONS
-
     if not requests:
         raise CascadeError("no prompts: give --txt/--capt or a --prompts file with at least one line")
     if precision not in PRECISIONS:

@@ -28,14 +28,13 @@ from tqdm.auto import tqdm
 
 from textdiff.diffusion.gaussian import gaussian_noise
 from textdiff.diffusion.schedules import alpha_bar_at
-# the step grids live in grids.py; callers take them from here, with the samplers that run on them
-from textdiff.sampling.grids import GRIDS, sampling_timesteps, timesteps_at_log_snr  # noqa: F401
+# the step grids live in timestep_grids.py; callers take them from here, with the samplers that run on them
+from textdiff.sampling.timestep_grids import GRIDS, sampling_timesteps, timesteps_at_log_snr  # noqa: F401
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Optional[Callable[[dict], None]]
 
 
-# Each sampler's grid for a plain step count, chosen by measurement (tools/bench_samplers.py, docs/samplers.md).
 # Each sampler's grid for a plain step count, chosen on tools/bench_samplers.py --peer (docs/samplers.md): the
 # first-order ddim and the PRK-started plms do best on the flatter pow1.5 grid (its steps shrink less towards
 # clean data than quad's), the other multistep methods on quad.

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from textdiff.config import ConfigError, TextdiffConfig
-from textdiff.host import keep_freed_memory
+from textdiff.malloc import keep_freed_memory
 from textdiff.train.param_groups import optimizer_inputs
 
 
@@ -106,7 +106,7 @@ def init_distributed() -> tuple[int, int, int]:
     Under ``deepspeed``/``torchrun`` the launcher's RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are used;
     a plain ``bash launch.sh`` run becomes a world of one on a free local port. On CPU it also picks the
     threads per rank (unless ``OMP_NUM_THREADS`` is set), keeps freed memory for the next step
-    (:func:`textdiff.host.keep_freed_memory`) and leaves no shm buffer behind (:func:`release_shm_buffer`).
+    (:func:`textdiff.malloc.keep_freed_memory`) and leaves no shm buffer behind (:func:`release_shm_buffer`).
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator

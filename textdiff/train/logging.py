@@ -17,6 +17,9 @@ from typing import Mapping, Optional
 
 import torch
 
+from textdiff.data.preview import png_bytes
+from textdiff.files import atomic_write_bytes
+
 
 def setup_logging(rank: int) -> None:
     """Console logging for this rank: INFO on rank 0, WARNING elsewhere, lines tagged ``[rank N]``."""
@@ -47,9 +50,6 @@ def image_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
 
 def save_png(grid: torch.Tensor, path: Path) -> None:
     """Write a [3, H, W] grid in [0, 1] as a PNG, atomically."""
-    from textdiff.data.preview import png_bytes
-    from textdiff.files import atomic_write_bytes
-
     array = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, png_bytes(array))

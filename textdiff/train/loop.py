@@ -29,7 +29,7 @@ from textdiff.config import ConfigError, TextdiffConfig
 from textdiff.data.preview import save_batch_preview
 from textdiff.data.stream import build_train_stream
 from textdiff.diffusion import build_diffusion
-from textdiff.diffusion.timesteps import build_timestep_sampler
+from textdiff.diffusion.timestep_sampler import build_timestep_sampler
 from textdiff.files import atomic_write_bytes
 from textdiff.formats.checkpoint import CONFIG_FILE, load_untrusted, rank_file, read_config, resolve_resume
 from textdiff.formats.weights import load_weights

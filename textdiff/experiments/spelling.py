@@ -2,9 +2,9 @@
 
 One call of :func:`run_experiment` does it end to end inside a wall-clock budget:
 
-1. data: every string of the task (:mod:`textdiff.data.spelling_set`) is split into training and held-out
-   strings; the training strings are rendered into a folder and packed by ``tools/make_shards.py``, so the
-   held-out strings are never in a shard;
+1. data: every string of the task (:mod:`textdiff.experiments.spelling_set`) is split into training and
+   held-out strings; the training strings are rendered into a folder and packed by ``tools/make_shards.py``,
+   so the held-out strings are never in a shard;
 2. training: ``deepspeed --num_gpus 1 launch.sh`` with the recipe (``ds_configs/spell_cpu.json``) and
    ``train.max_minutes`` set to what the budget leaves after the reserve for evaluation; the training-time
    spelling evaluation (``eval.every``) draws the curve into ``RUN/eval.jsonl`` and TensorBoard. A rerun
@@ -29,7 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -39,11 +39,16 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from textdiff.config import EvalConfig, TextdiffConfig, load_config
-from textdiff.data import spelling_set
-from textdiff.data.preview import png_bytes
+from textdiff.data.preview import png_bytes, to_uint8
 from textdiff.eval.metrics import aggregate, score
 from textdiff.eval.ocr import ocr_images
+from textdiff.experiments import spelling_set
 from textdiff.files import atomic_write_bytes
+from textdiff.formats.checkpoint import complete_checkpoints
+from textdiff.sampling.cascade import StageSettings, sample_stage
+from textdiff.sampling.loading import load_for_sampling
+from textdiff.sampling.samplers import default_grid
+from textdiff.train.engine import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RESULT_KEYS = ("cer_txt", "exact_txt", "cer_null", "cer_ceiling", "cer_chance", "steps", "samples_seen", "minutes",
@@ -141,7 +146,7 @@ def prepare_data(out: Path, design: Design, progress: bool = True) -> tuple[Path
     return manifest, train, heldout
 
 
-def train(out: Path, design: Design, manifest: Path, minutes: float) -> subprocess.CompletedProcess:
+def train_model(out: Path, design: Design, manifest: Path, minutes: float) -> subprocess.CompletedProcess:
     """Train (or resume) ``out/run`` with the recipe through the DeepSpeed launcher for ``minutes``."""
     deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
     if deepspeed is None:
@@ -149,7 +154,7 @@ def train(out: Path, design: Design, manifest: Path, minutes: float) -> subproce
     sets = [f"data.shards={manifest}", f"train.max_minutes={minutes:.3f}",
             f"eval.prompts_file={out / 'data' / 'curve_prompts.jsonl'}", f"eval.sampler={design.sampler}",
             f"eval.steps={design.steps}", f"eval.guidance_scales=[{design.guidance}]", *design.overrides]
-    cmd = [deepspeed, "--num_gpus", "1", "--master_port", str(_free_port()), str(REPO / "launch.sh"),
+    cmd = [deepspeed, "--num_gpus", "1", "--master_port", str(free_port()), str(REPO / "launch.sh"),
            "--config", str(REPO / design.recipe), "--run-dir", str(out / "run"), "--resume", "auto"]
     for s in sets:
         cmd += ["--set", s]
@@ -158,19 +163,9 @@ def train(out: Path, design: Design, manifest: Path, minutes: float) -> subproce
     return subprocess.run(cmd, cwd=REPO, env=env)
 
 
-def _free_port() -> int:
-    from textdiff.train.engine import free_port
-
-    return free_port()
-
-
 def _sample(loaded, strings: Sequence[Optional[str]], seeds: Sequence[int], design: Design, guidance: float,
             desc: str, batch: int = 64) -> list[np.ndarray]:
     """uint8 [S, S, 3] images of ``strings`` (None: the null transcription), one per seed."""
-    from textdiff.data.preview import to_uint8
-    from textdiff.sampling.cascade import StageSettings, sample_stage
-    from textdiff.sampling.samplers import default_grid
-
     settings = StageSettings(sampler=design.sampler, steps=default_grid(design.sampler, str(design.steps)),
                              guidance_txt=guidance)
     out: list[np.ndarray] = []
@@ -233,8 +228,6 @@ def side_by_side(left: Image.Image, right: Image.Image, gap: int = 16) -> Image.
 def evaluate(out: Path, design: Design, heldout: Sequence[str], cfg: TextdiffConfig) -> dict:
     """Sample the EMA weights of ``out/run`` on the held-out strings (with the transcription and the null
     control, same seeds) and score them (:func:`score_images`); returns result.json's figures."""
-    from textdiff.sampling.loading import load_for_sampling
-
     loaded = load_for_sampling(out / "run", "ema")
     targets = [s for s in heldout for _ in range(design.eval_per_string)]
     seeds = [design.seed * 100_000 + i for i in range(len(targets))]
@@ -336,12 +329,10 @@ def run_experiment(out: str | Path, minutes: float, design: Design = Design(), p
         atomic_write_bytes(first_start, f"{started_unix}\n".encode())
     run_started = float(first_start.read_text())
     left = _check_budget(minutes, (time.monotonic() - started) / 60 + eval_minutes(design, len(heldout)))
-    proc = train(out, design, manifest, left)
+    proc = train_model(out, design, manifest, left)
     if proc.returncode != 0:
         raise ExperimentError(f"training exited with status {proc.returncode}; see its output above")
     figures = evaluate(out, design, heldout, cfg)
-    from textdiff.formats.checkpoint import complete_checkpoints
-
     step = complete_checkpoints(out / "run" / "checkpoints")[-1][0]
     per_step = cfg.deepspeed.get("train_micro_batch_size_per_gpu", 1) * cfg.deepspeed.get(
         "gradient_accumulation_steps", 1)

@@ -1,11 +1,11 @@
-"""Specification of textdiff.diffusion.timesteps."""
+"""Specification of textdiff.diffusion.timestep_sampler."""
 
 import json
 
 import pytest
 import torch
 
-from textdiff.diffusion.timesteps import LossSecondMomentSampler, build_timestep_sampler
+from textdiff.diffusion.timestep_sampler import LossSecondMomentSampler, build_timestep_sampler
 
 
 def test_uniform_sampler_has_unit_weights_and_covers_every_step():

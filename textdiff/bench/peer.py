@@ -1,7 +1,7 @@
 """textdiff's U-net next to diffusers' ``UNet2DConditionModel`` of the same size, one training step each.
 
 Both steps are the same plain PyTorch loop (forward, MSE against a fixed target, backward, AdamW), on the
-same batch, in one process, timed in A-B-B-A rounds (:func:`textdiff.train.bench.step_seconds`). textdiff
+same batch, in one process, timed in A-B-B-A rounds (:func:`textdiff.bench.train.step_seconds`). textdiff
 reads its transcription through its own character encoder (part of its trainable size); diffusers' U-net
 cross-attends to a random text sequence of the same length and width. diffusers is a benchmark peer only
 (the ``bench`` extra): it is imported here, inside :func:`peer_unet`, and nowhere else in textdiff.
@@ -14,11 +14,12 @@ import copy
 import torch
 from torch import nn
 
+from textdiff.bench.train import (matmul_flops_per_s, page_faults, peak_step_bytes, step_flops, step_seconds,
+                                  synthetic_batch, training_step)
 from textdiff.config import ModelConfig, TextdiffConfig
+from textdiff.models import build_model
 from textdiff.models.conv import Conv2d, emulates_bf16
 from textdiff.models.linear import Linear
-from textdiff.train.bench import (matmul_flops_per_s, page_faults, peak_step_bytes, step_flops, step_seconds,
-                                  synthetic_batch, training_step)
 
 
 def peer_unet(cfg: ModelConfig) -> nn.Module:
@@ -70,8 +71,6 @@ def peer_bench(cfg: TextdiffConfig, dtype: torch.dtype, steps: int = 6, warmup: 
     and linear layers on that route, in the same rounds: ``img_s_peer_same_kernels`` and
     ``ratio_same_kernels``, textdiff over that."""
     torch.manual_seed(seed)
-    from textdiff.models import build_model
-
     n = int(cfg.deepspeed.get("train_micro_batch_size_per_gpu", 8))
     batch = synthetic_batch(cfg, n, torch.Generator().manual_seed(seed))
     mine = build_model(cfg.model, load_capt_weights=False).to(device).train()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from textdiff.config import ModelConfig, TextdiffConfig, load_config
-from textdiff.train.bench import bench_train, synthetic_batch
+from textdiff.bench.train import bench_train, synthetic_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,7 +46,7 @@ def test_the_ema_update_adds_no_collective_and_its_overhead_is_reported(tiny):
 
 
 def test_checkpointing_bench_reports_each_variant_against_the_first(tiny):
-    from textdiff.train.bench import checkpointing_bench
+    from textdiff.bench.train import checkpointing_bench
 
     off, every = checkpointing_bench(tiny(), {"off": {}, "every level": {"use_checkpoint": True}}, steps=1, warmup=0)
     assert off["variant"] == "off" and off["memory_ratio"] == 1.0 and off["time_ratio"] == 1.0
@@ -55,7 +55,7 @@ def test_checkpointing_bench_reports_each_variant_against_the_first(tiny):
 
 def test_checkpointing_every_level_keeps_less_for_the_backward_pass(tiny):
     from textdiff.models import build_model
-    from textdiff.train.bench import LiveTensorBytes
+    from textdiff.bench.train import LiveTensorBytes
 
     cfg = tiny()
     x, t = torch.randn(4, 3, 16, 16), torch.randint(0, 1000, (4,))
@@ -91,10 +91,10 @@ def test_bench_sizes_are_the_demo_recipe_widened_or_the_given_recipe(capsys):
 
 
 def test_page_faults_counts_the_pages_a_step_maps_in():
-    """A 64 MiB block is above glibc's largest mmap threshold (32 MiB), with or without textdiff.host's
+    """A 64 MiB block is above glibc's largest mmap threshold (32 MiB), with or without textdiff.malloc's
     setting: each allocation maps it afresh, and its first touch faults at least once per 2 MiB (huge
     pages; 16,384 with 4 KiB pages). A step that allocates nothing takes (next to) none."""
-    from textdiff.train.bench import page_faults
+    from textdiff.bench.train import page_faults
 
     assert page_faults(lambda: torch.ones(16 * 2 ** 20)) >= 31
     assert page_faults(lambda: None) <= 8

@@ -1,4 +1,4 @@
-"""textdiff.host: the CPU process keeps what it frees, so the next step's buffers take no page faults."""
+"""textdiff.malloc: the CPU process keeps what it frees, so the next step's buffers take no page faults."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from textdiff.host import USER_SETTINGS, keep_freed_memory, user_chose_allocator
+from textdiff.malloc import USER_SETTINGS, keep_freed_memory, user_chose_allocator
 
 MIB = 2 ** 20
 # A round allocates and touches 8 blocks of 16 MiB, as a step allocates its activations, then frees them
@@ -21,7 +21,7 @@ MOST_FAULTS_KEPT = 8  # a reused block is mapped already; this leaves room for t
 PROBE = """
 import json, resource, sys
 import torch
-from textdiff.host import keep_freed_memory
+from textdiff.malloc import keep_freed_memory
 kept = keep_freed_memory(json.loads(sys.argv[1]))
 faults = []
 for _ in range(6):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from textdiff.data.spelling_set import all_strings, split_strings
-from textdiff.eval.experiment import RESULT_KEYS
+from textdiff.experiments.spelling_set import all_strings, split_strings
+from textdiff.experiments.spelling import RESULT_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("prove_spelling", REPO / "tools" / "prove_spelling.py")

@@ -21,6 +21,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from textdiff.config import TextdiffConfig
+from textdiff.diffusion import build_diffusion
+from textdiff.diffusion.timestep_sampler import UniformSampler
+from textdiff.models import build_model
 from textdiff.train import engine as eng
 from textdiff.train.ema import EMA
 from textdiff.train.loss import diffusion_loss
@@ -120,7 +123,7 @@ def training_step(model: nn.Module, forward: Callable[[], torch.Tensor], target:
 
 def page_faults(step: Callable[[], None]) -> int:
     """The page faults one ``step()`` takes (minor and major, this process): each is a page the step touches
-    that the kernel had to map in, zeroed, because the allocator had returned it (:mod:`textdiff.host`)."""
+    that the kernel had to map in, zeroed, because the allocator had returned it (:mod:`textdiff.malloc`)."""
     import resource
 
     before = resource.getrusage(resource.RUSAGE_SELF)
@@ -162,10 +165,6 @@ def bench_train(cfg: TextdiffConfig, steps: int = 10, warmup: int = 2, seed: int
     without and with the EMA, and the engine step's model FLOPs utilisation: ``gflop_per_step`` (the plain
     step's matmuls, convolutions and attention, counted by ``torch.utils.flop_counter``: the same model work)
     per second of the engine step over ``matmul_gflop_s``, a matmul measured in the step's dtype."""
-    from textdiff.diffusion import build_diffusion
-    from textdiff.diffusion.timesteps import UniformSampler
-    from textdiff.models import build_model
-
     rank, world, _ = eng.init_distributed()
     device, dtype = eng.device(), eng.compute_dtype(cfg.deepspeed)
     torch.manual_seed(seed)
@@ -288,14 +287,13 @@ class CollectiveCounter:
 
 def checkpointing_bench(cfg: TextdiffConfig, variants: dict[str, dict], steps: int = 6, warmup: int = 2,
                         device: torch.device = torch.device("cpu"), seed: int = 0) -> list[dict]:
-    """textdiff's plain training step (as :func:`textdiff.train.peer.peer_bench` times it, fp32) with
+    """textdiff's plain training step (as :func:`textdiff.bench.peer.peer_bench` times it, fp32) with
     activation checkpointing set as each variant says (``{"name": {"use_checkpoint": ..., ...}}``; the first
     is the reference), A-B-B-A; returns per variant its images/s, the step's peak MB (at 46 M that is the
     optimizer's, not the activations'), the MB the forward pass keeps for the backward (``saved_mb``), and
     each relative to the first."""
     from dataclasses import replace
 
-    from textdiff.models import build_model
 
     n = int(cfg.deepspeed.get("train_micro_batch_size_per_gpu", 8))
     batch = synthetic_batch(cfg, n, torch.Generator().manual_seed(seed))

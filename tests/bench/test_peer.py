@@ -5,13 +5,13 @@ import torch
 
 from textdiff.config import load_config
 from textdiff.models import build_model
-from textdiff.train.bench import LiveTensorBytes, peak_step_bytes, step_seconds
+from textdiff.bench.train import LiveTensorBytes, peak_step_bytes, step_seconds
 
 pytest.importorskip("diffusers")
 
 from textdiff.models import conv  # noqa: E402
 from textdiff.models.linear import Linear  # noqa: E402
-from textdiff.train.peer import peer_bench, peer_unet, trainable_size, with_textdiff_kernels  # noqa: E402
+from textdiff.bench.peer import peer_bench, peer_unet, trainable_size, with_textdiff_kernels  # noqa: E402
 
 
 def test_the_peer_of_the_demo_recipe_is_within_ten_percent_of_its_size():
