@@ -26,7 +26,7 @@ def peer_unet(cfg: ModelConfig) -> nn.Module:
     """diffusers' UNet2DConditionModel shaped like ``cfg``: the same widths per level, residual blocks per
     level, output channels, head width, and cross-attention (to ``txt_dim``-wide tokens) at every level
     whose resolution has attention or text. Its trainable size lands within 10% of textdiff's."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # deferred: the optional `bench` extra, a benchmark peer only
 
     res = [cfg.feature_size // 2 ** i for i in range(len(cfg.channel_mult))]
     attends = [r in cfg.attention_resolutions or r in cfg.txt_resolutions for r in res]

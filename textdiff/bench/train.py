@@ -12,13 +12,17 @@ import copy
 import statistics
 import time
 import weakref
+from dataclasses import replace
 from typing import Callable
 
+import deepspeed.comm
 import torch
+import torch.distributed
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
 
 from textdiff.config import TextdiffConfig
 from textdiff.diffusion import build_diffusion
@@ -124,7 +128,7 @@ def training_step(model: nn.Module, forward: Callable[[], torch.Tensor], target:
 def page_faults(step: Callable[[], None]) -> int:
     """The page faults one ``step()`` takes (minor and major, this process): each is a page the step touches
     that the kernel had to map in, zeroed, because the allocator had returned it (:mod:`textdiff.malloc`)."""
-    import resource
+    import resource  # deferred: a Unix-only module
 
     before = resource.getrusage(resource.RUSAGE_SELF)
     step()
@@ -135,8 +139,6 @@ def page_faults(step: Callable[[], None]) -> int:
 def step_flops(step: Callable[[], None]) -> int:
     """FLOPs of one ``step()`` as ``torch.utils.flop_counter`` counts them (matmuls, convolutions and
     attention, forward and backward; elementwise ops count 0)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         step()
     return counter.get_total_flops()
@@ -255,9 +257,6 @@ class CollectiveCounter:
         self._saved: list[tuple[object, str, Callable]] = []
 
     def __enter__(self) -> "CollectiveCounter":
-        import deepspeed.comm
-        import torch.distributed
-
         for module in (deepspeed.comm, torch.distributed):
             for name in self.NAMES:
                 if hasattr(module, name):
@@ -292,9 +291,6 @@ def checkpointing_bench(cfg: TextdiffConfig, variants: dict[str, dict], steps: i
     is the reference), A-B-B-A; returns per variant its images/s, the step's peak MB (at 46 M that is the
     optimizer's, not the activations'), the MB the forward pass keeps for the backward (``saved_mb``), and
     each relative to the first."""
-    from dataclasses import replace
-
-
     n = int(cfg.deepspeed.get("train_micro_batch_size_per_gpu", 8))
     batch = synthetic_batch(cfg, n, torch.Generator().manual_seed(seed))
     x = batch["image"].to(device)

@@ -74,7 +74,7 @@ class UnsafeCheckpointError(ConfigError):
 def _deepspeed_safe_globals() -> list:
     """The few DeepSpeed classes its optimizer-state files pickle: an enum, the loss scalers (plain attribute
     holders) and a two-number dataclass, whose rebuilding runs no code of the file's choosing."""
-    try:
+    try:  # deferred: DeepSpeed takes seconds to import, and sampling an export needs none
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
         from deepspeed.utils.tensor_fragment import fragment_address

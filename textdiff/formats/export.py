@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 
 from textdiff.config import ConfigError, TextdiffConfig, config_from_dict
 from textdiff.files import atomic_write_bytes
@@ -25,8 +27,6 @@ def is_export(path: str | Path) -> bool:
 def write_export(out: str | Path, state: dict[str, torch.Tensor], cfg: TextdiffConfig, meta: dict[str, str]) -> Path:
     """Write ``state`` (contiguous tensors) and ``cfg`` with the string ``meta`` to ``out`` atomically;
     returns ``out``. Raises ConfigError for a name without the ``.safetensors`` suffix."""
-    from safetensors.torch import save
-
     out = Path(out)
     if not is_export(out):
         raise ConfigError(f"export target {out} must end in {SAFETENSORS_SUFFIX}")
@@ -37,8 +37,6 @@ def write_export(out: str | Path, state: dict[str, torch.Tensor], cfg: TextdiffC
 
 def read_export_config(path: str | Path) -> TextdiffConfig:
     """The config stored in an exported file's metadata."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -51,7 +49,5 @@ def read_export_config(path: str | Path) -> TextdiffConfig:
 
 def read_export(path: str | Path) -> tuple[TextdiffConfig, dict[str, torch.Tensor]]:
     """(config, state dict) of an exported file."""
-    from safetensors.torch import load_file
-
     cfg = read_export_config(path)
     return cfg, load_file(str(path))

@@ -95,6 +95,7 @@ def raw_state_dict(ckpt: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     """The optimizer's weights as a full fp32 state dict: merged ZeRO partitions (stages 1-3) or the module
     state DeepSpeed saved (stage 0)."""
     if zero_stage > 0:
+        # deferred: DeepSpeed takes seconds to import, and only ZeRO 1-3 checkpoints need its merger
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # zero_to_fp32 calls torch.load(weights_only=False) itself: every file it may read is checked first

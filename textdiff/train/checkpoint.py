@@ -19,6 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+import fsspec
+
 from textdiff.config import ConfigError
 from textdiff.files import atomic_write_bytes, fsync_dir
 from textdiff.formats.checkpoint import (COMPLETE, CONFIG_FILE, PARTIAL_PREFIX, REPLACED_PREFIX, TEXTDIFF_STATE,
@@ -98,8 +100,6 @@ def copy_to_remote(local_dir: Path, remote_url: str) -> str:
     Returns the remote directory's URL. Any fsspec protocol works (``s3://``, ``gs://``, ``file://``,
     ``memory://``) if its package is installed.
     """
-    import fsspec
-
     fs, base = fsspec.core.url_to_fs(remote_url)
     target = f"{base.rstrip('/')}/{local_dir.name}"
     files = sorted(p for p in local_dir.rglob("*") if p.is_file())

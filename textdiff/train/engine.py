@@ -17,7 +17,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import deepspeed
+import deepspeed.ops
 import torch
+from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 from torch import nn
 
 from textdiff.config import ConfigError, TextdiffConfig
@@ -41,8 +45,6 @@ def extension_cache_dir() -> Path:
     """Where DeepSpeed's JIT-built ops go (``TORCH_EXTENSIONS_DIR``): one folder per Python, torch and DeepSpeed
     version and environment, so the runs of one environment share one build, and another environment (other
     headers, other flags) never rebuilds it under them, as torch's shared default folder lets happen."""
-    import deepspeed
-
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     env = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
     return (base / "textdiff" / "torch_extensions" /
@@ -58,9 +60,6 @@ def build_shm_op_once() -> None:
     (older torch's lock *file* does, for ever). DeepSpeed's own call at ``init_distributed`` then finds
     the op loaded. A no-op where the accelerator has no such op (CUDA).
     """
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return
@@ -108,9 +107,6 @@ def init_distributed() -> tuple[int, int, int]:
     threads per rank (unless ``OMP_NUM_THREADS`` is set), keeps freed memory for the next step
     (:func:`textdiff.malloc.keep_freed_memory`) and leaves no shm buffer behind (:func:`release_shm_buffer`).
     """
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
     alone = "RANK" not in os.environ
     if alone:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
@@ -139,8 +135,6 @@ def init_distributed() -> tuple[int, int, int]:
 
 def device() -> torch.device:
     """This rank's compute device (``cuda:LOCAL_RANK``, or ``cpu``)."""
-    from deepspeed.accelerator import get_accelerator
-
     name = get_accelerator().device_name()
     if name == "cpu":
         return torch.device("cpu")
@@ -250,8 +244,6 @@ def build_engine(model: nn.Module, cfg: TextdiffConfig, world_size: int):
     inputs are channels-last always, :func:`engine_forward`). The frozen modules are moved to this rank's
     device and compute dtype by hand, since DeepSpeed no longer owns them.
     """
-    import deepspeed
-
     check_batch_keys(cfg.deepspeed, world_size)
     frozen = detach_frozen_modules(model)
     promoted = promote_scalar_parameters(model)
@@ -394,8 +386,6 @@ def full_fp32_parameters(engine, params: list[nn.Parameter],
     """Full-shape fp32 values of ``params`` from the master weights, or from ``master``: tensors laid out
     as :func:`fp32_master_weights` (an EMA of them). Sharded masters are gathered from every rank (all
     ranks must call this; one all-reduce per tensor), replicated ones are read where they are."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
     current, sharded = fp32_master_weights(engine, params)
     values = current if master is None else master
     if not sharded:
@@ -415,8 +405,6 @@ def full_fp32_parameters(engine, params: list[nn.Parameter],
 def partition_fp32(engine, params: list[nn.Parameter], full: list[torch.Tensor]) -> list[torch.Tensor]:
     """The inverse of :func:`full_fp32_parameters`: full-shape fp32 values of ``params`` (every rank
     passes the same) -> new tensors laid out as this rank's :func:`fp32_master_weights`."""
-    from deepspeed.utils import safe_set_full_fp32_param
-
     current, sharded = fp32_master_weights(engine, params)
     if not sharded:
         out = [t.detach().clone().float() for t in current]

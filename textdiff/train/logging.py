@@ -87,7 +87,7 @@ class TrainLogger:
     def __init__(self, run_dir: Path, rank: int):
         self.writer = None
         if rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # deferred: TensorBoard's import is slow; rank 0 only
 
             self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
 
