@@ -279,7 +279,7 @@ class DiffusionConfig:
 class DataConfig:
     """Which shards to stream and how the loader runs."""
 
-    shards: str = ""  # brace pattern, glob, comma list, or a manifest.json path
+    shards: str = ""  # brace pattern, glob, comma list, or a manifest.json; local paths or fsspec URLs (s3://...)
     resampled: bool = True  # infinite stream of resampled shards; False: shuffled epochs
     shuffle_buffer: int = 1000
     num_workers: int = 2
@@ -290,6 +290,11 @@ class DataConfig:
     open_shards: int = 4  # shards each reader reads at once, drawing every sample from one of them at random
     allow_pipe: bool = False  # shard URLs "pipe:CMD" run CMD in a shell: refused unless true
     max_pixels: int = 64_000_000  # decompression-bomb cap (make_shards --max-pixels); larger images are corrupt
+    # remote shards and manifests (textdiff/data/remote.py): a request that fails transiently (reset, HTTP 5xx/429,
+    # stall) is sent again up to `retries` times with exponential backoff, resuming at the byte reached; waiting for
+    # any request's answer gives up after `timeout_s` seconds (a stalled read counts as a transient failure)
+    retries: int = 5
+    timeout_s: float = 60.0
 
     def validate(self) -> None:
         """Raise ConfigError for impossible combinations, naming the key."""
@@ -298,6 +303,8 @@ class DataConfig:
         _require(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1 (batches each worker keeps ready)")
         _require(self.open_shards >= 1, "data.open_shards", "must be >= 1 (1: one shard after the other)")
         _require(self.max_pixels >= 1, "data.max_pixels", "must be >= 1 (width x height of the largest image)")
+        _require(self.retries >= 0, "data.retries", "must be >= 0 (0: a failed request of a remote shard ends it)")
+        _require(self.timeout_s > 0, "data.timeout_s", "must be > 0 (seconds to wait for a remote shard's answer)")
 
 
 @dataclass

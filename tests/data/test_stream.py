@@ -14,9 +14,8 @@ import webdataset as wds
 from PIL import Image
 
 from textdiff.config import AugmentConfig, DataConfig
-from textdiff.data.stream import (
-    ShardsError, block_safeboxes, build_train_stream, epoch_shards, group_samples, resolve_data_shards, resolve_shards, shard_groups,
-)
+from textdiff.data.shard_urls import ShardsError, resolve_data_shards, resolve_shards
+from textdiff.data.stream import block_safeboxes, build_train_stream, epoch_shards, group_samples, shard_groups
 
 N_SHARDS, PER_SHARD = 8, 6  # 48 samples
 
@@ -263,9 +262,9 @@ def test_pipe_urls_are_refused_unless_allow_pipe_from_the_spec_and_from_a_manife
     with pytest.raises(ShardsError, match="data.allow_pipe"):  # before any reader or model is built
         build_train_stream(DataConfig(shards=str(manifest)), AugmentConfig(), 16, 0, 4, 0, 1)
     assert resolve_data_shards(DataConfig(shards=str(manifest), allow_pipe=True)).counts == (3,)
-    # local paths and fsspec URLs need no permission
-    assert resolve_shards("s3://b/x-{0..1}.tar::gs://c/y.tar::memory://z.tar").urls == (
-        "s3://b/x-0.tar", "s3://b/x-1.tar", "gs://c/y.tar", "memory://z.tar")
+    # local paths and fsspec URLs need no permission (gs:// needs gcsfs installed: tests/data/test_remote.py)
+    assert resolve_shards("s3://b/x-{0..1}.tar::https://c/y.tar::memory://z.tar").urls == (
+        "s3://b/x-0.tar", "s3://b/x-1.tar", "https://c/y.tar", "memory://z.tar")
     assert len(resolve_shards(str(shard_dir / "shard-00000{0..1}.tar")).urls) == 2
 
 

@@ -1,6 +1,7 @@
 """The training stream: shards -> per-rank, per-worker readers -> decoded, augmented, batched samples.
 
-Design (docs/data_pipeline.md says more):
+Which shards ``data.shards`` names is textdiff.data.shard_urls; opening them (local, ``pipe:``, and fsspec URLs
+read through network faults) is textdiff.data.remote. Design (docs/data_pipeline.md says more):
 
 - A rank's DataLoader worker is one *reader*; readers are numbered ``slot = rank * W + worker`` over all
   ``world_size * W`` readers (``W = max(1, data.num_workers)``).
@@ -20,9 +21,10 @@ Design (docs/data_pipeline.md says more):
   shard cannot shift it).
 - Augmentation draws from :func:`textdiff.data.augment.sample_rng` of ``(seed, epoch, slot, group, index)``.
   A text-free image that borrows a safebox draws it from the safeboxes of its shuffle block.
-- A shard that ends early (a cut or garbled tar, or fewer samples than its manifest lists) is counted once
-  in ``shard_errors`` and warned about by name; its last sample read is dropped, since nothing shows that
-  all of its members were read.
+- A shard that ends early (a cut or garbled tar, fewer samples than its manifest lists, or a remote read that
+  failed for good: HTTP 404, or a transient fault past ``data.retries``) is counted once in ``shard_errors``
+  and warned about by name; its last sample read is dropped, since nothing shows that all of its members were
+  read. A transient fault that a retry overcomes changes nothing: the retry resumes at the byte reached.
 - Workers batch their own samples; the DataLoader takes batches from its workers round-robin. A batch
   carries its reader and that reader's position after it, so :meth:`TrainStream.state_dict` knows every
   reader's position and which reader's batch comes next. A fresh stream given that state re-enters each
@@ -30,25 +32,23 @@ Design (docs/data_pipeline.md says more):
   group before its position) and rotates its workers so the same reader goes first: batches k+1, k+2, ...
   are bit-identical to the uninterrupted run's.
 
-WebDataset supplies URL expansion (``::`` lists, braces), opening (local, ``http(s)://`` and fsspec URLs;
-``pipe:`` only with ``data.allow_pipe``, since it runs a shell command) and tar reading; its node/worker
-splitters and reservoir shuffle are not used because they read the rank from the environment and cannot
-be resumed exactly.
+WebDataset supplies URL expansion (``::`` lists, braces), ``pipe:`` opening (only with ``data.allow_pipe``,
+since it runs a shell command) and tar reading; its node/worker splitters and reservoir shuffle are not used
+because they read the rank from the environment and cannot be resumed exactly, nor its ``curl`` opener of
+``http(s)://`` URLs, which neither times out a stalled read nor resumes a broken one.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
 import logging
 import math
 import os
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -58,143 +58,18 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from textdiff.config import AugmentConfig, DataConfig
 from textdiff.data.augment import augment_sample, borrows_safeboxes, sample_rng
+from textdiff.data.remote import ReadPolicy, opened_shard, read_policy
+from textdiff.data.shard_urls import ShardList, resolve_data_shards
 from textdiff.data.sources import describe_error
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 STATE_FORMAT = "textdiff.stream/2"
-PIPE_PREFIX = "pipe:"
-REMOTE_PREFIXES = ("http://", "https://", PIPE_PREFIX, "s3://", "gs://", "ais://", "hf://")
-_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class CorruptSample(ValueError):
     """A sample that cannot be decoded; the stream skips it, warns and counts it."""
-
-
-class ShardsError(ValueError):
-    """``data.shards`` names no usable shards (missing file, empty glob, unreadable manifest, refused URL)."""
-
-
-def is_remote(url: str) -> bool:
-    """Whether WebDataset opens ``url`` itself (``pipe:``, ``http(s)://``, any fsspec ``scheme://``)."""
-    return url.startswith(REMOTE_PREFIXES) or bool(_URL_SCHEME.match(url))
-
-
-@dataclass(frozen=True)
-class ShardList:
-    """The shards of a data set: ``urls`` in a fixed order and, when a manifest gives them, sample counts."""
-
-    urls: tuple[str, ...]
-    counts: tuple[Optional[int], ...]
-
-
-def _split_top_level_commas(spec: str) -> list[str]:
-    """Split on commas outside braces, so ``a-{0,1}.tar,b.tar`` gives two patterns."""
-    parts, depth, current = [], 0, ""
-    for ch in spec:
-        depth += {"{": 1, "}": -1}.get(ch, 0)
-        if ch == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += ch
-    return parts + [current]
-
-
-def _manifest_entry(entry: Any, manifest: str) -> tuple[str, Optional[int]]:
-    if isinstance(entry, str):
-        return entry, None
-    if isinstance(entry, dict):
-        name = next((entry[k] for k in ("path", "url", "name", "file") if k in entry), None)
-        count = next((entry[k] for k in ("count", "samples", "num_samples", "n_samples") if k in entry), None)
-        if isinstance(name, str):
-            return name, int(count) if count is not None else None
-    raise ShardsError(f"{manifest}: shard entry {entry!r} has no path; rewrite it with tools/make_shards.py")
-
-
-def read_manifest(path: str) -> ShardList:
-    """The shard list of a ``manifest.json`` written by tools/make_shards.py (paths relative to it)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ShardsError(f"data.shards: cannot read manifest {path}: {e}; run tools/make_shards.py") from None
-    entries = manifest.get("shards") if isinstance(manifest, dict) else None
-    if not entries:
-        raise ShardsError(f"data.shards: manifest {path} lists no shards (key 'shards'); run tools/make_shards.py")
-    base = os.path.dirname(os.path.abspath(path))
-    pairs = [_manifest_entry(e, path) for e in entries]
-    urls = tuple(u if is_remote(u) or os.path.isabs(u) else os.path.join(base, u) for u, _ in pairs)
-    return ShardList(urls, tuple(c for _, c in pairs))
-
-
-def resolve_data_shards(data: DataConfig) -> ShardList:
-    """The shards ``data.shards`` names, checked before any expensive work; raises :class:`ShardsError`
-    (a ValueError) with a message naming ``data.shards`` (or ``data.allow_pipe``) and what to do."""
-    return resolve_shards(data.shards, allow_pipe=data.allow_pipe)
-
-
-def resolve_shards(spec: str, allow_pipe: bool = False) -> ShardList:
-    """Shard URLs from ``data.shards``: brace patterns, globs, comma or ``::`` lists, or a manifest.json.
-
-    Local paths must exist (the error names the missing one); remote URLs are passed to WebDataset as
-    they are, except ``pipe:`` URLs (a shell command, from the spec or a manifest), refused unless
-    ``allow_pipe``. Counts come from a manifest (the given one, or ``manifest.json`` beside local shards).
-    Raises :class:`ShardsError`.
-    """
-    if not spec:
-        raise ShardsError("data.shards is empty; set it to the brace pattern in the manifest.json of "
-                         "tools/make_shards.py, or to that manifest.json")
-    urls: list[str] = []
-    counts: list[Optional[int]] = []
-    manifests: dict[str, dict[str, Optional[int]]] = {}  # folder -> counts of its manifest, read once
-    for part in (p.strip() for chunk in spec.split("::") for p in _split_top_level_commas(chunk)):
-        if not part:
-            continue
-        if part.endswith(".json") and not is_remote(part):
-            listed = read_manifest(part)
-            urls += listed.urls
-            counts += listed.counts
-            continue
-        for url in wds.shardlists.expand_urls(part):
-            if is_remote(url):
-                matches = [url]
-            elif any(ch in url for ch in "*?["):
-                matches = sorted(glob.glob(url))
-                if not matches:
-                    raise ShardsError(f"data.shards: the glob {url} matches no file")
-            elif not os.path.exists(url):
-                raise ShardsError(f"data.shards: shard {url} does not exist; check the pattern or run "
-                                  "tools/make_shards.py")
-            else:
-                matches = [url]
-            urls += matches
-            counts += [_count_beside(m, manifests) for m in matches]
-    if not urls:
-        raise ShardsError(f"data.shards={spec!r} names no shards")
-    piped = next((u for u in urls if u.startswith(PIPE_PREFIX)), None)
-    if piped is not None and not allow_pipe:
-        raise ShardsError(f"data.shards: the shard URL {piped!r} (from {spec!r}) runs a shell command; set "
-                          "data.allow_pipe=true only if you trust whoever wrote it, or give a local path or an "
-                          "fsspec URL (s3://, gs://, https://, ...)")
-    return ShardList(tuple(urls), tuple(counts))
-
-
-def _count_beside(url: str, manifests: dict[str, dict[str, Optional[int]]]) -> Optional[int]:
-    """The sample count of a local shard from the manifest.json in its folder, if there is one."""
-    if is_remote(url):
-        return None
-    folder = os.path.dirname(os.path.abspath(url))
-    if folder not in manifests:
-        manifest = os.path.join(folder, "manifest.json")
-        try:
-            listed = read_manifest(manifest) if os.path.exists(manifest) else ShardList((), ())
-        except ValueError:
-            listed = ShardList((), ())
-        manifests[folder] = dict(zip(listed.urls, listed.counts))
-    return manifests[folder].get(os.path.abspath(url))
 
 
 def epoch_shards(n_shards: int, seed: int, epoch: int, slot: int, num_slots: int, resampled: bool) -> list[int]:
@@ -212,12 +87,14 @@ def shard_groups(order: Sequence[int], open_shards: int) -> list[list[int]]:
     return [list(order[i:i + k]) for i in range(0, len(order), k)]
 
 
-def shard_samples(shards: ShardList, index: int, events: list[str]) -> Iterator[dict]:
+def shard_samples(shards: ShardList, index: int, events: list[str], policy: ReadPolicy = ReadPolicy()
+                  ) -> Iterator[dict]:
     """Raw samples of shard ``index``, in tar order; a shard that ends early appends one message to ``events``.
 
-    Early means a read error, or fewer samples than the manifest lists (a tar cut at a block boundary or a
-    garbled header reads as a clean end). Its last sample read is then held back: a cut may have taken
-    some of its members (its ``.txt``, say), and a member's absence has a meaning (unknown text).
+    Early means a read error (for a remote shard: one that ``policy``'s retries did not overcome), or fewer
+    samples than the manifest lists (a tar cut at a block boundary or a garbled header reads as a clean end).
+    Its last sample read is then held back: a cut may have taken some of its members (its ``.txt``, say), and
+    a member's absence has a meaning (unknown text).
     """
     url, expected = shards.urls[index], shards.counts[index]
     errors: list[Exception] = []
@@ -226,8 +103,9 @@ def shard_samples(shards: ShardList, index: int, events: list[str]) -> Iterator[
         errors.append(exn)
         return False  # nothing after a broken member of a streamed tar can be trusted to line up
 
+    files = wds.tariterators.tar_file_expander(opened_shard(url, policy, stop), handler=stop)
     held, read = None, 0
-    for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=stop):
+    for sample in wds.tariterators.group_by_keys(files, handler=stop):
         if held is not None:
             yield held
         held, read = sample, read + 1
@@ -236,16 +114,21 @@ def shard_samples(shards: ShardList, index: int, events: list[str]) -> Iterator[
         yield held
     if errors or short:
         of = f" of the {expected} its manifest lists" if expected is not None else ""
-        cause = f"read error: {errors[0]}" if errors else "the tar ends early (cut, or a garbled header)"
+        cause = f"read error: {_first_arg(errors[0])}" if errors else "the tar ends early (cut, or a garbled header)"
         dropped = ", the last one dropped as it may lack members" if held is not None else ""
         events.append(f"shard {url} is short: {read} samples read{of}{dropped}; {cause}")
 
 
-def group_raw(shards: ShardList, group: Sequence[int], rng: np.random.Generator, events: list[str]
-              ) -> Iterator[dict]:
+def _first_arg(error: Exception) -> str:
+    """An error's message without the streams and URLs WebDataset appends to its ``args``."""
+    return str(error.args[0]) if error.args else type(error).__name__
+
+
+def group_raw(shards: ShardList, group: Sequence[int], rng: np.random.Generator, events: list[str],
+              policy: ReadPolicy = ReadPolicy()) -> Iterator[dict]:
     """Raw samples of the shards ``group``, read at once: each next one from a shard drawn by ``rng`` with
     weights of its samples left (manifest counts; 1 each where a count is unknown or used up)."""
-    readers = [shard_samples(shards, i, events) for i in group]
+    readers = [shard_samples(shards, i, events, policy) for i in group]
     left = [shards.counts[i] for i in group]
     while readers:
         weights = [max(1, n) if n is not None else 1 for n in left]
@@ -281,11 +164,12 @@ def block_safeboxes(chunk: Sequence[dict]) -> tuple[tuple[float, float, float, f
 
 
 def group_samples(shards: ShardList, group: Sequence[int], seed: int, epoch: int, slot: int, number: int,
-                  block: int, start: int, counters: dict, borrow: bool = False
+                  block: int, start: int, counters: dict, borrow: bool = False, policy: ReadPolicy = ReadPolicy()
                   ) -> Iterator[tuple[int, dict, tuple]]:
     """``(index, raw sample, block's safeboxes)`` of group ``number`` of one reader's epoch, block-shuffled,
     from ``start`` on. The safeboxes (:func:`block_safeboxes`) are read only with ``borrow``, else ``()``;
-    a resumed reader reads its whole current block again, so they do not depend on where it resumed.
+    a resumed reader reads its whole current block again, so they do not depend on where it resumed. Remote
+    shards are read with ``policy`` (retries, timeouts).
 
     ``counters["shard_errors"]`` counts each short shard once: the shortfalls found while reading the blocks
     that the position ``start`` had already read were counted before it was saved, so a resumed reader
@@ -294,7 +178,7 @@ def group_samples(shards: ShardList, group: Sequence[int], seed: int, epoch: int
     block = max(1, block)
     first_block = start // block
     events: list[str] = []
-    raw = group_raw(shards, group, sample_rng(seed, "mix", epoch, slot, number), events)
+    raw = group_raw(shards, group, sample_rng(seed, "mix", epoch, slot, number), events, policy)
     for _ in range(first_block * block):  # read, not decoded
         if next(raw, None) is None:
             break
@@ -381,6 +265,7 @@ class StreamSpec:
     batch_size: int
     rank: int
     world_size: int
+    policy: ReadPolicy = field(default_factory=ReadPolicy)
 
     @property
     def readers_per_rank(self) -> int:
@@ -418,7 +303,7 @@ def reader_batches(spec: StreamSpec, reader: int, position: dict) -> Iterator[di
         read, usable = 0, 0
         for number in range(group, len(groups)):
             for index, raw, pool in group_samples(spec.shards, groups[number], spec.data.seed, epoch, slot, number,
-                                                  spec.data.shuffle_buffer, start, counters, borrow):
+                                                  spec.data.shuffle_buffer, start, counters, borrow, spec.policy):
                 read += 1
                 try:
                     pending.append(_process(spec, raw, epoch, slot, number, index, pool))
@@ -541,5 +426,6 @@ def build_train_stream(data_cfg: DataConfig, augment_cfg: AugmentConfig, image_s
         raise ValueError(f"data.shards has {len(shards.urls)} shards but world_size x data.num_workers = "
                          f"{readers} readers each need one per epoch; write more, smaller shards "
                          "(tools/make_shards.py --maxcount), use fewer workers, or set data.resampled=true")
-    spec = StreamSpec(shards, data_cfg, augment_cfg, image_size, low_res_size, batch_size, rank, world_size)
+    spec = StreamSpec(shards, data_cfg, augment_cfg, image_size, low_res_size, batch_size, rank, world_size,
+                      read_policy(data_cfg))
     return TrainStream(spec, state)
