@@ -11,7 +11,8 @@ import torch
 
 from textdiff.diffusion.gaussian import GaussianDiffusion
 from textdiff.bench.mixture import CASES, pf_ode_reference, sliced_wasserstein
-from textdiff.diffusion.respace import respace, space_timesteps
+from textdiff.config.respacing import space_timesteps
+from textdiff.diffusion.respace import respace
 from textdiff.diffusion.schedules import alphas_cumprod, cosine_betas
 from textdiff.sampling.samplers import (SAMPLERS, data_multistep_step, default_grid, eps_last_step, sample,
                                         sampling_timesteps)

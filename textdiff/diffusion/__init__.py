@@ -5,8 +5,9 @@
 
 from __future__ import annotations
 
+from textdiff.config.respacing import space_timesteps
 from textdiff.diffusion.gaussian import GaussianDiffusion
-from textdiff.diffusion.respace import respace, space_timesteps
+from textdiff.diffusion.respace import respace
 from textdiff.diffusion.schedules import betas_for
 
 

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from textdiff.config import ConfigError, TextdiffConfig, config_from_dict
+from textdiff.config.deepspeed_keys import zero_stage
 from textdiff.formats.checkpoint import (COMPLETE, CONFIG_FILE, TEXTDIFF_STATE, UnsafeCheckpointError,
                                          find_complete_checkpoint, load_untrusted, rate_key)
 from textdiff.formats.export import SAFETENSORS_SUFFIX, is_export, read_export_config, write_export
@@ -111,18 +112,13 @@ def raw_state_dict(ckpt: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
 
 
-def saved_zero_stage(cfg: TextdiffConfig) -> int:
-    """The ZeRO stage a run was trained with, which decides how its raw weights were saved."""
-    return int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
-
-
 def checkpoint_weights(ckpt: Path, cfg: TextdiffConfig, weights: str, ema_rate: Optional[float] = None
                        ) -> tuple[dict[str, torch.Tensor], str]:
     """(state dict, label) of checkpoint ``ckpt``: ``weights`` ``"ema"`` (label ``ema:RATE``) or ``"raw"``."""
     if weights == "ema":
         state, key = ema_state_dict(ckpt, ema_rate)
         return state, f"ema:{key}"
-    return raw_state_dict(ckpt, saved_zero_stage(cfg)), "raw"
+    return raw_state_dict(ckpt, zero_stage(cfg.deepspeed)), "raw"
 
 
 def model_shapes(cfg: TextdiffConfig) -> dict[str, torch.Size]:

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from textdiff.diffusion.respace import space_timesteps
+from textdiff.config.respacing import space_timesteps
 
 
 GRIDS = ("logsnr", "karras", "trailing", "leading", "quad", "pow")

@@ -1,8 +1,8 @@
-"""Training on DeepSpeed: ``launch.sh`` -> :mod:`cli` -> :func:`loop.train`.
+"""Training on DeepSpeed: ``launch.sh`` -> :mod:`textdiff.launch` -> :func:`loop.train`.
 
-engine (process group, ZeRO, precision, frozen modules), loop (the training loop), control (per-rank seeding, RNG
-state for exact resume, stop signals), ema (arithmetic-then-
-exponential averages), checkpoint (atomic save, retention, resume, remote copy), logging (TensorBoard),
-export (safetensors for sampling), bench (engine vs plain PyTorch step), ds_keys (the keys DeepSpeed reads, so
-a typo in the recipe is refused). See docs/training.md.
+engine (process group, ZeRO, precision, fp32 master weights, frozen modules), loop (the Trainer), loss (one
+micro-batch's diffusion loss), window (losses reduced once per log, non-finite handling), master_ema and ema
+(averages of the fp32 masters), control (per-rank seeding, RNG state for exact resume, stop signals),
+checkpoint (atomic save, retention, resume checks, remote copy), logging (TensorBoard), param_groups
+(per-group learning rates), monitor (the seam to what a run shows while it trains). See docs/training.md.
 """

@@ -25,6 +25,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 from torch import nn
 
 from textdiff.config import ConfigError, TextdiffConfig
+from textdiff.config.deepspeed_keys import zero_stage
 from textdiff.malloc import keep_freed_memory
 from textdiff.train.param_groups import optimizer_inputs
 
@@ -177,11 +178,6 @@ def engine_forward(engine: nn.Module, dtype: torch.dtype, channels_last: bool = 
 def set_cudnn_benchmark(enabled: bool) -> None:
     """``torch.backends.cudnn.benchmark`` from ``train.cudnn_benchmark`` (off by default, as the research code)."""
     torch.backends.cudnn.benchmark = enabled
-
-
-def zero_stage(ds_config: dict) -> int:
-    """``zero_optimization.stage`` of a DeepSpeed config (0 when absent)."""
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
 def detach_frozen_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -1,4 +1,5 @@
-"""Which keys DeepSpeed's config reads, taken from DeepSpeed itself, so a typo is refused before a run starts.
+"""Which keys DeepSpeed's config reads, taken from DeepSpeed itself, so a typo is refused before a run starts;
+and the few facts of a DeepSpeed config that textdiff reads itself (:func:`zero_stage`).
 
 DeepSpeed ignores keys it does not read: ``zero_optimisation`` trains at ZeRO 0 and ``gradient_cliping``
 clips nothing. The key lists come from the installed DeepSpeed, so they follow its version:
@@ -16,9 +17,12 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import logging
 import numbers
 import typing
 from typing import Any, Optional
+
+import torch
 
 # top-level keys read outside DeepSpeedConfig._initialize_params: by DeepSpeedConfig.__init__
 # (sequence_parallel_size), the launcher (autotuning, elasticity) and the engine's optional features
@@ -64,9 +68,7 @@ class _Recorder(dict):
 @functools.lru_cache(maxsize=1)
 def read_keys() -> dict[tuple, frozenset]:
     """{section path: keys DeepSpeedConfig looks up there} for the top level, ``optimizer`` and ``scheduler``."""
-    import logging
-
-    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.config import DeepSpeedConfig  # deferred (all DeepSpeed imports here): seconds to import
 
     seen: set = set()
     probe = _Recorder(seen, (), {
@@ -88,7 +90,7 @@ def read_keys() -> dict[tuple, frozenset]:
 
 def _pydantic_keys(model) -> dict[str, Any]:
     """{field name or alias: nested DeepSpeed pydantic model or None} of a DeepSpeed config model."""
-    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel  # deferred
 
     out = {}
     for name, info in model.model_fields.items():
@@ -103,6 +105,7 @@ def _pydantic_keys(model) -> dict[str, Any]:
 
 
 def _models() -> dict[str, Any]:
+    # deferred
     from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
@@ -120,7 +123,7 @@ def _arguments(cls) -> Optional[frozenset]:
 
 def scheduler_arguments(name: str) -> Optional[frozenset]:
     """The ``scheduler.params`` keys DeepSpeed's scheduler ``name`` takes (None: unknown scheduler)."""
-    from deepspeed.runtime import lr_schedules
+    from deepspeed.runtime import lr_schedules  # deferred
 
     cls = getattr(lr_schedules, name, None) if name in lr_schedules.VALID_LR_SCHEDULES else None
     return _arguments(cls) if cls is not None else None
@@ -129,11 +132,9 @@ def scheduler_arguments(name: str) -> Optional[frozenset]:
 def optimizer_arguments(name: str) -> Optional[frozenset]:
     """The ``optimizer.params`` keys of DeepSpeed's Adam/AdamW entry (torch's classes or DeepSpeed's fused and
     CPU Adam, whichever it picks); None for other optimizers (not checked)."""
-    import torch
-
     if str(name).lower() not in ("adam", "adamw"):
         return None
-    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam  # deferred
 
     keys = set(_ADAM_SWITCHES)
     for cls in (torch.optim.Adam, torch.optim.AdamW, FusedAdam, DeepSpeedCPUAdam):
@@ -149,7 +150,7 @@ def _unknown(key: str, known, where: str) -> str:
 
 
 def _version() -> str:
-    import deepspeed
+    import deepspeed  # deferred
 
     return deepspeed.__version__
 
@@ -207,3 +208,9 @@ def deepspeed_config_error(ds: dict) -> Optional[str]:
                 "files with torch.load(weights_only=False), which can run code from a checkpoint; textdiff "
                 "resumes its own checkpoints without it, so leave it unset")
     return None
+
+
+def zero_stage(ds_config: dict) -> int:
+    """``zero_optimization.stage`` of a DeepSpeed config (0 when absent): how the engine shards, and how a
+    checkpoint saved its raw weights."""
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
