@@ -15,6 +15,7 @@ import deepspeed.ops
 import pytest
 import torch
 
+from textdiff.config import ConfigError
 from textdiff.train import engine as eng
 
 from ..conftest import outside_env
@@ -107,6 +108,7 @@ RANK_SCRIPT = """
 import json, os, sys
 import torch
 import deepspeed.comm as dist
+from textdiff.config import ConfigError
 from textdiff.train import engine as eng
 rank, port = int(sys.argv[1]), sys.argv[2]
 os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_SIZE="2", MASTER_ADDR="127.0.0.1",
@@ -208,3 +210,22 @@ def test_an_optimizer_whose_fp32_masters_are_unknown_is_an_error_naming_its_clas
     fp32 = [torch.nn.Parameter(torch.zeros(3))]
     with pytest.raises(eng.UnknownOptimizerLayout, match="these are float32"):
         eng.master_is_params(SimpleNamespace(optimizer=ForeignWrapper(fp32)), fp32)
+
+
+def test_srun_tasks_get_ranks_from_slurm_and_need_the_batch_scripts_rendezvous():
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
+             "SLURM_TASKS_PER_NODE": "2(x3),1(x2)", "MASTER_ADDR": "n0", "MASTER_PORT": "29500"}
+    assert eng.tasks_per_node("2(x3),1(x2)") == [2, 2, 2, 1, 1] and eng.tasks_per_node("4") == [4]
+    assert eng.slurm_environment(slurm) == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_SIZE": "2"}
+    assert eng.slurm_environment({**slurm, "SLURM_NTASKS_PER_NODE": "3"})["LOCAL_SIZE"] == "3"
+    assert eng.slurm_environment({**slurm, "RANK": "0"}) == {}  # a launcher inside the allocation set it up
+    assert eng.slurm_environment({**slurm, "SLURM_NTASKS": "1"}) == {}  # one task: a world of one
+    del slurm["MASTER_PORT"]
+    with pytest.raises(ConfigError, match=r"srun started 8 tasks but MASTER_PORT is not set; .* export "
+                                          r"MASTER_ADDR=\$\(scontrol show hostnames"):
+        eng.slurm_environment(slurm)
+
+
+def test_a_world_is_started_alone_only_without_a_launchers_or_mpis_rank():
+    assert eng.started_alone({}) and eng.started_alone({"SLURM_PROCID": "0"})
+    assert not any(eng.started_alone({k: "0"}) for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))

@@ -100,15 +100,51 @@ def release_shm_buffer(rank: int, world: int) -> bool:
     return True
 
 
+def tasks_per_node(spec: str) -> list[int]:
+    """SLURM's compressed ``SLURM_TASKS_PER_NODE`` (``"2(x3),1"``) expanded per node (``[2, 2, 2, 1]``)."""
+    counts = []
+    for part in spec.split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts
+
+
+def slurm_environment(environ: dict[str, str]) -> dict[str, str]:
+    """The torch.distributed variables (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_SIZE) of a task that SLURM's
+    ``srun`` started in a world of several tasks and no launcher set up; {} otherwise (a launcher's RANK is
+    there, or one task alone). MASTER_ADDR and MASTER_PORT must come from the batch script: srun has no
+    rendezvous of its own, and a ConfigError says how to set them."""
+    if "RANK" in environ or int(environ.get("SLURM_NTASKS", "1")) < 2 or "SLURM_PROCID" not in environ:
+        return {}
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in environ]
+    if missing:
+        raise ConfigError(f"srun started {environ['SLURM_NTASKS']} tasks but {' and '.join(missing)} "
+                          f"{'is' if len(missing) == 1 else 'are'} not set; in the batch script, export "
+                          "MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1) and a free "
+                          "MASTER_PORT (docs/training.md, \"On a cluster\")")
+    local_size = environ.get("SLURM_NTASKS_PER_NODE") or \
+        str(tasks_per_node(environ.get("SLURM_TASKS_PER_NODE", "1"))[int(environ.get("SLURM_NODEID", "0"))])
+    return {"RANK": environ["SLURM_PROCID"], "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+            "WORLD_SIZE": environ["SLURM_NTASKS"], "LOCAL_SIZE": local_size}
+
+
+def started_alone(environ: dict[str, str]) -> bool:
+    """Whether no launcher set up a world: no RANK (deepspeed, torchrun, or srun through
+    :func:`slurm_environment`) and no MPI rank (DeepSpeed's own MPI discovery takes those)."""
+    return not any(k in environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK"))
+
+
 def init_distributed() -> tuple[int, int, int]:
     """Join (or, when started without a launcher, create) the process group; returns (rank, world, local_rank).
 
-    Under ``deepspeed``/``torchrun`` the launcher's RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are used;
-    a plain ``bash launch.sh`` run becomes a world of one on a free local port. On CPU it also picks the
+    Under ``deepspeed``/``torchrun`` the launcher's RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are used,
+    under ``srun`` SLURM's (:func:`slurm_environment`), under ``mpirun`` DeepSpeed's MPI discovery; a plain
+    ``bash launch.sh`` run becomes a world of one on a free local port. On CPU it also picks the
     threads per rank (unless ``OMP_NUM_THREADS`` is set), keeps freed memory for the next step
     (:func:`textdiff.malloc.keep_freed_memory`) and leaves no shm buffer behind (:func:`release_shm_buffer`).
     """
-    alone = "RANK" not in os.environ
+    os.environ.update(slurm_environment(dict(os.environ)))
+    alone = started_alone(os.environ)
     if alone:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extension_cache_dir()))
