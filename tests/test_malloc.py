@@ -43,6 +43,7 @@ def probe(environ: dict) -> dict:
     return json.loads(out.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and getrusage page faults")
 def test_a_freed_block_is_reused_without_page_faults():
     result = probe({})
@@ -53,6 +54,7 @@ def test_a_freed_block_is_reused_without_page_faults():
     assert max(result["faults"][3:]) <= MOST_FAULTS_KEPT, result
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and getrusage page faults")
 def test_the_users_own_malloc_settings_are_left_alone():
     """With MALLOC_TRIM_THRESHOLD_=128 KiB in the process's environment, malloc stays as the user set it:

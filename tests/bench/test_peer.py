@@ -20,6 +20,7 @@ def test_the_peer_of_the_demo_recipe_is_within_ten_percent_of_its_size():
     assert mine == 1_487_979 and abs(peer / mine - 1) < 0.10
 
 
+@pytest.mark.slow
 def test_peer_bench_reports_both_throughputs_sizes_and_peaks(tiny):
     result = peer_bench(tiny(), torch.float32, steps=1, warmup=0)
     assert result["ratio"] == pytest.approx(result["img_s_textdiff"] / result["img_s_peer"])
@@ -45,6 +46,7 @@ def test_the_peer_on_textdiffs_kernel_route_is_the_same_function_in_fp32():
         assert torch.equal(peer(x, t, encoder_hidden_states=txt).sample, same(x, t, encoder_hidden_states=txt).sample)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("native", [False, True], ids=["fp32_kernel_route", "bf16_kernels"])
 def test_in_bf16_the_peer_is_also_timed_on_textdiffs_kernel_route_where_the_cpu_has_no_bf16_kernel(
         tiny, monkeypatch, native):

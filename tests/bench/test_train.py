@@ -21,6 +21,7 @@ def test_synthetic_batch_has_the_stream_layout_with_low_res_for_upsamplers():
     assert batch["image"].min() >= -1 and batch["image"].max() <= 1 and len(batch["txt"]) == 3
 
 
+@pytest.mark.slow
 def test_bench_reports_both_throughputs_and_their_ratio(tiny):
     result = bench_train(tiny("deepspeed.gradient_accumulation_steps=2"), steps=1, warmup=1)
     assert result["images_per_step"] == 8 and result["dtype"] == "float32" and result["zero_stage"] == 0
@@ -28,6 +29,7 @@ def test_bench_reports_both_throughputs_and_their_ratio(tiny):
     assert result["overhead"] == pytest.approx(result["plain_images_per_s"] / result["engine_images_per_s"])
 
 
+@pytest.mark.slow
 def test_mfu_is_the_model_flops_of_the_step_per_second_over_the_matmul_rate(tiny):
     """Two micro-batches a step do twice the model FLOPs of one; MFU divides them by the engine's step time
     and by the matmul rate measured beside it."""
@@ -38,6 +40,7 @@ def test_mfu_is_the_model_flops_of_the_step_per_second_over_the_matmul_rate(tiny
     assert two["mfu"] == pytest.approx(two["gflop_per_step"] / step_s / two["matmul_gflop_s"])
 
 
+@pytest.mark.slow
 def test_the_ema_update_adds_no_collective_and_its_overhead_is_reported(tiny):
     result = bench_train(tiny("deepspeed.zero_optimization.stage=2"), steps=1, warmup=0)
     assert result["ema_sharded"] and result["ema_overhead"] > 0
@@ -45,6 +48,7 @@ def test_the_ema_update_adds_no_collective_and_its_overhead_is_reported(tiny):
     assert result["collective_mb_per_step_with_ema"] == result["collective_mb_per_step"]
 
 
+@pytest.mark.slow
 def test_checkpointing_bench_reports_each_variant_against_the_first(tiny):
     from textdiff.bench.train import checkpointing_bench
 

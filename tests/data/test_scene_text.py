@@ -254,6 +254,7 @@ def test_a_rerun_renders_only_missing_scenes_and_refuses_other_settings(tmp_path
     assert make_scene_text_set(tmp_path, 2, seed=1, overwrite=True, progress=False)["images"] == 2
 
 
+@pytest.mark.slow
 def test_tool_writes_a_set_and_reports_a_clear_error_as_exit_status_2(tmp_path):
     tool = [sys.executable, str(REPO / "tools" / "make_scene_text.py")]
     done = subprocess.run(tool + [str(tmp_path / "out"), "--n", "2", "--size", "64"], capture_output=True, text=True,

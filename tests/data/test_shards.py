@@ -81,6 +81,7 @@ def good_source(tmp_path) -> Path:
 # --- synthetic shards ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fixture_shards_open_with_tar_and_hold_48_samples_in_3_shards(synthetic_shards):
     shards = sorted(synthetic_shards.glob("shard-*.tar"))
     assert [s.name for s in shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
@@ -140,6 +141,7 @@ def test_cli_rejects_wrong_path_counts_and_source_flags_with_synthetic(tmp_path)
         assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_tool_script_wraps_the_library_command_line():
     done = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), "--help"], capture_output=True,
                           text=True, timeout=60)

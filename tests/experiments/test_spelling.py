@@ -15,6 +15,8 @@ import pytest
 from textdiff.experiments.spelling_set import all_strings, split_strings
 from textdiff.experiments.spelling import RESULT_KEYS
 
+pytestmark = pytest.mark.slow  # the whole experiment: data, training, evaluation
+
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("prove_spelling", REPO / "tools" / "prove_spelling.py")
 prove = importlib.util.module_from_spec(_spec)

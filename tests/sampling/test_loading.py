@@ -45,6 +45,7 @@ def test_the_loaded_model_computes_what_the_saved_one_did(runs):
         assert torch.equal(loaded.model(x, t, **cond), runs.base_model(x, t, **cond))
 
 
+@pytest.mark.slow
 def test_a_frozen_caption_encoder_is_not_needed_in_the_checkpoint(make_run, runs, tmp_path):
     clip = str(Path(__file__).parents[1] / "models" / "tiny_clip.json")
     model = make_run(tmp_path / "capt", using_capt=True, clipname=clip, clip_pretrained="")
@@ -82,6 +83,7 @@ def test_an_exported_file_loads_the_weights_it_was_written_with(runs, tmp_path):
     assert loaded.weights == "export"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_raw_weights_of_a_real_zero_checkpoint_are_the_trained_fp32_weights(synthetic_shards, tmp_path, stage):
     from textdiff.config import config_from_dict
@@ -119,6 +121,7 @@ class _RunsCodeWhenUnpickled:
         return exec, (f"open({self.marker!r}, 'w').write('ran')",)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim, weights", [("textdiff.pt", "ema"), ("mp_rank_00_model_states.pt", "raw")])
 def test_a_downloaded_checkpoint_whose_pickle_runs_code_is_refused(make_run, tmp_path, victim, weights):
     make_run(tmp_path / "run")

@@ -55,6 +55,7 @@ def test_the_records_read_as_an_evaluation_prompt_file(cascade_out):
                                                                       ("ab", 11, 1, "samples/000001.png")]
 
 
+@pytest.mark.slow
 def test_the_jsonl_regenerates_an_image_exactly(cascade_out, tmp_path):
     assert _run("--from-jsonl", cascade_out / "samples.jsonl", "--index", 1, "--out", tmp_path) == 0
     again = _pixels(tmp_path / "samples" / "000001.png")
@@ -62,6 +63,7 @@ def test_the_jsonl_regenerates_an_image_exactly(cascade_out, tmp_path):
     assert not (tmp_path / "samples" / "000000.png").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, named", [
     (["--steps", "50"], "--steps would be ignored; drop it"),  # the default, given explicitly, is still refused
     (["--guidance-txt", "3", "--raw", "--up-steps", "2"], "--guidance-txt, --ema/--raw, --up-steps would be ignored; "
@@ -78,12 +80,14 @@ def test_sampling_flags_given_with_from_jsonl_are_refused_before_any_work(cascad
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_from_jsonl_takes_out_device_and_quiet(cascade_out, tmp_path):
     assert _run("--from-jsonl", cascade_out / "samples.jsonl", "--index", 0, "--device", "cpu",
                 "--out", tmp_path) == 0
     assert (tmp_path / "samples" / "000000.png").is_file()
 
 
+@pytest.mark.slow
 def test_batch_size_does_not_change_the_images(runs, tmp_path):
     for bs in (1, 3):
         assert _run("--run-dir", runs.base, "--txt", "ab", "--txt", "cd", "--txt", "", "--steps", 3,
@@ -94,6 +98,7 @@ def test_batch_size_does_not_change_the_images(runs, tmp_path):
         assert np.abs(a - b).max() <= 1
 
 
+@pytest.mark.slow
 def test_an_empty_prompt_file_is_an_error_before_work(runs, tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("\n")
     assert _run("--run-dir", runs.base, "--prompts", tmp_path / "empty.jsonl", "--out", tmp_path / "o") == 2
@@ -101,12 +106,14 @@ def test_an_empty_prompt_file_is_an_error_before_work(runs, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_an_unknown_sampler_is_an_error_before_work(runs, tmp_path, capsys):
     assert _run("--run-dir", runs.base, "--txt", "ab", "--sampler", "euler", "--out", tmp_path / "o") == 2
     assert "sampler 'euler' is unknown; choose one of ddpm, ddim, prk, plms" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_an_upsampler_that_does_not_fit_the_base_size_is_an_error_before_work(runs, tmp_path, capsys):
     assert _run("--run-dir", runs.base, "--txt", "ab", "--upsampler", runs.up_from8, "--out", tmp_path / "o") == 2
     err = capsys.readouterr().err
@@ -114,6 +121,7 @@ def test_an_upsampler_that_does_not_fit_the_base_size_is_an_error_before_work(ru
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_a_too_long_transcription_is_cut_with_a_warning(runs, tmp_path, capsys):
     assert _run("--run-dir", runs.base, "--txt", "abcdefghijk", "--steps", 2, "--out", tmp_path / "o") == 0
     err = capsys.readouterr().err
@@ -121,11 +129,13 @@ def test_a_too_long_transcription_is_cut_with_a_warning(runs, tmp_path, capsys):
     assert "model.max_seq_len=8" in err and "cut to 'abcdef'" in err
 
 
+@pytest.mark.slow
 def test_upsampler_flags_without_an_upsampler_are_an_error(runs, tmp_path, capsys):
     assert _run("--run-dir", runs.base, "--txt", "ab", "--up-steps", 3, "--out", tmp_path / "o") == 2
     assert "--up-steps sets an upsampler stage, but no --upsampler is given" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_null_txt_samples_the_null_transcription_unlike_no_text(runs, tmp_path):
     """--null-txt is the dropped condition (the NULL token), --txt "" an image without text (START alone):
     two different inputs to the model, recorded as JSON null and "" and replayed from the records."""

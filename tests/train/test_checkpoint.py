@@ -145,6 +145,7 @@ def test_the_rank_state_round_trips_through_a_weights_only_load(tmp_path):
     assert np.array_equal(expected[0], again[0]) and expected[1] == again[1] and torch.equal(expected[2], again[2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["rank_00000.pt", "textdiff.pt", "mp_rank_00_model_states.pt"])
 def test_resuming_from_a_hostile_checkpoint_is_refused_before_any_code_runs(tiny, tmp_path, victim):
     from textdiff.train.loop import Trainer
@@ -243,6 +244,7 @@ def test_a_partial_checkpoint_ignored_at_resume_is_logged(tmp_path, caplog, monk
     assert "resuming from " + str(tmp_path / "step_00000010") in caplog.text
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_names_the_folder_and_the_last_checkpoint_stays_usable(tiny, tmp_path,
                                                                                         monkeypatch):
     from textdiff.train import checkpoint

@@ -71,6 +71,7 @@ def test_runs_starting_together_build_the_op_one_after_the_other(slow_builder):
     assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:]))  # never two at once
 
 
+@pytest.mark.slow
 def test_a_build_killed_while_holding_the_lock_does_not_block_the_next_run(slow_builder, tmp_path):
     (tmp_path / "ext").mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
@@ -122,6 +123,7 @@ print(json.dumps({"names": names, "sum": t.tolist()}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX shm in /dev/shm")
 def test_two_cpu_ranks_leave_no_shm_buffer_behind_and_still_all_reduce_through_it():
     """DeepSpeed's CPU all-reduce buffers (66 MB per rank, in memory) lose their /dev/shm names once both

@@ -19,6 +19,7 @@ def test_fit_shapes_restores_zero_dim_gains_and_leaves_the_rest():
     assert out["w"].shape == (2, 3) and out["other"].shape == (4,)
 
 
+@pytest.mark.slow
 def test_ema_and_raw_exports_of_a_zero2_run_load_back(tiny, tmp_path):
     run = tmp_path / "run"
     cfg = tiny("deepspeed.zero_optimization.stage=2", "train.max_steps=2", "train.sample_every=2",

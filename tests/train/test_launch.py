@@ -16,6 +16,8 @@ from textdiff.train.engine import free_port
 
 from ..conftest import outside_env, write_recipe
 
+pytestmark = pytest.mark.slow  # the DeepSpeed launcher in subprocesses
+
 REPO = Path(__file__).resolve().parents[2]
 
 

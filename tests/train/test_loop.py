@@ -18,6 +18,8 @@ from textdiff.train.loop import Trainer
 from textdiff.train.loss import diffusion_loss, grad_norm
 from textdiff.train.window import TrainingDiverged, nonfinite_action, step_stats
 
+pytestmark = pytest.mark.slow  # DeepSpeed engines in this process
+
 
 def _recording(batches, keys):
     for batch in batches:

@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from textdiff.formats.checkpoint import complete_checkpoints, load_untrusted
 from textdiff.train.engine import free_port
 
 from ..conftest import outside_env, write_recipe
+
+pytestmark = pytest.mark.slow  # two DeepSpeed launchers in subprocesses
 
 REPO = Path(__file__).resolve().parents[2]
 STATE_FILES = {"COMPLETE", "config.json", "textdiff.pt", "rank_00000.pt", "rank_00001.pt",

@@ -107,6 +107,7 @@ def test_channels_last_under_zero_1_feeds_channels_last_inputs_and_leaves_deepsp
     assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
 
 
+@pytest.mark.slow
 def test_the_trainer_sets_cudnn_benchmark_and_channels_last_from_the_recipe(tiny, tmp_path):
     from textdiff.train.loop import Trainer
 
