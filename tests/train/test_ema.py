@@ -110,3 +110,37 @@ def test_ramp_warmup_follows_the_recent_weights_where_the_arithmetic_mean_keeps_
         ramp.update([torch.full((1,), n / 300)])
     assert float(arith.named_averages(0.999)["w"]) == pytest.approx(0.5, abs=1e-6)
     assert float(ramp.named_averages(0.999)["w"]) == pytest.approx(0.9, abs=1e-5)
+
+
+def test_tracked_averages_start_as_their_names_say_beside_the_rates():
+    """One run keeps the rate's average (started as ema.warmup says) and each tracked start: plain (the rate
+    from the first update), arithmetic (the exact mean until the rate takes over) and ramp."""
+    from textdiff.train.ema import average_decays, power_key
+
+    cfg = EMAConfig(rates=(0.9,), warmup="ramp", tracked=("plain:0.9", "arithmetic:0.9", "ramp:0.9"),
+                    power_sigma_rels=(0.1,))
+    decays = average_decays(cfg)
+    assert list(decays) == ["0.9", "plain:0.9", "arithmetic:0.9", "ramp:0.9", power_key(0.1)]
+    assert [decays["plain:0.9"](n) for n in (0, 5)] == [0.9, 0.9]
+    assert [decays["arithmetic:0.9"](n) for n in (0, 1, 8, 20)] == pytest.approx([1 / 2, 2 / 3, 0.9, 0.9])
+    assert [decays["ramp:0.9"](n) for n in (0, 10)] == pytest.approx([1 / 10, 11 / 20])
+    assert decays["0.9"](10) == decays["ramp:0.9"](10)
+    ema = EMA(["w"], [torch.zeros(1)], cfg)
+    for value in (1.0, 2.0, 3.0):
+        ema.update([torch.tensor([value])])
+    assert float(ema.named_averages("arithmetic:0.9")["w"]) == pytest.approx(1.5)  # mean of 0, 1, 2, 3
+    assert float(ema.named_averages(power_key(0.1))["w"]) > float(ema.named_averages("plain:0.9")["w"])
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"tracked": ["slow:0.9"]}, "ema.tracked holds 'slow:0.9'; write plain:R, arithmetic:R or ramp:R"),
+    ({"tracked": ["ramp:1.5"]}, "ema.tracked holds 'ramp:1.5'"),
+    ({"tracked": ["ramp:0.9", "ramp:0.9"]}, "ema.tracked names an average twice"),
+    ({"power_sigma_rels": [0.3]}, r"ema.power_sigma_rels holds 0.3; a relative width must lie in \(0, 0.2886\)"),
+    ({"snapshot_every": 100}, "ema.snapshot_every saves the power-function EMAs; set ema.power_sigma_rels too"),
+])
+def test_bad_tracked_averages_and_snapshot_settings_name_the_key(keys, message):
+    from textdiff.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"textdiff": {"ema": keys}})

@@ -431,3 +431,27 @@ def test_under_every_16bit_optimizer_wrapper_the_ema_follows_the_fp32_master_wei
         torch.testing.assert_close(value, before[name] + 0.5 * (after[name] - before[name]), rtol=2 ** -23,
                                    atol=2 ** -30, msg=name)
     trainer.close()
+
+
+def test_ema_snapshots_are_written_every_snapshot_every_steps_and_a_resumed_run_writes_the_same(tiny, tmp_path):
+    """Power-function EMAs (sharded at ZeRO 2) saved every 2 steps: steps 2 and 4, bit-identical whether the
+    run went straight through or stopped at 2 and resumed; the tracked starts resume with the checkpoint."""
+    from safetensors.torch import load_file
+
+    from textdiff.formats.ema_snapshots import list_snapshots
+
+    keys = ("deepspeed.zero_optimization.stage=2", "ema.power_sigma_rels=[0.05, 0.1]", "ema.snapshot_every=2",
+            'ema.tracked=["plain:0.9", "arithmetic:0.9"]')
+    straight, _ = _run(tiny(*keys, "train.max_steps=4"), tmp_path / "straight")
+    _run(tiny(*keys, "train.max_steps=2"), tmp_path / "split")
+    resumed, _ = _run(tiny(*keys, "train.max_steps=4"), tmp_path / "split", resume="auto")
+    infos = list_snapshots(tmp_path / "straight")
+    assert [(s.step, s.updates) for s in infos] == [(2, 2), (4, 4)]
+    assert infos[0].sigma_rels == {"power:0.05": 0.05, "power:0.1": 0.1}
+    for info, other in zip(infos, list_snapshots(tmp_path / "split")):
+        a, b = load_file(str(info.path)), load_file(str(other.path))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), info.step
+    assert "power:0.05/out_conv.weight" in load_file(str(infos[1].path))
+    for key in ("plain:0.9", "arithmetic:0.9"):
+        for name, value in straight.ema_weights(key).items():
+            assert torch.equal(value, resumed.ema_weights(key)[name]), (key, name)

@@ -177,11 +177,30 @@ class EMAConfig:
     # the seed's example run sets 0
     arithmetic_avg_from_step: int = -1
     arithmetic_avg_extra_shift: int = 0
+    # averages tracked beside `rates`, to compare starts in one run: "plain:R" (the EMA of rate R from the first
+    # update), "arithmetic:R" (the research code's arithmetic mean until R takes over, from step 0), "ramp:R"
+    tracked: tuple[str, ...] = ()
+    # EDM2's power-function EMAs (textdiff/train/posthoc_ema.py) by relative width, e.g. [0.05, 0.10]; with
+    # snapshot_every > 0 their full weights are saved every that many steps into RUN_DIR/ema_snapshots/, from
+    # which tools/reconstruct_ema.py rebuilds an EMA of any width after training
+    power_sigma_rels: tuple[float, ...] = ()
+    snapshot_every: int = 0
 
     def validate(self) -> None:
         """Raise ConfigError for impossible combinations, naming the key."""
         _require(len(self.rates) > 0 and len(set(self.rates)) == len(self.rates), "ema.rates",
                  f"is {list(self.rates)}; give one or more distinct rates, e.g. [0.9999]")
+        for spec in self.tracked:
+            kind, _, rate = spec.partition(":")
+            _require(kind in ("plain", "arithmetic", "ramp") and _is_rate(rate), "ema.tracked",
+                     f"holds {spec!r}; write plain:R, arithmetic:R or ramp:R with a rate R in (0, 1), e.g. ramp:0.999")
+        _require(len(set(self.tracked)) == len(self.tracked), "ema.tracked", "names an average twice")
+        for s in self.power_sigma_rels:
+            _require(0.0 < s < 0.2886, "ema.power_sigma_rels",
+                     f"holds {s}; a relative width must lie in (0, 0.2886) (EDM2 tracks 0.05 and 0.10)")
+        _require(self.snapshot_every >= 0, "ema.snapshot_every", "must be >= 0 (0: no snapshots)")
+        _require(not self.snapshot_every or self.power_sigma_rels, "ema.snapshot_every",
+                 "saves the power-function EMAs; set ema.power_sigma_rels too, e.g. [0.05, 0.10]")
         for r in self.rates:
             _require(0.0 < r < 1.0, "ema.rates", f"holds {r}; every rate must lie in (0, 1)")
         _require(self.arithmetic_avg_from_step >= -1, "ema.arithmetic_avg_from_step",
@@ -191,6 +210,13 @@ class EMAConfig:
                                                  and self.arithmetic_avg_extra_shift == 0),
                  "ema.arithmetic_avg_from_step", "only applies to ema.warmup=\"arithmetic\"; leave it unset (-1) "
                  "and arithmetic_avg_extra_shift 0 with \"ramp\"")
+
+
+def _is_rate(text: str) -> bool:
+    try:
+        return 0.0 < float(text) < 1.0
+    except ValueError:
+        return False
 
 
 @dataclass

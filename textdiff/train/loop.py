@@ -370,6 +370,9 @@ class Trainer:
                 last = self.step == cfg.max_steps
                 if self.monitor is not None and self.monitor.due(self.step, last, stopping):
                     self.look(last, stopping)
+                if self.cfg.ema.snapshot_every and self.step % self.cfg.ema.snapshot_every == 0:
+                    self.check_finite()  # no snapshot of weights a non-finite step reached
+                    self.ema.snapshot(self.run_dir, self.step)
                 if self.step % self.cfg.checkpoint.save_every == 0 or self.step == cfg.max_steps or stopping:
                     last_saved = self.save()
                 if stopping:

@@ -8,6 +8,7 @@ a checkpoint's full average is laid out as this rank's partition again on resume
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -15,8 +16,9 @@ from torch import nn
 
 from textdiff.config import EMAConfig
 from textdiff.formats.checkpoint import rate_key
+from textdiff.formats.ema_snapshots import write_snapshot
 from textdiff.train import engine as eng
-from textdiff.train.ema import EMA
+from textdiff.train.ema import EMA, power_key
 
 
 class MasterEMA:
@@ -29,6 +31,7 @@ class MasterEMA:
         master, self.sharded = eng.fp32_master_weights(engine, params)
         labels = names if eng.master_is_params(engine, params) else [f"fp32 master {i}" for i in range(len(master))]
         self.ema = EMA(labels, master, cfg) if self.sharded or rank == 0 else None
+        self.sigma_rels = {power_key(s): float(s) for s in cfg.power_sigma_rels}
         self._cache: dict[str, tuple[int, Optional[dict[str, torch.Tensor]]]] = {}  # rate -> (step, full EMA)
 
     @property
@@ -78,3 +81,10 @@ class MasterEMA:
         averages = {k: eng.partition_fp32(self.engine, self.params, v) for k, v in saved["averages"].items()}
         self.ema.load_state_dict({"num_updates": saved["num_updates"], "names": self.ema.names,
                                   "averages": averages})
+
+    def snapshot(self, run_dir: Path, step: int) -> None:
+        """Save the power-function EMAs at ``step`` (textdiff/formats/ema_snapshots.py); all ranks must call
+        this (a sharded EMA is gathered), rank 0 writes."""
+        averages = {key: self.weights(key, step) for key in self.sigma_rels}
+        if self.rank == 0:
+            write_snapshot(run_dir, step, self.ema.num_updates, averages, self.sigma_rels)
