@@ -32,7 +32,10 @@ PEER_SIZES = {
     "recipe": [],
     "46M": ["model.image_size=64", "model.num_channels=128", "model.channel_mult=[1,2,2,2]",
             "model.num_res_blocks=2", "model.attention_resolutions=[16,8]", "model.txt_resolutions=[16,8]",
-            "deepspeed.train_micro_batch_size_per_gpu=4"],
+            "deepspeed.train_micro_batch_size_per_gpu=4",
+            # heads of width 32 in the middle block too, as at every level, so diffusers' peer (whose middle block
+            # takes the last level's heads) is matched head for head there
+            "model.num_heads=8"],
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

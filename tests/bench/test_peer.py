@@ -11,7 +11,8 @@ pytest.importorskip("diffusers")
 
 from textdiff.models import conv  # noqa: E402
 from textdiff.models.linear import Linear  # noqa: E402
-from textdiff.bench.peer import peer_bench, peer_unet, trainable_size, with_textdiff_kernels  # noqa: E402
+from textdiff.bench.peer import (peer_bench, peer_heads, peer_unet, textdiff_heads, trainable_size,  # noqa: E402
+                                 with_textdiff_kernels)
 
 
 def test_the_peer_of_the_demo_recipe_is_within_ten_percent_of_its_size():
@@ -28,6 +29,9 @@ def test_peer_bench_reports_both_throughputs_sizes_and_peaks(tiny):
     assert result["peak_mb_textdiff"] > 0 and result["peak_mb_peer"] > 0
     assert result["faults_textdiff"] >= 0 and result["faults_peer"] >= 0
     assert result["gflop_textdiff"] > 0 and 0 < result["mfu_textdiff"] and 0 < result["mfu_peer"]
+    # the heads that make the match checkable are in the record
+    assert result["middle_heads_peer"] == result["middle_heads_textdiff"] == 2
+    assert result["head_width_peer"][-1] == result["head_width_textdiff"][-1] == 32
 
 
 def test_the_peer_on_textdiffs_kernel_route_is_the_same_function_in_fp32():
@@ -76,3 +80,24 @@ def test_live_tensor_bytes_peak_counts_what_is_alive_together():
         step()
     assert counter.peak == 8000 and counter.live == 0
     assert peak_step_bytes(step, torch.device("cpu")) == 8000
+
+
+@pytest.mark.parametrize("size", ["demo", "46M"])
+def test_the_peer_runs_textdiffs_heads_head_for_head(size):
+    """diffusers' attention_head_dim is the number of heads: given textdiff's per-level head counts, the peer's
+    built attention layers run the same heads of the same width at every attention level and in the middle."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).parents[2] / "tools" / "bench_train.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cfg = tool.size_config(size, argparse.Namespace(config=None, overrides=[])).model
+    mine, peer = textdiff_heads(cfg), peer_heads(peer_unet(cfg))
+    attended = [i for i, h in enumerate(peer["heads"]) if h is not None]
+    assert attended  # the sizes attend somewhere
+    assert [peer["heads"][i] for i in attended] == [mine["heads"][i] for i in attended]
+    assert [peer["head_width"][i] for i in attended] == [mine["head_width"][i] for i in attended] == \
+        [cfg.channels_per_head] * len(attended)
+    assert (peer["middle_heads"], peer["middle_head_width"]) == (mine["middle_heads"], mine["middle_head_width"])

@@ -22,10 +22,23 @@ from textdiff.models.conv import Conv2d, emulates_bf16
 from textdiff.models.linear import Linear
 
 
+def textdiff_heads(cfg: ModelConfig) -> dict:
+    """The attention heads textdiff's U-net runs: per level (its width over ``channels_per_head``, or
+    ``num_heads`` without one), in the middle block (``num_heads``), and their widths."""
+    widths = [cfg.num_channels * m for m in cfg.channel_mult]
+    per_level = [w // cfg.channels_per_head if cfg.channels_per_head > 0 else cfg.num_heads for w in widths]
+    return {"heads": per_level, "head_width": [w // h for w, h in zip(widths, per_level)],
+            "middle_heads": cfg.num_heads, "middle_head_width": widths[-1] // cfg.num_heads}
+
+
 def peer_unet(cfg: ModelConfig) -> nn.Module:
     """diffusers' UNet2DConditionModel shaped like ``cfg``: the same widths per level, residual blocks per
-    level, output channels, head width, and cross-attention (to ``txt_dim``-wide tokens) at every level
-    whose resolution has attention or text. Its trainable size lands within 10% of textdiff's."""
+    level, output channels, and cross-attention (to ``txt_dim``-wide tokens) at every level whose resolution
+    has attention or text, with textdiff's heads head for head (:func:`textdiff_heads`). In this class
+    ``attention_head_dim`` is, for historical reasons, the number of heads (diffusers' unet_2d_condition.py:
+    ``num_attention_heads = num_attention_heads or attention_head_dim``, its issue #2011; setting
+    ``num_attention_heads`` itself raises a ValueError), so it gets the per-level head counts; the middle block
+    takes the last level's. Its trainable size lands within 10% of textdiff's."""
     from diffusers import UNet2DConditionModel  # deferred: the optional `bench` extra, a benchmark peer only
 
     res = [cfg.feature_size // 2 ** i for i in range(len(cfg.channel_mult))]
@@ -37,7 +50,21 @@ def peer_unet(cfg: ModelConfig) -> nn.Module:
         out_channels=cfg.in_channels * (2 if cfg.learn_sigma else 1),
         block_out_channels=tuple(cfg.num_channels * m for m in cfg.channel_mult),
         layers_per_block=cfg.num_res_blocks, down_block_types=down, up_block_types=up,
-        cross_attention_dim=cfg.txt_dim, attention_head_dim=cfg.channels_per_head, norm_num_groups=cfg.num_groups)
+        cross_attention_dim=cfg.txt_dim, attention_head_dim=tuple(textdiff_heads(cfg)["heads"]),
+        norm_num_groups=cfg.num_groups)
+
+
+def peer_heads(peer: nn.Module) -> dict:
+    """The heads the peer's attention layers run, read from the built modules: per level (its first
+    attention layer's; None for a level without one), in the middle block, and their widths."""
+    def first_attention(block: nn.Module):
+        return next((m for name, m in block.named_modules() if name.endswith("attn1")), None)
+
+    levels = [first_attention(b) for b in peer.down_blocks]
+    middle = first_attention(peer.mid_block)
+    return {"heads": [a.heads if a is not None else None for a in levels],
+            "head_width": [a.inner_dim // a.heads if a is not None else None for a in levels],
+            "middle_heads": middle.heads, "middle_head_width": middle.inner_dim // middle.heads}
 
 
 def with_textdiff_kernels(model: nn.Module) -> nn.Module:
@@ -98,7 +125,10 @@ def peer_bench(cfg: TextdiffConfig, dtype: torch.dtype, steps: int = 6, warmup: 
     peak = {name: peak_step_bytes(step, device) for name, step in both}
     flops = {name: step_flops(step) for name, step in both}
     rate = matmul_flops_per_s(dtype, device)
+    heads = {f"{k}_textdiff": v for k, v in textdiff_heads(cfg.model).items()}
+    heads.update({f"{k}_peer": v for k, v in peer_heads(peer).items()})
     return {"dtype": str(dtype).removeprefix("torch."), "compile": compile, "device": str(device), "batch": n,
+            **heads,
             "image_size": cfg.model.image_size, "params_textdiff": trainable_size(mine),
             "params_peer": trainable_size(peer), "img_s_textdiff": n / seconds["textdiff"],
             "img_s_peer": n / seconds["peer"], "ratio": seconds["peer"] / seconds["textdiff"],
