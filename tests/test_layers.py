@@ -25,7 +25,7 @@ FLOORS = (
 FLOOR = {part: i for i, parts in enumerate(FLOORS) for part in parts}
 # what an import inside a function may defer: dependencies that take seconds to import or are optional
 DEFERRABLE = ("deepspeed", "open_clip", "diffusers", "webdataset", "torch.utils.tensorboard", "resource",
-              "rapidocr_onnxruntime", "onnxruntime", "s3fs", "gcsfs", "textdiff.models.caption")
+              "rapidocr_onnxruntime", "onnxruntime", "s3fs", "gcsfs", "textdiff.models.caption", "textdiff.ocr.ppocr")
 
 
 def module_name(path: Path) -> str:

@@ -7,8 +7,12 @@ writes the transcription it is given (docs/spelling.md).
 Renders every 2-3 digit string (10% held out, never in a shard), shards it with make_shards, trains
 ds_configs/spell_cpu.json with DeepSpeed until the budget leaves only the evaluation's reserve, then samples
 every held-out string from the EMA weights with guidance and with the null transcription and reads both
-with Tesseract. Prints CER with the transcription, the null control, the OCR ceiling and chance; with
---json one JSON object. A rerun with the same --out continues the training from its last checkpoint.
+with each OCR engine (--engine, repeatable; default every one installed, the recipe's eval.ocr_engine
+first). Prints, per engine, CER with the transcription, the null control and that engine's OCR ceiling, and
+chance; with --json one JSON object. A rerun with the same --out continues the training from its last
+checkpoint. Reading a finished run's saved images again, with no training or sampling:
+
+    python tools/prove_spelling.py --rescore runs/spell --engine ppocr --json
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import sys
 
 from textdiff.config import ConfigError
 from textdiff.experiments.spelling import RESULT_KEYS, Design, ExperimentError, rescore, run_experiment
-from textdiff.eval.ocr import TesseractError, TesseractMissingError
+from textdiff.ocr import OcrError, OcrMissingError
 
 
 def main(argv=None) -> int:
@@ -39,30 +43,43 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe key (repeatable), as for launch.sh")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--rescore", action="store_true",
-                   help="no training or sampling: read the images a finished run in --out saved again with the "
-                        "recipe's current eval settings (and the ceiling on fresh renders); updates result.json")
+    p.add_argument("--engine", dest="engines", action="append", default=[], metavar="NAME",
+                   help="OCR engine of the final evaluation (repeatable: tesseract, ppocr); the first gives the "
+                        "headline figures and the training curve (default: every one installed, eval.ocr_engine first)")
+    p.add_argument("--rescore", metavar="RUN_OUT",
+                   help="no training or sampling: read the images the finished run in RUN_OUT saved again with the "
+                        "recipe's current eval settings and the --engine(s), each with its ceiling on fresh "
+                        "renders; updates RUN_OUT/result.json")
     args = p.parse_args(argv)
     per_string = args.eval_per_string or (d.eval_per_string if args.minutes >= 20 else 1)
     steps = args.steps or (d.steps if args.minutes >= 20 else 10)
     design = Design(renders=args.renders, seed=args.seed, guidance=args.guidance, sampler=args.sampler,
-                    steps=steps, eval_per_string=per_string, recipe=args.recipe, overrides=tuple(args.overrides))
+                    steps=steps, eval_per_string=per_string, recipe=args.recipe, overrides=tuple(args.overrides),
+                    engines=tuple(args.engines))
     try:
-        result = rescore(args.out) if args.rescore else run_experiment(args.out, args.minutes, design)
+        result = rescore(args.rescore, args.engines) if args.rescore else run_experiment(args.out, args.minutes, design)
     except FileNotFoundError as e:
-        print(f"prove_spelling: --rescore needs a finished run in --out: {e}", file=sys.stderr)
+        print(f"prove_spelling: --rescore needs a finished run (result.json, eval/samples.jsonl): {e}", file=sys.stderr)
         return 2
-    except (ConfigError, ExperimentError, TesseractMissingError, TesseractError) as e:
+    except (ConfigError, ExperimentError, OcrMissingError, OcrError) as e:
         print(f"prove_spelling: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({k: result[k] for k in RESULT_KEYS}))
     else:
-        print(f"held-out CER {result['cer_txt']:.3f} (exact {result['exact_txt']:.3f}) with the transcription at "
-              f"guidance {design.guidance:g}; null control {result['cer_null']:.3f}; chance {result['cer_chance']:.3f}; "
-              f"OCR ceiling {result['cer_ceiling']:.3f}; {result['steps']} steps, {result['samples_seen']} samples, "
-              f"{result['minutes']:.1f} min, {result['n_eval']} images each")
+        print(summary(result))
     return 0
+
+
+def summary(result: dict) -> str:
+    """The figures of ``result`` in words, one line per OCR engine and one for the run."""
+    guidance = result["design"]["guidance"]
+    lines = [f"{name}: held-out CER {f['cer_txt']:.3f} (exact {f['exact_txt']:.3f}) with the transcription at guidance "
+             f"{guidance:g}; null control {f['cer_null']:.3f}; OCR ceiling {f['cer_ceiling']:.3f} ({f['version']})"
+             for name, f in result["engines"].items()]
+    lines.append(f"chance {result['cer_chance']:.3f}; {result['steps']} steps, {result['samples_seen']} samples, "
+                 f"{result['minutes']:.1f} min, {result['n_eval']} images each; headline engine {result['engine']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

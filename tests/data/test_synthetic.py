@@ -117,13 +117,12 @@ def test_text_that_cannot_fit_raises_naming_the_size():
 
 @pytest.mark.skipif(shutil.which("tesseract") is None, reason="tesseract not installed")
 def test_tesseract_reads_most_held_out_renders_at_64px():
-    from textdiff.config import EvalConfig
-    from textdiff.eval.ocr import ocr_images
+    from textdiff.ocr import TesseractEngine
 
     samples = []
     for i in range(24):
         rng = random.Random(f"legible-{i}")
         samples.append(render_sample(random_transcription(rng, HELDOUT_WORDS, 64), rng, 64))
-    reads = ocr_images([s.image for s in samples], EvalConfig(), workers=2, progress=False)
+    reads = TesseractEngine().read([s.image for s in samples], workers=2, progress=False)
     exact = sum(r.text.strip().lower() == s.text.lower() for r, s in zip(reads, samples))
     assert exact >= 18, [(r.text, s.text) for r, s in zip(reads, samples)]

@@ -13,7 +13,7 @@ from textdiff.eval.monitor import TrainingMonitor
 from textdiff.eval.prompts import eval_prompts
 from textdiff.train.loop import Trainer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # DeepSpeed engines in this process
 
 EVAL = ("eval.every=2", "eval.num_prompts=5", "eval.steps=2")  # 4 text prompts and 1 text-free (every 5th)
 
@@ -54,6 +54,14 @@ def test_every_two_steps_logs_spelling_scalars_grid_and_jsonl(tiny, tmp_path):
     assert (grids[0].width, grids[0].height) == (5 * 18 + 2, 18 + 2)  # 5 images of 16 px, one row, 2 px gaps
     assert [r["step"] for r in records] == [2, 4]
     assert all(r["n"] == 5 and r["n_text"] == 4 and r["n_empty"] == 1 for r in records)
+    # every record names its engine and carries that engine's ceiling on 16 px renders of the same prompts
+    assert all(r["engine"] == "tesseract" and r["engine_version"].startswith("tesseract 5") for r in records)
+    assert records[0]["ceiling"] == records[1]["ceiling"] and records[0]["ceiling"]["n"] == 5
+    ceiling = events.Scalars("eval/ceiling/cer")
+    assert [p.step for p in ceiling] == [2, 4]
+    assert [p.value for p in ceiling] == pytest.approx([records[0]["ceiling"]["cer"]] * 2, rel=1e-6)
+    for name in ("ned", "sentence_accuracy", "mario_word_accuracy", "mario_f_measure"):
+        assert [p.value for p in events.Scalars(f"eval/{name}")] == pytest.approx([r[name] for r in records]), name
     # a 16 px model after 4 steps draws no legible text: OCR reads (almost) nothing of the 4 transcriptions
     assert all(r["exact_match"] == 0.0 and r["cer"] >= 0.5 for r in records), records
 
@@ -97,8 +105,19 @@ def test_the_hook_scores_images_of_known_text_with_the_cer_they_must_get(tiny, t
     assert cer[0] <= record["cer"] <= cer[1], record
     assert exact[0] <= record["exact_match"] <= exact[1], record
     assert record["false_text_rate"] == 0.0  # the text-free prompt's blank render shows no text
+    # the ceiling: Tesseract on 16 px renders of the prompts (the model's size) reads nothing (measured CER 1.0)
+    assert record["ceiling"]["n"] == 5 and record["ceiling"]["cer"] >= 0.75
     events, _ = _tags(tmp_path / "run")
     assert events.Scalars("eval/cer")[0].value == pytest.approx(record["cer"], rel=1e-6)
+
+
+def test_a_prompt_too_long_to_render_leaves_the_ceiling_empty_and_the_evaluation_whole(tiny, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"txt": "a rather long sentence"}\n{"txt": "ox"}\n')
+    trainer = _trainer(tiny("train.max_steps=1", "eval.every=1", f"eval.prompts_file={prompts}"), tmp_path / "run")
+    record = _evaluate_with(trainer, lambda t: t[:2])
+    trainer.close()
+    assert record["ceiling"] == {} and (record["n"], record["n_text"]) == (2, 2)
 
 
 def test_the_same_seeds_give_the_same_eval_for_the_same_weights(tiny, tmp_path):
@@ -116,6 +135,22 @@ def test_a_missing_tesseract_stops_before_step_one_naming_the_key(tiny, tmp_path
         _trainer(tiny(*EVAL, f"eval.tesseract_cmd={tmp_path / 'no-such-tesseract'}"), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert not (tmp_path / "run" / "tb").exists()
+
+
+def test_an_unknown_ocr_engine_stops_before_step_one_naming_the_key(tiny, tmp_path):
+    with pytest.raises(ConfigError, match=r"eval.ocr_engine \(--engine\) is 'easyocr'; the OCR engines are"):
+        _trainer(tiny(*EVAL, "eval.ocr_engine=easyocr"), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_missing_ppocr_package_stops_before_step_one_naming_what_to_install(tiny, tmp_path, monkeypatch):
+    import textdiff.ocr
+
+    monkeypatch.setattr(textdiff.ocr, "PPOCR_PACKAGES", ("rapidocr_onnxruntime_absent",))
+    with pytest.raises(ConfigError, match=r"eval.every is 2 but the PP-OCR engine .* needs the Python package "
+                                          r"rapidocr_onnxruntime_absent: pip install"):
+        _trainer(tiny(*EVAL, "eval.ocr_engine=ppocr"), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_eval_every_zero_evaluates_nothing(tiny, tmp_path):

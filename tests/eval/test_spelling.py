@@ -6,7 +6,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from textdiff.config import EvalConfig
 from textdiff.sampling.prompts import Prompt, expand
-from textdiff.eval.spelling import evaluate_images, evaluate_spelling, sample_prompts
+from textdiff.eval.spelling import ceiling_report, evaluate_images, evaluate_spelling, sample_prompts
 
 
 def draw(text: str) -> np.ndarray:
@@ -25,6 +25,7 @@ PROMPTS = [Prompt("ember", count=2), Prompt("falcon"), Prompt("", count=2)]
 def test_a_sampler_that_writes_the_prompt_scores_perfectly():
     m = evaluate_spelling(perfect_sampler, PROMPTS, EvalConfig())
     assert (m["cer"], m["exact_match"], m["word_accuracy"], m["false_text_rate"]) == (0.0, 1.0, 1.0, 0.0)
+    assert (m["ned"], m["sentence_accuracy"], m["mario_word_accuracy"], m["mario_f_measure"]) == (1.0, 1.0, 1.0, 1.0)
     assert (m["n"], m["n_text"], m["n_empty"]) == (5, 3, 2)
 
 
@@ -64,10 +65,23 @@ def test_report_has_one_row_per_prompt_with_its_readings():
     prompts = expand([Prompt("ember", count=2), Prompt("")])
     report = evaluate_images([draw("ember"), draw("embar"), draw("")], prompts, EvalConfig(), progress=False)
     rows = report.to_dict()["prompts"]
+    # "embar" for "ember": 1 edit of 10 characters, NED (1 + 4/5) / 2, and one of two images right by every rule
     assert rows[0] == {"txt": "ember", "capt": "", "n": 2, "cer": pytest.approx(0.1), "exact_match": 0.5,
-                       "word_accuracy": 0.5, "readings": ["ember", "embar"]}
+                       "word_accuracy": 0.5, "ned": pytest.approx(0.9), "sentence_accuracy": 0.5,
+                       "mario_word_accuracy": 0.5, "mario_precision": 0.5, "mario_recall": 0.5,
+                       "mario_f_measure": 0.5, "readings": ["ember", "embar"]}
     assert rows[1]["false_text_rate"] == 0.0 and "cer" not in rows[1]
-    assert report.to_dict()["normalize"] is True
+    out = report.to_dict()
+    assert out["normalize"] is True
+    assert out["engine"] == "tesseract" and out["engine_version"].startswith("tesseract 5")
+
+
+def test_the_ceiling_reads_renders_of_the_same_prompts_with_the_same_engine():
+    prompts = expand([Prompt("ember", count=2), Prompt("")])
+    report = ceiling_report(prompts, 64, EvalConfig())
+    m = report.metrics
+    assert (m["n"], m["n_text"], m["n_empty"], report.engine) == (3, 2, 1, "tesseract")
+    assert m["cer"] == 0.0 and m["false_text_rate"] == 0.0  # the generator's own renders of "ember" read right
 
 
 def test_normalisation_setting_decides_whether_case_counts():

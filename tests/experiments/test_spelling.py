@@ -1,21 +1,25 @@
 """tools/prove_spelling.py at a tiny budget: the plumbing of the spelling experiment (not its result, which is a
 40-minute benchmark recorded in docs/spelling.md).
 
-One run (module fixture, about two minutes): a tiny U-net trained for the half minute the budget leaves,
-evaluated on all 110 held-out strings with 4 sampling steps.
+One run (module fixture, about two minutes, marked slow): a tiny U-net trained for the half minute the budget
+leaves, evaluated on all 110 held-out strings with 4 sampling steps. The rescoring of a finished run's saved
+images with one OCR engine or several is specified on a small run written by hand (no training).
 """
 
 import importlib.util
 import json
 import tarfile
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from textdiff.experiments.spelling_set import all_strings, split_strings
-from textdiff.experiments.spelling import RESULT_KEYS
-
-pytestmark = pytest.mark.slow  # the whole experiment: data, training, evaluation
+from textdiff.config import EvalConfig
+from textdiff.eval.spelling import installed_engines
+from textdiff.experiments.spelling import RESULT_KEYS, Design
+from textdiff.experiments.spelling_set import all_strings, render_rng, render_string, split_strings
+from textdiff.ocr import OcrLine, base, reading_of_lines, register_engine
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("prove_spelling", REPO / "tools" / "prove_spelling.py")
@@ -30,14 +34,18 @@ TINY = ("model.num_channels=32", "model.channel_mult=[1,2]", "model.txt_dim=32",
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
+    """The whole experiment: data, training, evaluation (slow)."""
     out = tmp_path_factory.mktemp("spell") / "run"
-    argv = ["--minutes", str(MINUTES), "--out", str(out), "--renders", "1", "--steps", "4", "--json"]
+    # one engine: the budget's evaluation reserve grows with each (docs/spelling.md)
+    argv = ["--minutes", str(MINUTES), "--out", str(out), "--renders", "1", "--steps", "4", "--engine", "tesseract",
+            "--json"]
     for s in TINY:
         argv += ["--set", s]
     code = prove.main(argv)
     return code, out
 
 
+@pytest.mark.slow  # the whole experiment: data, training, evaluation
 def test_the_experiment_ends_within_its_budget_and_prints_every_figure(experiment, capfd):
     code, out = experiment
     assert code == 0
@@ -53,8 +61,12 @@ def test_the_experiment_ends_within_its_budget_and_prints_every_figure(experimen
     assert result["cer_txt"] >= 0 and result["cer_null"] >= 0 and 0 <= result["exact_txt"] <= 1
     assert result["curve"] and all({"step", "samples_seen", "cer", "cer_null", "minutes"} <= set(p)
                                    for p in result["curve"])
+    # the figures name their engine, which the training-time curve used too, beside its ceiling
+    assert result["engine"] == "tesseract" and list(result["engines"]) == ["tesseract"]
+    assert result["engines"]["tesseract"]["cer_ceiling"] == result["cer_ceiling"]
 
 
+@pytest.mark.slow  # the whole experiment: data, training, evaluation
 def test_held_out_strings_are_never_in_the_shards(experiment):
     _, out = experiment
     train, heldout = split_strings(all_strings(), 0.1, 0)
@@ -67,6 +79,7 @@ def test_held_out_strings_are_never_in_the_shards(experiment):
     assert written == set(train) and not written & set(heldout)
 
 
+@pytest.mark.slow  # the whole experiment: data, training, evaluation
 def test_the_control_samples_the_null_transcription_and_both_are_scored_against_the_prompt(experiment):
     _, out = experiment
     records = [json.loads(line) for line in (out / "eval" / "samples.jsonl").read_text().splitlines()]
@@ -83,10 +96,108 @@ def test_a_budget_too_small_for_training_is_refused_before_any_work(tmp_path, ca
     assert "give more minutes" in capsys.readouterr().err
 
 
+def test_an_unknown_engine_is_refused_before_any_work(tmp_path, capsys):
+    assert prove.main(["--minutes", "40", "--out", str(tmp_path / "x"), "--engine", "easyocr"]) == 2
+    assert "eval.ocr_engine (--engine) is 'easyocr'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+# --- rescoring a finished run, written by hand --------------------------------------------------------------
+
+TARGETS = ["12", "345"]
+
+
+class ReadsTwelve:
+    """An engine that reads every image as "12"."""
+
+    name = "twelve"
+
+    def version(self):
+        return "twelve 1"
+
+    def read(self, images, workers=1, progress=True):
+        return [reading_of_lines([OcrLine("12", ((0, 0), (1, 0), (1, 1), (0, 1)), 0.9)]) for _ in images]
+
+
+@pytest.fixture
+def twelve(monkeypatch):
+    """The engine "twelve" registered for the test."""
+    monkeypatch.setattr(base, "_ENGINES", dict(base._ENGINES))
+    register_engine("twelve", ReadsTwelve)
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    """A run as the experiment leaves it, with one image per held-out string "12" and "345": the samples with
+    the transcription are the very renders the ceiling is read from, the null control's are flat gray."""
+    out = tmp_path / "run"
+    design = Design(eval_per_string=1)
+    records = []
+    for i, target in enumerate(TARGETS):
+        for kind in ("txt", "null"):
+            image = render_string(target, render_rng(design.seed + 7919, target, i), design.size)[0] if kind == "txt" \
+                else Image.new("RGB", (design.size, design.size), (128, 128, 128))
+            (out / "eval" / kind).mkdir(parents=True, exist_ok=True)
+            image.save(out / "eval" / kind / f"{i:04d}.png")
+            records.append({"image": f"{kind}/{i:04d}.png", "condition": kind, "txt": target if kind == "txt" else None,
+                            "target": target, "seed": i, "reading": "", "cer": 1.0})
+    (out / "eval" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = {"cer_txt": 0.5, "exact_txt": 0.5, "steps": 7, "samples_seen": 224, "minutes": 1.0, "n_eval": 2,
+              "curve": [{"step": 7, "cer": 0.5}], "cer_chance": 0.9, "cer_null": 0.9, "cer_ceiling": 0.1,
+              "design": {**asdict(design), "lengths": list(design.lengths), "overrides": []}}
+    (out / "result.json").write_text(json.dumps(result))
+    return out
+
+
+def test_rescore_with_one_engine_gives_its_figures_and_ceiling_and_keeps_training(finished_run, twelve, capsys):
+    assert prove.main(["--rescore", str(finished_run), "--engine", "twelve", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    result = json.loads((finished_run / "result.json").read_text())
+    assert printed == {k: result[k] for k in RESULT_KEYS}
+    # "12" read for "12" and "345": 0 + 3 edits over 5 characters, the same for samples, control and renders
+    assert (result["engine"], result["cer_txt"], result["exact_txt"]) == ("twelve", 0.6, 0.5)
+    assert (result["cer_null"], result["cer_ceiling"]) == (0.6, 0.6)
+    assert list(result["engines"]) == ["twelve"] and result["engines"]["twelve"]["version"] == "twelve 1"
+    assert result["engines"]["twelve"]["metrics"]["txt"]["mario_word_accuracy"] == 0.5
+    assert (result["steps"], result["samples_seen"], result["curve"]) == (7, 224, [{"step": 7, "cer": 0.5}])
+    assert result["before_rescore"]["cer_txt"] == 0.5 and result["rescored_with"]["ocr_retry_psm"] == 8
+    records = [json.loads(line) for line in (finished_run / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert [(r["condition"], r["engine"], r["reading"]) for r in records[:2]] == [("txt", "twelve", "12"),
+                                                                                 ("txt", "twelve", "12")]
+
+
+def test_rescore_with_two_engines_puts_the_first_at_the_top_and_each_beside_its_ceiling(finished_run, twelve, capsys):
+    assert prove.main(["--rescore", str(finished_run), "--engine", "twelve", "--engine", "tesseract"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((finished_run / "result.json").read_text())
+    assert result["engine"] == "twelve" and list(result["engines"]) == ["twelve", "tesseract"]
+    tesseract = result["engines"]["tesseract"]
+    # the samples with the transcription are the ceiling's renders: the same figure; flat gray reads as nothing
+    assert tesseract["cer_txt"] == tesseract["cer_ceiling"] and tesseract["cer_null"] == 1.0
+    assert tesseract["version"].startswith("tesseract 5")
+    records = [json.loads(line) for line in (finished_run / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert all(set(r["by_engine"]) == {"twelve", "tesseract"} for r in records)
+    assert printed.startswith("twelve: held-out CER 0.600") and "\ntesseract: held-out CER" in printed
+
+
+@pytest.mark.skipif(len(installed_engines(EvalConfig())) < 2, reason="PP-OCR's packages are not installed here")
+def test_rescore_reads_with_both_engines_by_default_where_both_exist(finished_run):
+    assert prove.main(["--rescore", str(finished_run)]) == 0
+    result = json.loads((finished_run / "result.json").read_text())
+    assert result["engine"] == "tesseract" and list(result["engines"]) == ["tesseract", "ppocr"]
+    assert all(f"cer_{kind}" in result["engines"]["ppocr"] for kind in ("txt", "null", "ceiling"))
+
+
+def test_rescore_of_a_folder_without_a_run_says_what_it_needs(tmp_path, capsys):
+    assert prove.main(["--rescore", str(tmp_path)]) == 2
+    assert "--rescore needs a finished run (result.json, eval/samples.jsonl)" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # the whole experiment: data, training, evaluation
 def test_rescore_reads_the_saved_images_again_and_keeps_the_training_figures(experiment):
     _, out = experiment
     before = json.loads((out / "result.json").read_text())
-    assert prove.main(["--rescore", "--out", str(out), "--json"]) == 0
+    assert prove.main(["--rescore", str(out), "--engine", "tesseract", "--json"]) == 0
     after = json.loads((out / "result.json").read_text())
     assert (after["steps"], after["samples_seen"], after["curve"]) == (before["steps"], before["samples_seen"],
                                                                       before["curve"])

@@ -245,6 +245,9 @@ class EvalConfig:
     normalize: bool = True  # compare case-folded text with whitespace runs collapsed
     prompts_file: Optional[str] = None  # JSONL of {"txt", "capt", "seed", "count"}; None: built-in held-out set
     seed: int = 0  # seed of the built-in held-out prompts
+    # the OCR engine that reads the images: a name registered in textdiff.ocr ("tesseract", "ppocr"); the
+    # registry lives a floor above the config, so textdiff.eval checks the name when it builds the engine
+    ocr_engine: str = "tesseract"
     tesseract_cmd: str = "tesseract"  # program name on PATH or full path
     ocr_lang: str = "eng"
     psm: int = 7  # Tesseract page segmentation mode; 7: one line of text
@@ -277,6 +280,8 @@ class EvalConfig:
         _require(self.every >= 0, "eval.every", "must be >= 0 (0 turns evaluation off)")
         _require(self.steps > 0, "eval.steps", "must be positive")
         _require(self.num_prompts > 0, "eval.num_prompts", "must be positive")
+        _require(bool(self.ocr_engine) and not any(c.isspace() for c in self.ocr_engine), "eval.ocr_engine",
+                 f"is {self.ocr_engine!r}; name an OCR engine: tesseract or ppocr")
         _require(0 <= self.psm <= 13, "eval.psm", f"is {self.psm}; Tesseract's modes are 0..13 (7: one line)")
         _require(0 <= self.ocr_retry_psm <= 13, "eval.ocr_retry_psm",
                  f"is {self.ocr_retry_psm}; 0 (no retry) or one of Tesseract's modes 1..13 (8: one word)")

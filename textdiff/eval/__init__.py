@@ -1,2 +1,3 @@
-"""Spelling evaluation: OCR (ocr), metrics (metrics), prompts and their synthetic renders (prompts), and
-scoring images or a sampler per prompt and in aggregate (spelling). See docs/eval.md."""
+"""Spelling evaluation: metrics (metrics), prompts and their synthetic renders (prompts), scoring images or a
+sampler per prompt and in aggregate with an OCR engine of textdiff/ocr (spelling), and the training run's
+monitor (monitor). See docs/eval.md."""

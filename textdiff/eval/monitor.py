@@ -20,13 +20,14 @@ from textdiff.data.augment import to_tensor
 from textdiff.data.preview import png_bytes, to_uint8
 from textdiff.data.synthetic import render_sample
 from textdiff.diffusion import build_diffusion
-from textdiff.eval.ocr import TesseractError, TesseractMissingError, find_tesseract
 from textdiff.eval.prompts import eval_prompts, render_rng
-from textdiff.eval.spelling import EvalCondition, eval_conditions, evaluate_spelling
+from textdiff.eval.spelling import (EvalCondition, ceiling_report, check_ocr_engine, eval_conditions, evaluate_spelling,
+                                    finite, ocr_engine)
 from textdiff.files import atomic_write_bytes
+from textdiff.ocr import OcrEngine, OcrError, OcrMissingError
 from textdiff.sampling.cascade import StageSettings, sample_stage
 from textdiff.sampling.loading import LoadedModel
-from textdiff.sampling.prompts import Prompt
+from textdiff.sampling.prompts import Prompt, expand
 from textdiff.sampling.samplers import default_grid
 from textdiff.train.engine import compute_dtype
 from textdiff.train.logging import EVAL_GRID_COLUMNS, append_jsonl, eval_scalars, image_grid, save_png
@@ -47,16 +48,22 @@ class TrainingMonitor:
         self.precision = PRECISION_NAMES[compute_dtype(cfg.deepspeed)]
         self.ema_rate = cfg.train.sample_ema_rate if cfg.train.sample_ema_rate is not None else cfg.ema.rates[0]
         self.eval_prompts: list[Prompt] = []
+        self.engine: Optional[OcrEngine] = None
+        self.engine_version = ""
+        self.ceiling: Optional[dict] = None  # the engine's figures on renders of the prompts, from the first eval
 
     def setup_error(self) -> Optional[str]:
-        """Find Tesseract and read the evaluation prompts (with ``eval.every``); the error, or None."""
+        """Check that the OCR engine ``eval.ocr_engine`` is known and installed (the Tesseract program, the
+        rapidocr package), build it and read the evaluation prompts (with ``eval.every``); the error, or None."""
         if not self.cfg.eval.every:
             return None
         size = self.cfg.model.low_res_size or self.cfg.model.image_size  # upsamplers are given renders of it
         try:
-            find_tesseract(self.cfg.eval.tesseract_cmd)
+            check_ocr_engine(self.cfg.eval)
             self.eval_prompts = eval_prompts(self.cfg.eval, size=size)
-        except (TesseractMissingError, ValueError) as e:  # PromptFileError is a ValueError
+            self.engine = ocr_engine(self.cfg.eval)
+            self.engine_version = self.engine.version()
+        except (OcrMissingError, OcrError, ValueError) as e:  # ConfigError and PromptFileError are ValueErrors
             return f"eval.every is {self.cfg.eval.every} but {e}; or set eval.every=0 to train without it"
         return None
 
@@ -117,12 +124,14 @@ class TrainingMonitor:
     def evaluate(self, view: MonitorView) -> Optional[dict]:
         """Spelling evaluation: sample the evaluation prompts (``eval.sampler`` at ``eval.steps``) under each
         condition of :func:`eval_conditions` (guidance scales, and the null transcription with
-        ``eval.null_control``), read them with Tesseract, log ``eval/*`` scalars (the first condition as
-        ``eval/cer`` ..., each as ``eval/<condition>/cer`` ..., the null control as ``eval/cer_null``) and the
-        ``eval/samples`` grid (one row block per condition), write the images under ``RUN_DIR/eval/step_N/``
-        with ``eval.save_images``, and append one line to ``RUN_DIR/eval.jsonl``. Returns that line's dict,
-        or None when Tesseract failed (a warning is logged and training goes on: one OCR timeout on a busy
-        machine must not end a run).
+        ``eval.null_control``), read them with the OCR engine ``eval.ocr_engine``, log ``eval/*`` scalars (the
+        first condition as ``eval/cer`` ..., each as ``eval/<condition>/cer`` ..., the null control as
+        ``eval/cer_null``, the engine's ceiling on renders of the prompts at ``model.image_size`` as
+        ``eval/ceiling/cer`` ...) and the ``eval/samples`` grid (one row block per condition), write the
+        images under ``RUN_DIR/eval/step_N/`` with ``eval.save_images``, and append one line to
+        ``RUN_DIR/eval.jsonl`` (naming the engine and its version). Returns that line's dict, or None when
+        OCR failed (a warning is logged and training goes on: one OCR timeout on a busy machine must not end
+        a run).
         """
         started = time.perf_counter()
         conditions = eval_conditions(self.cfg.eval, self.cfg.train.sample_guidance_scale_txt)
@@ -130,12 +139,15 @@ class TrainingMonitor:
         try:
             results = {c.name: evaluate_spelling(
                 lambda txt, capt, seed, c=c: self._eval_sample_fn(view.model, txt, capt, seed, shown[c.name], c),
-                self.eval_prompts, self.cfg.eval) for c in conditions}
-        except (TesseractError, TesseractMissingError) as e:
+                self.eval_prompts, self.cfg.eval, engine=self.engine) for c in conditions}
+            if self.ceiling is None:
+                self.ceiling = self._ceiling()
+        except (OcrError, OcrMissingError) as e:
             log.warning("spelling evaluation at step %d failed, training goes on: %s", view.step, e)
             return None
         first = results[conditions[0].name]
         record = {"step": view.step, "samples_seen": view.samples_seen, "time": round(time.time(), 3), **first,
+                  "engine": self.engine.name, "engine_version": self.engine_version, "ceiling": self.ceiling,
                   "conditions": results}
         if "null" in results:
             record["cer_null"] = results["null"].get("cer")
@@ -145,6 +157,7 @@ class TrainingMonitor:
             scalars.update({k.replace("eval/", f"eval/{name}/", 1): v for k, v in eval_scalars(metrics).items()})
         if "null" in results and "cer" in results["null"]:
             scalars["eval/cer_null"] = float(results["null"]["cer"])
+        scalars.update({k.replace("eval/", "eval/ceiling/", 1): v for k, v in eval_scalars(self.ceiling).items()})
         view.logger.scalars(view.step, scalars)
         images = torch.cat([torch.cat(shown[c.name]) for c in conditions])
         per_condition = len(images) // len(conditions)  # one row per condition up to 2 x 8 images
@@ -157,6 +170,17 @@ class TrainingMonitor:
         log.info("eval at step %d (%.1f s): %s", view.step, record["seconds"],
                  ", ".join(f"{k} {v:.3f}" for k, v in scalars.items() if k.count("/") == 1))
         return record
+
+    def _ceiling(self) -> dict:
+        """The engine's metrics on synthetic renders of the evaluation prompts at ``model.image_size``; empty,
+        with a warning, when a prompt of ``eval.prompts_file`` is too long to render at that size."""
+        try:
+            report = ceiling_report(expand(self.eval_prompts), self.cfg.model.image_size, self.cfg.eval,
+                                    engine=self.engine)
+        except ValueError as e:
+            log.warning("no OCR ceiling beside the spelling evaluation: %s", e)
+            return {}
+        return finite(report.metrics)
 
     def _save_eval_images(self, step: int, grid: torch.Tensor, shown: dict[str, list[torch.Tensor]]) -> None:
         """RUN_DIR/eval/step_N/grid.png and <condition>/NNN.png (prompt order of expand(eval prompts))."""

@@ -11,9 +11,11 @@ One call of :func:`run_experiment` does it end to end inside a wall-clock budget
    with the same ``--out`` resumes from the last checkpoint;
 3. evaluation: the EMA weights sample every held-out string with transcription guidance (the model's
    answer) and with the null transcription (the control: same weights and seeds, condition dropped), and
-   Tesseract reads both under the recipe's ``eval`` settings (alphabet whitelist, upscale from the glyph
-   size). Beside them: the OCR ceiling (the same reader on real renders of the held-out strings) and chance
-   (each held-out label scored against the others', shuffled, with the same CER).
+   each OCR engine asked (``--engine``; by default every one installed, ``eval.ocr_engine`` first) reads
+   both under the recipe's ``eval`` settings (for Tesseract: alphabet whitelist, upscale from the glyph
+   size). Beside them, per engine: its OCR ceiling (the same engine on real renders of the held-out strings);
+   and chance (each held-out label scored against the others', shuffled, with the same CER). The headline
+   figures are the first engine's, named by ``engine``; ``engines`` holds every engine's.
 
 Everything it writes lies under ``--out``: ``data/``, ``run/`` (checkpoints, TensorBoard, eval.jsonl),
 ``eval/`` (every image it scored, ``samples.jsonl`` with reading and CER, ``grids.png``) and
@@ -41,7 +43,7 @@ from tqdm.auto import tqdm
 from textdiff.config import EvalConfig, TextdiffConfig, load_config
 from textdiff.data.preview import png_bytes, to_uint8
 from textdiff.eval.metrics import aggregate, score
-from textdiff.eval.ocr import ocr_images
+from textdiff.eval.spelling import check_ocr_engine, installed_engines, ocr_engine
 from textdiff.experiments import spelling_set
 from textdiff.files import atomic_write_bytes
 from textdiff.formats.checkpoint import complete_checkpoints
@@ -51,8 +53,11 @@ from textdiff.sampling.samplers import default_grid
 from textdiff.train.engine import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-RESULT_KEYS = ("cer_txt", "exact_txt", "cer_null", "cer_ceiling", "cer_chance", "steps", "samples_seen", "minutes",
-               "n_eval")
+RESULT_KEYS = ("engine", "cer_txt", "exact_txt", "cer_null", "cer_ceiling", "cer_chance", "steps", "samples_seen",
+               "minutes", "n_eval", "engines")
+# the figures of one engine: CER and exact match of the samples with the transcription, the null control and
+# the ceiling (fresh renders)
+ENGINE_FIGURES = ("cer_txt", "exact_txt", "cer_null", "exact_null", "cer_ceiling", "exact_ceiling")
 STARTUP_MINUTES = 0.75  # DeepSpeed start, model and engine build before train.max_minutes starts counting
 
 
@@ -77,17 +82,25 @@ class Design:
     curve_prompts: int = 40  # held-out strings of the training-time evaluation
     recipe: str = "ds_configs/spell_cpu.json"
     overrides: tuple[str, ...] = field(default_factory=tuple)
+    engines: tuple[str, ...] = ()  # OCR engines of the final evaluation; (): every one installed, eval.ocr_engine first
 
 
-def eval_minutes(design: Design, n_heldout: int) -> float:
-    """Minutes reserved for the final evaluation: sampling (guided and null), OCR of samples and renders.
+# seconds per 32 px image of OCR with 2 workers on the 2-core machine, models loaded (220 renders: Tesseract
+# 0.8 s, PP-OCR 7.7 s); an engine not listed is given the slowest
+OCR_SECONDS = {"tesseract": 0.02, "ppocr": 0.04}
+
+
+def eval_minutes(design: Design, n_heldout: int, engines: Sequence[str] = ("tesseract",)) -> float:
+    """Minutes reserved for the final evaluation: sampling (guided and null), OCR of samples and renders by
+    each of ``engines``.
 
     Measured on the 2-core machine with the spell_cpu.json model (busy with other work): 0.35 s per guided
-    sample and 0.4 s per null one at 25 steps, 0.02 s per image of OCR; 1.25x that for safety, plus half a
-    minute to load the weights and write the images.
+    sample and 0.4 s per null one at 25 steps, :data:`OCR_SECONDS` per image of OCR; 1.25x that for safety,
+    plus half a minute to load the weights and write the images.
     """
     n = n_heldout * design.eval_per_string
-    seconds = n * (0.35 + 0.4) * design.steps / 25 + 3 * n * 0.02
+    ocr = sum(OCR_SECONDS.get(name, max(OCR_SECONDS.values())) for name in engines)
+    seconds = n * (0.35 + 0.4) * design.steps / 25 + 3 * n * ocr
     return 0.5 + 1.25 * seconds / 60
 
 
@@ -146,14 +159,17 @@ def prepare_data(out: Path, design: Design, progress: bool = True) -> tuple[Path
     return manifest, train, heldout
 
 
-def train_model(out: Path, design: Design, manifest: Path, minutes: float) -> subprocess.CompletedProcess:
-    """Train (or resume) ``out/run`` with the recipe through the DeepSpeed launcher for ``minutes``."""
+def train_model(out: Path, design: Design, manifest: Path, minutes: float,
+                engine: str = "tesseract") -> subprocess.CompletedProcess:
+    """Train (or resume) ``out/run`` with the recipe through the DeepSpeed launcher for ``minutes``; OCR
+    ``engine`` draws the training-time curve."""
     deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
     if deepspeed is None:
         raise ExperimentError("the deepspeed launcher is not installed beside this Python; run tools/setup_env.sh")
     sets = [f"data.shards={manifest}", f"train.max_minutes={minutes:.3f}",
             f"eval.prompts_file={out / 'data' / 'curve_prompts.jsonl'}", f"eval.sampler={design.sampler}",
-            f"eval.steps={design.steps}", f"eval.guidance_scales=[{design.guidance}]", *design.overrides]
+            f"eval.steps={design.steps}", f"eval.guidance_scales=[{design.guidance}]", *design.overrides,
+            f"eval.ocr_engine={engine}"]
     cmd = [deepspeed, "--num_gpus", "1", "--master_port", str(free_port()), str(REPO / "launch.sh"),
            "--config", str(REPO / design.recipe), "--run-dir", str(out / "run"), "--resume", "auto"]
     for s in sets:
@@ -225,67 +241,105 @@ def side_by_side(left: Image.Image, right: Image.Image, gap: int = 16) -> Image.
     return out
 
 
-def evaluate(out: Path, design: Design, heldout: Sequence[str], cfg: TextdiffConfig) -> dict:
+def evaluate(out: Path, design: Design, heldout: Sequence[str], cfg: TextdiffConfig, engines: Sequence[str]) -> dict:
     """Sample the EMA weights of ``out/run`` on the held-out strings (with the transcription and the null
-    control, same seeds) and score them (:func:`score_images`); returns result.json's figures."""
+    control, same seeds) and score them with each of ``engines`` (:func:`score_images`); returns
+    result.json's figures."""
     loaded = load_for_sampling(out / "run", "ema")
     targets = [s for s in heldout for _ in range(design.eval_per_string)]
     seeds = [design.seed * 100_000 + i for i in range(len(targets))]
     with_txt = _sample(loaded, targets, seeds, design, design.guidance, "sample held-out")
     null = _sample(loaded, [None] * len(targets), seeds, design, 1.0, "sample null control")
-    return {**score_images(out, design, targets, seeds, with_txt, null, cfg.eval), "weights": loaded.weights}
+    return {**score_images(out, design, targets, seeds, with_txt, null, cfg.eval, engines), "weights": loaded.weights}
+
+
+def engine_figures(readings: Sequence[str], targets: Sequence[str], cfg: EvalConfig) -> tuple[dict, list, list]:
+    """One engine's figures from its readings of the samples with the transcription, the null control and
+    the renders, in that order (n each): :data:`ENGINE_FIGURES` and, under ``metrics``, every metric of
+    :func:`textdiff.eval.metrics.aggregate` for each of ``txt``, ``null`` and ``ceiling``; with the
+    per-image scores of the first two."""
+    n = len(targets)
+    figures: dict = {"metrics": {}}
+    scores = {}
+    for kind, part in (("txt", readings[:n]), ("null", readings[n:2 * n]), ("ceiling", readings[2 * n:])):
+        cer, exact, scores[kind] = cer_of(part, targets, cfg)
+        figures[f"cer_{kind}"], figures[f"exact_{kind}"] = cer, exact
+        figures["metrics"][kind] = aggregate(scores[kind])
+    return figures, scores["txt"], scores["null"]
 
 
 def score_images(out: Path, design: Design, targets: Sequence[str], seeds: Sequence[int],
-                 with_txt: Sequence[np.ndarray], null: Sequence[np.ndarray], ocr_cfg: EvalConfig) -> dict:
-    """OCR the samples (uint8 [S, S, 3] each), fresh renders of the targets (the ceiling) and score all three
-    against the targets; writes ``out/eval/`` (images, samples.jsonl, grids.png). Returns the figures."""
+                 with_txt: Sequence[np.ndarray], null: Sequence[np.ndarray], ocr_cfg: EvalConfig,
+                 engines: Sequence[str]) -> dict:
+    """Read the samples (uint8 [S, S, 3] each) and fresh renders of the targets (the ceiling) with each OCR
+    engine of ``engines`` and score all three against the targets; writes ``out/eval/`` (images,
+    samples.jsonl with every engine's reading, grids.png labelled with the first engine's). Returns the
+    first engine's figures at the top level, named by ``engine``, and every engine's under ``engines``."""
     renders = [np.asarray(spelling_set.render_string(t, spelling_set.render_rng(design.seed + 7919, t, i),
                                                      design.size)[0]) for i, t in enumerate(targets)]
-    readings = [r.text for r in ocr_images(list(with_txt) + list(null) + renders, ocr_cfg, workers=2)]
     n = len(targets)
-    cer_txt, exact_txt, s_txt = cer_of(readings[:n], targets, ocr_cfg)
-    cer_null, exact_null, s_null = cer_of(readings[n:2 * n], targets, ocr_cfg)
-    cer_ceiling, exact_ceiling, _ = cer_of(readings[2 * n:], targets, ocr_cfg)
+    by_engine, per_image = {}, {}
+    for name in engines:
+        engine = ocr_engine(ocr_cfg, name)
+        readings = [r.text for r in engine.read(list(with_txt) + list(null) + renders, workers=2)]
+        figures, s_txt, s_null = engine_figures(readings, targets, ocr_cfg)
+        by_engine[name] = {**figures, "version": engine.version()}
+        per_image[name] = {"txt": s_txt, "null": s_null}
+    first = engines[0]
 
     ev = out / "eval"
     records = []
-    for kind, images, scores, asked in (("txt", with_txt, s_txt, targets), ("null", null, s_null, [None] * n)):
-        for i, (image, s) in enumerate(zip(images, scores)):
+    for kind, images, asked in (("txt", with_txt, targets), ("null", null, [None] * n)):
+        for i, image in enumerate(images):
             path = f"{kind}/{i:04d}.png"
             (ev / kind).mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(ev / path, png_bytes(image))
+            s = per_image[first][kind][i]
             records.append({"image": path, "condition": kind, "txt": asked[i], "target": targets[i],
-                            "seed": seeds[i], "reading": s.pred, "cer": s.cer})
+                            "seed": seeds[i], "engine": first, "reading": s.pred, "cer": s.cer,
+                            "by_engine": {name: {"reading": got[kind][i].pred, "cer": got[kind][i].cer}
+                                          for name, got in per_image.items()}})
     atomic_write_bytes(ev / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
     shown = min(32, n)
+    s_txt, s_null = per_image[first]["txt"], per_image[first]["null"]
+    figures = by_engine[first]
     grids = side_by_side(
         labelled_grid(with_txt[:shown], [f"{t}>{s.pred or '-'}" for t, s in zip(targets, s_txt)],
-                      f"with the transcription (guidance {design.guidance:g}): CER {cer_txt:.2f}"),
+                      f"with the transcription (guidance {design.guidance:g}): CER {figures['cer_txt']:.2f} ({first})"),
         labelled_grid(null[:shown], [f"{t}>{s.pred or '-'}" for t, s in zip(targets, s_null)],
-                      f"null transcription (control): CER {cer_null:.2f}"))
+                      f"null transcription (control): CER {figures['cer_null']:.2f} ({first})"))
     atomic_write_bytes(ev / "grids.png", png_bytes(grids))
-    return {"cer_txt": cer_txt, "exact_txt": exact_txt, "cer_null": cer_null, "exact_null": exact_null,
-            "cer_ceiling": cer_ceiling, "exact_ceiling": exact_ceiling,
-            "cer_chance": chance_cer(targets, ocr_cfg), "n_eval": n}
+    return {"engine": first, **{k: figures[k] for k in ENGINE_FIGURES}, "cer_chance": chance_cer(targets, ocr_cfg),
+            "n_eval": n, "engines": by_engine}
 
 
-def rescore(out: str | Path) -> dict:
+def experiment_engines(cfg: EvalConfig, asked: Sequence[str] = ()) -> list[str]:
+    """The OCR engines to score with: ``asked``, each checked to be known and installed, or else every
+    installed one with ``cfg.ocr_engine`` first (:func:`textdiff.eval.spelling.installed_engines`)."""
+    for name in asked:
+        check_ocr_engine(cfg, name)
+    return list(dict.fromkeys(asked)) or installed_engines(cfg)
+
+
+def rescore(out: str | Path, engines: Sequence[str] = ()) -> dict:
     """Score the images a finished experiment saved (``out/eval/samples.jsonl``) again with the recipe's
-    current ``eval`` settings, and the ceiling on fresh renders; no sampling, no training. result.json keeps
-    its training figures and gets the new ones, with the old ones under ``"before_rescore"`` and the eval
-    settings used under ``"rescored_with"``."""
+    current ``eval`` settings and the OCR ``engines`` (default: every one installed), and each engine's
+    ceiling on fresh renders; no sampling, no training. result.json keeps its training figures and gets the
+    new ones, with the old ones under ``"before_rescore"`` and the eval settings used under
+    ``"rescored_with"``."""
     out = Path(out)
     result = json.loads((out / "result.json").read_text())
     saved = result["design"]
-    design = Design(**{**saved, "lengths": tuple(saved["lengths"]), "overrides": tuple(saved["overrides"])})
+    design = Design(**{**saved, "lengths": tuple(saved["lengths"]), "overrides": tuple(saved["overrides"]),
+                       "engines": tuple(saved.get("engines", ()))})
     cfg = load_config(REPO / design.recipe, list(design.overrides))
+    names = experiment_engines(cfg.eval, engines)
     records = [json.loads(line) for line in (out / "eval" / "samples.jsonl").read_text().splitlines()]
     by_kind = {k: [r for r in records if r["condition"] == k] for k in ("txt", "null")}
     images = {k: [np.asarray(Image.open(out / "eval" / r["image"]).convert("RGB")) for r in v]
               for k, v in by_kind.items()}
     targets, seeds = [r["target"] for r in by_kind["txt"]], [r["seed"] for r in by_kind["txt"]]
-    figures = score_images(out, design, targets, seeds, images["txt"], images["null"], cfg.eval)
+    figures = score_images(out, design, targets, seeds, images["txt"], images["null"], cfg.eval, names)
     result["before_rescore"] = {k: result[k] for k in figures if k in result}
     result.update(figures)
     result["rescored_with"] = asdict(cfg.eval)
@@ -318,28 +372,30 @@ def run_experiment(out: str | Path, minutes: float, design: Design = Design(), p
     cfg = load_config(REPO / design.recipe, list(design.overrides))
     if design.eval_per_string < 1 or design.renders < 1:
         raise ExperimentError("--eval-per-string and --renders must be at least 1")
+    engines = experiment_engines(cfg.eval, design.engines)
     n_heldout = len(spelling_set.split_strings(spelling_set.all_strings(design.alphabet, design.lengths),
                                                design.heldout_frac, design.seed)[1])
     prepared = (out / "data" / "shards" / "manifest.json").exists()
-    _check_budget(minutes, (0.0 if prepared else data_minutes(design)) + eval_minutes(design, n_heldout))
+    _check_budget(minutes, (0.0 if prepared else data_minutes(design)) + eval_minutes(design, n_heldout, engines))
     manifest, train_strings, heldout = prepare_data(out, design, progress)
     first_start = out / "run" / "started_unix"
     if not first_start.exists():
         (out / "run").mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(first_start, f"{started_unix}\n".encode())
     run_started = float(first_start.read_text())
-    left = _check_budget(minutes, (time.monotonic() - started) / 60 + eval_minutes(design, len(heldout)))
-    proc = train_model(out, design, manifest, left)
+    left = _check_budget(minutes, (time.monotonic() - started) / 60 + eval_minutes(design, len(heldout), engines))
+    proc = train_model(out, design, manifest, left, engines[0])
     if proc.returncode != 0:
         raise ExperimentError(f"training exited with status {proc.returncode}; see its output above")
-    figures = evaluate(out, design, heldout, cfg)
+    figures = evaluate(out, design, heldout, cfg, engines)
     step = complete_checkpoints(out / "run" / "checkpoints")[-1][0]
     per_step = cfg.deepspeed.get("train_micro_batch_size_per_gpu", 1) * cfg.deepspeed.get(
         "gradient_accumulation_steps", 1)
     result = {**figures, "steps": step, "samples_seen": step * per_step,
               "minutes": round((time.monotonic() - started) / 60, 2),
               "heldout_strings": len(heldout), "train_strings": len(train_strings),
-              "curve": curve(out, run_started), "design": {**asdict(design), "lengths": list(design.lengths)},
+              "curve": curve(out, run_started),
+              "design": {**asdict(design), "lengths": list(design.lengths), "engines": list(design.engines)},
               "machine": {"cpus": os.cpu_count(), "torch": torch.__version__}}
     atomic_write_bytes(out / "result.json", (json.dumps(result, indent=1) + "\n").encode())
     return result

@@ -56,7 +56,8 @@ def save_png(grid: torch.Tensor, path: Path) -> None:
 
 
 EVAL_GRID_COLUMNS = 8  # images per row of the eval/samples grid
-EVAL_METRICS = ("cer", "exact_match", "word_accuracy", "false_text_rate")
+EVAL_METRICS = ("cer", "exact_match", "word_accuracy", "false_text_rate", "ned", "sentence_accuracy",
+                "mario_word_accuracy", "mario_precision", "mario_recall", "mario_f_measure")
 
 
 def eval_scalars(metrics: Mapping[str, float]) -> dict[str, float]:
