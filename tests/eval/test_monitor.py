@@ -204,3 +204,27 @@ def test_several_guidance_scales_and_the_null_control_are_logged_and_their_image
               for c in ("g1", "g3", "null")}
     assert (out / "grid.png").exists() and all(len(v) == 5 for v in pixels.values())
     assert all(a.shape == (16, 16, 3) for v in pixels.values() for a in v)
+
+
+def test_other_averages_are_scored_on_the_same_prompts_and_logged_beside_the_sampled_ema(tiny, tmp_path):
+    """eval.averages: the raw weights and a tracked start scored at each evaluation like the sampled EMA, each
+    in eval.jsonl and TensorBoard under eval/avg/<name>/. The recipe's rate 0.5 starts plain, so plain:0.5 is
+    the sampled average itself: same weights, prompts and seeds give the very same score."""
+    cfg = tiny("train.max_steps=2", *EVAL, "ema.rates=[0.5]", 'ema.tracked=["plain:0.5"]',
+               'eval.averages=["raw", "plain:0.5"]')
+    _run(cfg, tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2]
+    assert set(records[0]["averages"]) == {"raw", "plain:0.5"}
+    for metrics in records[0]["averages"].values():
+        assert metrics["n"] == 5 and 0.0 <= metrics["cer"]
+    assert records[0]["averages"]["plain:0.5"]["cer"] == records[0]["cer"]
+    events, tags = _tags(tmp_path / "run")
+    assert {"eval/avg/raw/cer", "eval/avg/plain:0.5/cer"} <= set(tags["scalars"])
+    assert events.Scalars("eval/avg/raw/cer")[0].value == pytest.approx(records[0]["averages"]["raw"]["cer"])
+
+
+def test_an_average_the_run_does_not_keep_stops_before_step_one_naming_the_key(tiny, tmp_path):
+    with pytest.raises(ConfigError, match=r"eval.averages names power:0.05, which this run does not keep; choose "
+                                          r"from raw, 0.9, 0.5"):
+        _trainer(tiny(*EVAL, 'eval.averages=["power:0.05"]'), tmp_path / "run")

@@ -268,6 +268,10 @@ class EvalConfig:
     # also sample every prompt with the null transcription and score it against the prompt (eval/cer_null):
     # the control that shows the CER comes from the transcription, not from the data's prior
     null_control: bool = False
+    # more weights scored at every evaluation, beside the sampled EMA (first condition only, same prompts and
+    # seeds): "raw" (the optimizer's weights) or the name of an average the ema section keeps ("0.999",
+    # "plain:0.999", "power:0.05" ...), each logged as eval/avg/<name>/cer ...
+    averages: tuple[str, ...] = ()
     sampler: str = "ddim"
     # write each evaluation's images to RUN_DIR/eval/step_N/ (grid.png, <condition>/NNN.png) for re-scoring
     save_images: bool = True

@@ -2,7 +2,8 @@
 ``train.sample_prompts`` every ``train.sample_every`` steps, and the spelling evaluation every ``eval.every``.
 
 Both sample the EMA weights the trainer hands over (``train.sample_ema_rate``, else the first of
-``ema.rates``) with the run's guidance and thresholding, in the run's compute dtype.
+``ema.rates``) with the run's guidance and thresholding, in the run's compute dtype; the evaluation also
+scores the weights of ``eval.averages`` (the raw weights, other EMAs) on the same prompts and seeds.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from textdiff.eval.prompts import eval_prompts, render_rng
 from textdiff.eval.spelling import (EvalCondition, ceiling_report, check_ocr_engine, eval_conditions, evaluate_spelling,
                                     finite, ocr_engine)
 from textdiff.files import atomic_write_bytes
+from textdiff.formats.checkpoint import rate_key
 from textdiff.ocr import OcrEngine, OcrError, OcrMissingError
 from textdiff.sampling.cascade import StageSettings, sample_stage
 from textdiff.sampling.loading import LoadedModel
 from textdiff.sampling.prompts import Prompt, expand
 from textdiff.sampling.samplers import default_grid
+from textdiff.train.ema import average_decays
 from textdiff.train.engine import compute_dtype
 from textdiff.train.logging import EVAL_GRID_COLUMNS, append_jsonl, eval_scalars, image_grid, save_png
 from textdiff.train.monitor import MonitorView
@@ -47,6 +50,7 @@ class TrainingMonitor:
         self.diffusion = build_diffusion(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
         self.precision = PRECISION_NAMES[compute_dtype(cfg.deepspeed)]
         self.ema_rate = cfg.train.sample_ema_rate if cfg.train.sample_ema_rate is not None else cfg.ema.rates[0]
+        self.averages = [rate_key(self.ema_rate), *cfg.eval.averages]
         self.eval_prompts: list[Prompt] = []
         self.engine: Optional[OcrEngine] = None
         self.engine_version = ""
@@ -57,6 +61,11 @@ class TrainingMonitor:
         rapidocr package), build it and read the evaluation prompts (with ``eval.every``); the error, or None."""
         if not self.cfg.eval.every:
             return None
+        kept = ["raw", *average_decays(self.cfg.ema)]
+        unknown = [name for name in self.cfg.eval.averages if name not in kept]
+        if unknown:
+            return (f"eval.averages names {', '.join(unknown)}, which this run does not keep; choose from "
+                    f"{', '.join(kept)} (ema.rates, ema.tracked, ema.power_sigma_rels)")
         size = self.cfg.model.low_res_size or self.cfg.model.image_size  # upsamplers are given renders of it
         try:
             check_ocr_engine(self.cfg.eval)
@@ -98,7 +107,7 @@ class TrainingMonitor:
                                  guidance_txt=cfg.sample_guidance_scale_txt if guidance_txt is None else guidance_txt,
                                  guidance_capt=cfg.sample_guidance_scale_capt,
                                  dynamic_threshold=cfg.sample_dynamic_threshold)
-        loaded = LoadedModel(model, self.diffusion, self.cfg, str(self.run_dir), f"ema:{self.ema_rate}")
+        loaded = LoadedModel(model, self.diffusion, self.cfg, str(self.run_dir), "monitor")
         with torch.no_grad():
             return sample_stage(loaded, settings, txt, capt, seeds, low_res=low_res, precision=self.precision,
                                 progress=False)
@@ -145,10 +154,12 @@ class TrainingMonitor:
         except (OcrError, OcrMissingError) as e:
             log.warning("spelling evaluation at step %d failed, training goes on: %s", view.step, e)
             return None
+        averages = self._score_averages(view, conditions[0])
+        view.load(self.averages[0])  # the sampled EMA back in the model, for the grid of a later step
         first = results[conditions[0].name]
         record = {"step": view.step, "samples_seen": view.samples_seen, "time": round(time.time(), 3), **first,
                   "engine": self.engine.name, "engine_version": self.engine_version, "ceiling": self.ceiling,
-                  "conditions": results}
+                  "conditions": results, **({"averages": averages} if averages else {})}
         if "null" in results:
             record["cer_null"] = results["null"].get("cer")
         record["seconds"] = round(time.perf_counter() - started, 3)
@@ -158,6 +169,8 @@ class TrainingMonitor:
         if "null" in results and "cer" in results["null"]:
             scalars["eval/cer_null"] = float(results["null"]["cer"])
         scalars.update({k.replace("eval/", "eval/ceiling/", 1): v for k, v in eval_scalars(self.ceiling).items()})
+        for name, metrics in averages.items():
+            scalars.update({k.replace("eval/", f"eval/avg/{name}/", 1): v for k, v in eval_scalars(metrics).items()})
         view.logger.scalars(view.step, scalars)
         images = torch.cat([torch.cat(shown[c.name]) for c in conditions])
         per_condition = len(images) // len(conditions)  # one row per condition up to 2 x 8 images
@@ -170,6 +183,17 @@ class TrainingMonitor:
         log.info("eval at step %d (%.1f s): %s", view.step, record["seconds"],
                  ", ".join(f"{k} {v:.3f}" for k, v in scalars.items() if k.count("/") == 1))
         return record
+
+    def _score_averages(self, view: MonitorView, condition: EvalCondition) -> dict[str, dict]:
+        """Each of ``eval.averages`` scored as the first condition scores the sampled EMA: same prompts, seeds
+        and engine (its images are not kept)."""
+        out = {}
+        for name in self.averages[1:]:
+            model = view.load(name)
+            out[name] = evaluate_spelling(lambda txt, capt, seed: self._eval_sample_fn(model, txt, capt, seed, [],
+                                                                                       condition),
+                                          self.eval_prompts, self.cfg.eval, engine=self.engine)
+        return out
 
     def _ceiling(self) -> dict:
         """The engine's metrics on synthetic renders of the evaluation prompts at ``model.image_size``; empty,

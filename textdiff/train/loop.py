@@ -303,18 +303,31 @@ class Trainer:
         self.logger.scalars(self.step, values)
         return values
 
+    def weights_of(self, name: str) -> Optional[dict[str, torch.Tensor]]:
+        """{parameter name: full fp32 tensor} of ``"raw"`` (the optimizer's weights) or of an average the EMA
+        keeps, at this step, on rank 0 (None elsewhere; all ranks must call this: sharded ones are gathered)."""
+        if name != "raw":
+            return self.ema_weights(name)
+        full = eng.full_fp32_parameters(self.engine, self.params)
+        return self.ema.shaped({n: t.detach().clone() for n, t in zip(self.param_names, full)}) \
+            if self.rank == 0 else None
+
     def look(self, last: bool, stopping: bool) -> None:
-        """Hand the monitor the EMA weights of its rate at this step (all ranks call this: a sharded EMA is
+        """Hand the monitor the weights of its averages at this step (all ranks call this: sharded ones are
         gathered; rank 0 observes while the others wait). Never from weights a non-finite step reached."""
         self.check_finite()
-        weights = self.ema_weights(self.monitor.ema_rate)
+        weights = {name: self.weights_of(name) for name in self.monitor.averages}
         if self.rank == 0:
             if self._ema_model is None:
                 self._ema_model = self._plain_model()
-            load_weights(self._ema_model, weights, f"EMA {self.monitor.ema_rate} at step {self.step}")
+
+            def load(name: str) -> torch.nn.Module:
+                load_weights(self._ema_model, weights[name], f"{name} weights at step {self.step}")
+                return self._ema_model
+
             samples_seen = self.step * self.micro_batch * self.accumulation * self.world_size
-            self.monitor.observe(MonitorView(self.step, samples_seen, self._ema_model, self.first_batch, self.logger,
-                                             last, stopping))
+            self.monitor.observe(MonitorView(self.step, samples_seen, load(self.monitor.averages[0]), self.first_batch,
+                                             self.logger, last, stopping, load))
         dist.barrier()
 
     def _plain_model(self) -> torch.nn.Module:

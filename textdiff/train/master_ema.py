@@ -54,13 +54,15 @@ class MasterEMA:
             return None
         local = list(self.ema.named_averages(key).values())
         full = eng.full_fp32_parameters(self.engine, self.params, local)
-        weights = None
-        if self.rank == 0:
-            weights = {n: t.reshape(()) if s else t for n, t, s in zip(self.names, full, self.scalar)}
+        weights = self.shaped(dict(zip(self.names, full))) if self.rank == 0 else None
         # every rank remembers the step, so that a second call at this step (the grid, then the evaluation)
         # gathers nowhere rather than on all ranks but the one that kept the result
         self._cache = {key: (step, weights)}
         return weights
+
+    def shaped(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Full tensors by parameter name in the model's shapes: 0-dim gains, trained as [1], made 0-dim."""
+        return {n: t.reshape(()) if s else t for (n, t), s in zip(full.items(), self.scalar)}
 
     def state(self, step: int) -> Optional[dict]:
         """The full EMA for the checkpoint on rank 0 (all ranks must call this): count, names, averages."""

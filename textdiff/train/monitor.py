@@ -5,7 +5,7 @@ never sees the engine, the optimizer or the ranks. The trainer calls it on rank 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -14,9 +14,10 @@ from textdiff.train.logging import TrainLogger
 
 @dataclass
 class MonitorView:
-    """What a monitor sees at a step: ``model`` in eval mode holding the EMA weights of the monitor's
-    ``ema_rate`` (sharing the frozen caption encoder), ``first_batch`` (its ``low_res`` images feed an
-    upsampler's grid), and whether this is the run's last step or a stopping one."""
+    """What a monitor sees at a step: ``model`` in eval mode holding the weights of the monitor's first
+    average (sharing the frozen caption encoder), ``load(name)`` to put another of its ``averages`` into that
+    model, ``first_batch`` (its ``low_res`` images feed an upsampler's grid), and whether this is the run's last
+    step or a stopping one."""
 
     step: int
     samples_seen: int
@@ -25,12 +26,13 @@ class MonitorView:
     logger: TrainLogger
     last: bool
     stopping: bool
+    load: Callable[[str], torch.nn.Module] = lambda name: None
 
 
 class Monitor(Protocol):
     """What the trainer calls (textdiff/eval/monitor.py implements it)."""
 
-    ema_rate: float
+    averages: list[str]  # weights it looks at, first the one it samples: "raw" or an EMA's name (textdiff/train/ema.py)
 
     def setup_error(self) -> Optional[str]:
         """On rank 0 before any training work: why the monitor cannot run (a missing program, a bad prompt
