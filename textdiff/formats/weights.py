@@ -67,10 +67,13 @@ def read_source_config(source: str | Path) -> TextdiffConfig:
         raise LoadError(f"{path}: {e}") from None
 
 
-def ema_state_dict(ckpt: Path, ema_rate: Optional[float] = None) -> tuple[dict[str, torch.Tensor], str]:
-    """{parameter name: fp32 EMA average} of one rate from a checkpoint, and that rate's key.
+def ema_state_dict(ckpt: Path, ema_rate: Optional[float | str] = None, default: Optional[str] = None
+                   ) -> tuple[dict[str, torch.Tensor], str]:
+    """{parameter name: fp32 EMA average} of one average from a checkpoint, and its key.
 
-    ``ema_rate`` None takes the only rate, or names the choices when there are several.
+    ``ema_rate``: a rate (``0.999``) or an average's name (``"plain:0.999"``, ``"power:0.05"``); None takes
+    ``default`` (the run's first ``ema.rates``) where the checkpoint keeps it, else the only average, or
+    names the choices when there are several.
     """
     path = ckpt / TEXTDIFF_STATE
     if not path.is_file():
@@ -81,12 +84,14 @@ def ema_state_dict(ckpt: Path, ema_rate: Optional[float] = None) -> tuple[dict[s
     if not ema:
         raise LoadError(f"{path} holds no EMA; use --raw for the optimizer's weights")
     averages = ema["averages"]
-    if ema_rate is None:
+    if ema_rate is None and default in averages:
+        key = default
+    elif ema_rate is None:
         if len(averages) != 1:
             raise LoadError(f"{path} keeps EMA rates {', '.join(sorted(averages))}; pick one with --ema-rate")
         key = next(iter(averages))
     else:
-        key = rate_key(ema_rate)
+        key = ema_rate if isinstance(ema_rate, str) else rate_key(ema_rate)
         if key not in averages:
             raise LoadError(f"--ema-rate {ema_rate}: {path} keeps EMA rates {', '.join(sorted(averages))} only")
     return dict(zip(ema["names"], averages[key])), key
@@ -116,7 +121,7 @@ def checkpoint_weights(ckpt: Path, cfg: TextdiffConfig, weights: str, ema_rate: 
                        ) -> tuple[dict[str, torch.Tensor], str]:
     """(state dict, label) of checkpoint ``ckpt``: ``weights`` ``"ema"`` (label ``ema:RATE``) or ``"raw"``."""
     if weights == "ema":
-        state, key = ema_state_dict(ckpt, ema_rate)
+        state, key = ema_state_dict(ckpt, ema_rate, default=rate_key(cfg.ema.rates[0]))
         return state, f"ema:{key}"
     return raw_state_dict(ckpt, zero_stage(cfg.deepspeed)), "raw"
 
