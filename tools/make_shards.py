@@ -2,6 +2,7 @@
 """Write WebDataset shards from a folder of images with .txt transcriptions, or the synthetic demo set.
 
     python tools/make_shards.py SRC_DIR OUT_DIR [--captions C.json] [--safeboxes S.json] [--px-scales P.json]
+        [--transcriptions T.json]   # transcriptions from one file (tools/annotate.py's) instead of .txt files
         [--seed S]   # the random sample order (default 0; --order sorted keeps path order)
     python tools/make_shards.py --synthetic 1000 OUT_DIR --seed 0
 

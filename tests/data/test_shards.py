@@ -566,3 +566,48 @@ def test_skip_reasons_name_the_file_not_a_memory_address(tmp_path):
     m = make_source_shards(src, tmp_path / "out", workers=0, progress=False)
     reason = m["skipped"][0]["reason"]
     assert "cannot identify image file sub/broken.png" in reason and "BytesIO" not in reason and "0x" not in reason
+
+
+# --- transcriptions from a side file (tools/annotate.py's transcriptions.json) -------------------------------------
+
+
+def test_transcriptions_side_file_replaces_the_txt_beside_each_image(tmp_path):
+    src = tmp_path / "src"
+    add(src, "a/one.png", "stale text")
+    add(src, "two.png", txt=None)
+    add(src, "three.png", txt=None)
+    side = tmp_path / "transcriptions.json"
+    side.write_text(json.dumps({"a/one": "OPEN\nDAILY", "two": ""}))
+    m = run([str(src), str(tmp_path / "out"), "--transcriptions", str(side), "--workers", "0"])
+    samples = read_shards(tmp_path / "out")
+    assert samples["a/one"]["txt"] == b"OPEN\nDAILY" and samples["two"]["txt"] == b""
+    assert (m["with_text"], m["text_free"], m["skipped_by_kind"]) == (1, 1, {"missing_txt": 1})
+    (skipped,) = m["skipped"]
+    assert skipped["source"] == "three.png" and f"not in --transcriptions {side}" in skipped["reason"]
+
+
+def test_an_image_the_transcriptions_file_leaves_out_can_be_kept_with_unknown_text(tmp_path):
+    src = tmp_path / "src"
+    add(src, "listed.png", txt=None)
+    add(src, "unlisted.png", txt=None)
+    side = tmp_path / "t.json"
+    side.write_text(json.dumps({"listed": "hi"}))
+    m = run([str(src), str(tmp_path / "out"), "--transcriptions", str(side), "--missing-txt", "keep", "--workers", "0"])
+    assert (m["with_text"], m["unknown_text"]) == (1, 1) and "txt" not in read_shards(tmp_path / "out")["unlisted"]
+
+
+def test_a_transcription_that_is_not_a_string_is_a_bad_value_naming_the_key(tmp_path):
+    src = tmp_path / "src"
+    add(src, "a.png", txt=None)
+    add(src, "b.png", txt=None)
+    side = tmp_path / "t.json"
+    side.write_text(json.dumps({"a": ["not", "a", "string"], "b": "fine"}))
+    m = run([str(src), str(tmp_path / "out"), "--transcriptions", str(side), "--workers", "0"])
+    assert m["samples"] == 1 and m["skipped_by_kind"] == {"bad_value": 1}
+    assert "is not a string" in m["skipped"][0]["reason"] and "(key 'a')" in m["skipped"][0]["reason"]
+
+
+def test_transcriptions_is_refused_with_synthetic(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(["--synthetic", "2", str(tmp_path / "o"), "--transcriptions", "t.json"])
+    assert e.value.code == 2 and "--transcriptions applies to a source folder" in capsys.readouterr().err

@@ -12,7 +12,7 @@ training, the sample order and seed, the command, and every skipped input.
 Usage (see docs/data.md)::
 
     python tools/make_shards.py SRC_DIR OUT_DIR [--captions C.json] [--safeboxes S.json] [--px-scales P.json]
-        [--seed S]   # the random sample order (default 0; --order sorted keeps path order)
+        [--transcriptions T.json] [--seed S]   # the random sample order (default 0; --order sorted keeps path order)
     python tools/make_shards.py --synthetic 1000 OUT_DIR --seed 0
 """
 
@@ -204,8 +204,10 @@ def sample_keys(rel_paths: Sequence[str]) -> list[str]:
 
 
 def plan_source_jobs(src_dir: Path, captions: Optional[Path] = None, safeboxes: Optional[Path] = None,
-                     px_scales: Optional[Path] = None) -> tuple[list[ImageJob], list[Problem], int]:
-    """Scan ``src_dir`` and map the side files onto its images: (jobs, problems, images found)."""
+                     px_scales: Optional[Path] = None, transcriptions: Optional[Path] = None
+                     ) -> tuple[list[ImageJob], list[Problem], int]:
+    """Scan ``src_dir`` and map the side files onto its images: (jobs, problems, images found). With
+    ``transcriptions``, each image's transcription is its value there (not its .txt)."""
     rel_paths = sources.scan_images(src_dir)
     if not rel_paths:
         raise SourceError(f"source folder {src_dir} holds no images ({', '.join(sources.IMAGE_SUFFIXES)})")
@@ -215,15 +217,18 @@ def plan_source_jobs(src_dir: Path, captions: Optional[Path] = None, safeboxes: 
     values = {}
     for name, path, parse, bad_kind in (("captions", captions, sources.parse_captions, "bad_value"),
                                         ("safebox", safeboxes, sources.parse_safebox, "bad_safebox"),
-                                        ("px_scale", px_scales, sources.parse_px_scale, "bad_value")):
+                                        ("px_scale", px_scales, sources.parse_px_scale, "bad_value"),
+                                        ("transcription", transcriptions, sources.parse_transcription, "bad_value")):
         if path is None:
             values[name] = {}
             continue
         values[name], found, skipped = sources.resolve_side_file(Path(path), index, parse, bad_kind)
         problems += found
         skip |= skipped
+    listed = str(transcriptions) if transcriptions is not None else None
     jobs = [ImageJob(str(src_dir), rel, key, tuple(values["captions"].get(rel, ())),
-                     _tuple_or_none(values["safebox"].get(rel)), tuple(values["px_scale"].get(rel, (1.0, 1.0))))
+                     _tuple_or_none(values["safebox"].get(rel)), tuple(values["px_scale"].get(rel, (1.0, 1.0))),
+                     listed, values["transcription"].get(rel))
             for rel, key in zip(rel_paths, sample_keys(rel_paths)) if rel not in skip]
     return jobs, problems, len(rel_paths)
 
@@ -254,8 +259,10 @@ def make_source_shards(src_dir: str | Path, out_dir: str | Path, captions: Optio
                        safeboxes: Optional[str | Path] = None, px_scales: Optional[str | Path] = None,
                        options: SourceOptions = SourceOptions(), strict: bool = False, maxcount: int = 10000,
                        maxsize: float = 1e9, workers: int = 0, overwrite: bool = False, progress: bool = True,
-                       command: str = "", seed: int = 0, order: str = ORDER_RANDOM) -> dict:
-    """Write the images of ``src_dir`` (with their .txt and side files) as shards; returns the manifest.
+                       command: str = "", seed: int = 0, order: str = ORDER_RANDOM,
+                       transcriptions: Optional[str | Path] = None) -> dict:
+    """Write the images of ``src_dir`` (with their .txt, or the ``transcriptions`` side file, and the other
+    side files) as shards; returns the manifest.
 
     ``order`` "random" writes the images in the permutation ``seed`` draws over all of them (each shard a
     random sample of the set); "sorted" in path order. Bad input is skipped and listed in the manifest, or
@@ -266,7 +273,8 @@ def make_source_shards(src_dir: str | Path, out_dir: str | Path, captions: Optio
         raise ShardingError(f"output folder {out_dir} lies inside the source folder {src_dir}; choose another")
     if order not in (ORDER_RANDOM, ORDER_SORTED):
         raise ShardingError(f"--order {order}: choose {ORDER_RANDOM} or {ORDER_SORTED}")
-    jobs, problems, inputs = plan_source_jobs(src_dir, *(Path(p) if p else None for p in (captions, safeboxes, px_scales)))
+    jobs, problems, inputs = plan_source_jobs(src_dir, *(Path(p) if p else None
+                                                         for p in (captions, safeboxes, px_scales, transcriptions)))
     if order == ORDER_RANDOM:
         jobs = shuffled(jobs, seed)
     _fatal_if_strict(problems, strict, "before writing anything")
@@ -314,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", help="JSON object {key: caption or [captions]} or JSON Lines {key, value}")
     p.add_argument("--safeboxes", help="JSON {key: [left, top, right, bottom]} in stored-image pixels")
     p.add_argument("--px-scales", help="JSON {key: [sx, sy]}: stored size / original size")
+    p.add_argument("--transcriptions", help="JSON {key: text} (\"\" = no text; tools/annotate.py writes it): "
+                   "the transcriptions, read instead of the .txt beside each image; images it does not list have "
+                   "unknown text (see --missing-txt)")
     p.add_argument("--missing-txt", choices=("skip", "keep"), default=None,
                    help="images without a .txt (unknown text): skip them (default) or keep them without KEY.txt")
     p.add_argument("--strip-txt", action="store_true",
@@ -339,8 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Flags that act on a source folder's images only (default None or False, so a given one is seen).
-FOLDER_ONLY_FLAGS = ("captions", "safeboxes", "px_scales", "missing_txt", "min_side", "max_side", "max_pixels",
-                     "require_captions", "strict", "order", "strip_txt")
+FOLDER_ONLY_FLAGS = ("captions", "safeboxes", "px_scales", "transcriptions", "missing_txt", "min_side", "max_side",
+                     "max_pixels", "require_captions", "strict", "order", "strip_txt")
 SYNTHETIC_SIZE = 64
 
 
@@ -387,7 +398,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                             strip_txt=args.strip_txt)
     return make_source_shards(args.paths[0], args.paths[1], args.captions, args.safeboxes, args.px_scales,
                               options=options, strict=args.strict, seed=args.seed, order=args.order or ORDER_RANDOM,
-                              **common)
+                              transcriptions=args.transcriptions, **common)
 
 
 def summary(manifest: dict) -> str:

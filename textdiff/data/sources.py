@@ -1,7 +1,8 @@
 """Reading a source folder for the sharder: image keys, side files (captions, safeboxes, px scales), checks.
 
 A source folder holds images (nested sub-folders allowed), each with its transcription in a ``.txt`` file
-of the same name beside it. Side files map *image keys* to values; a key names one image:
+of the same name beside it, or all transcriptions in one side file (``--transcriptions``, what
+tools/annotate.py writes). Side files map *image keys* to values; a key names one image:
 
 - canonical: the path relative to the source folder, ``/`` separators, no extension: ``signs/street/0001``;
 - legacy: the same with ``/`` replaced by ``_`` (``signs_street_0001``), or the bare file name without
@@ -125,7 +126,7 @@ def read_key_values(path: Path) -> tuple[list[tuple[str, Any, str]], list[Proble
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SourceError(f"side file {path} does not exist; check the path given to "
-                          "--captions/--safeboxes/--px-scales") from None
+                          "--captions/--safeboxes/--px-scales/--transcriptions") from None
     except UnicodeDecodeError as e:
         raise SourceError(f"side file {path} is not UTF-8 (byte {e.start}); re-save it as UTF-8") from None
     if _looks_like_lines(text):
@@ -285,6 +286,10 @@ class ImageJob:
     captions: tuple[str, ...] = ()
     safebox: Optional[tuple[float, ...]] = None
     px_scale: tuple[float, float] = (1.0, 1.0)
+    # with a --transcriptions side file (its path): the image's value there (None: not listed), and the
+    # .txt beside the image is not read
+    transcriptions_file: Optional[str] = None
+    transcription: Optional[str] = None
 
 
 @dataclass
@@ -339,6 +344,12 @@ def read_transcription(image_path: Path, strip: bool = False) -> Optional[str]:
     except UnicodeDecodeError as e:
         raise ValueError(f"{txt_path.name} is not UTF-8 (invalid byte 0x{raw[e.start]:02x} at offset {e.start}); "
                          "re-save it as UTF-8") from None
+    return clean_transcription(text, strip)
+
+
+def clean_transcription(text: str, strip: bool = False) -> str:
+    """A transcription with line ends made ``"\n"``; with ``strip``, trailing line ends dropped and a text of
+    only whitespace made "" (see :func:`read_transcription`)."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if not strip:
         return text
@@ -346,27 +357,36 @@ def read_transcription(image_path: Path, strip: bool = False) -> Optional[str]:
     return "" if not text.strip() else text
 
 
+def parse_transcription(value: Any) -> str:
+    """A transcription value of a ``--transcriptions`` side file: a string ("" = no text in the image);
+    raises ValueError otherwise."""
+    if not isinstance(value, str):
+        raise ValueError(f"transcription value {value!r} is not a string (\"\" for an image without text)")
+    return value
+
+
 _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
-def _decode(data: bytes, where: str, max_pixels: int) -> tuple[Image.Image, str]:
-    """Fully decoded image and its format; raises _Skip for bombs and unreadable or truncated files."""
+def decode_image(data: bytes, where: str, max_pixels: int) -> tuple[Image.Image, str]:
+    """Fully decoded image and its format, as make_shards and tools/annotate.py read every image; raises
+    SkipInput (its Problem names the file and why) for bombs and unreadable or truncated files."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise _Skip(Problem(where, "too_many_pixels", f"refused as a decompression bomb: {e}")) from None
+            raise SkipInput(Problem(where, "too_many_pixels", f"refused as a decompression bomb: {e}")) from None
         except Exception as e:  # Pillow raises many types for garbage input
-            raise _Skip(Problem(where, "bad_image", f"unreadable image ({describe_error(e, where)})")) from None
+            raise SkipInput(Problem(where, "bad_image", f"unreadable image ({describe_error(e, where)})")) from None
         width, height = image.size
         if width * height > max_pixels:
-            raise _Skip(Problem(where, "too_many_pixels", f"{width}x{height} = {width * height} pixels exceeds "
+            raise SkipInput(Problem(where, "too_many_pixels", f"{width}x{height} = {width * height} pixels exceeds "
                                 f"--max-pixels {max_pixels} (decompression-bomb cap); raise it if the image is real"))
         try:
             image.load()
         except Exception as e:
-            raise _Skip(Problem(where, "bad_image", f"unreadable or truncated image ({describe_error(e, where)})")) from None
+            raise SkipInput(Problem(where, "bad_image", f"unreadable or truncated image ({describe_error(e, where)})")) from None
     return image, image.format or ""
 
 
@@ -424,7 +444,9 @@ def rescale_safebox(box: list[float], fx: float, fy: float, width: int, height: 
             min(width, math.ceil(box[2] * fx)), min(height, math.ceil(box[3] * fy))]
 
 
-class _Skip(Exception):
+class SkipInput(Exception):
+    """An input that is skipped, and counted, for the Problem it carries."""
+
     def __init__(self, problem: Problem):
         super().__init__(problem.reason)
         self.problem = problem
@@ -434,35 +456,39 @@ def prepare_sample(job: ImageJob, opts: SourceOptions) -> ShardSample | Problem:
     """Read, check and (with ``max_side``) resize one source image; a Problem says why it is skipped."""
     try:
         return _prepare(job, opts)
-    except _Skip as skip:
+    except SkipInput as skip:
         return skip.problem
 
 
 def _prepare(job: ImageJob, opts: SourceOptions) -> ShardSample:
     path = Path(job.src_dir) / job.rel_path
     where = job.rel_path
-    try:
-        txt = read_transcription(path, opts.strip_txt)
-    except ValueError as e:
-        raise _Skip(Problem(where, "bad_txt", str(e), job.key)) from None
+    if job.transcriptions_file is not None:
+        txt = None if job.transcription is None else clean_transcription(job.transcription, opts.strip_txt)
+        missing = f"not in --transcriptions {job.transcriptions_file} (transcription unknown)"
+    else:
+        try:
+            txt = read_transcription(path, opts.strip_txt)
+        except ValueError as e:
+            raise SkipInput(Problem(where, "bad_txt", str(e), job.key)) from None
+        missing = "no .txt beside it (transcription unknown)"
     if txt is None and opts.missing_txt == "skip":
-        raise _Skip(Problem(where, "missing_txt", "no .txt beside it (transcription unknown); pass "
-                            "--missing-txt keep to keep such images", job.key))
+        raise SkipInput(Problem(where, "missing_txt", f"{missing}; pass --missing-txt keep to keep such images", job.key))
     if opts.require_captions and not job.captions:
-        raise _Skip(Problem(where, "no_captions", "no caption (--require-captions)", job.key))
+        raise SkipInput(Problem(where, "no_captions", "no caption (--require-captions)", job.key))
     data = path.read_bytes()
-    image, fmt = _decode(data, where, opts.max_pixels)
+    image, fmt = decode_image(data, where, opts.max_pixels)
     # Cameras store the sensor's pixels and an EXIF rotation; viewers (and whoever drew the safebox) show the
     # image upright, while decoders that ignore EXIF (the stream, most readers) would not: store it upright.
     image, rotated = upright(image)
     width, height = image.size
     box = list(job.safebox) if job.safebox is not None else None
     if box is not None and not (0 <= box[0] and 0 <= box[1] and box[2] <= width and box[3] <= height):
-        raise _Skip(Problem(where, "bad_safebox", f"safebox {box} lies outside the {width}x{height} image; "
+        raise SkipInput(Problem(where, "bad_safebox", f"safebox {box} lies outside the {width}x{height} image; "
                             "fix it in the --safeboxes file", job.key))
     sx, sy = job.px_scale
     if opts.min_side and min(width / sx, height / sy) < opts.min_side:
-        raise _Skip(Problem(where, "too_small", f"shorter side {min(width / sx, height / sy):.0f} px (stored size "
+        raise SkipInput(Problem(where, "too_small", f"shorter side {min(width / sx, height / sy):.0f} px (stored size "
                             f"/ px scale) is below --min-side {opts.min_side}", job.key))
     ext = _KEEP_FORMATS.get(fmt, "png") if opts.image_format == "keep" else opts.image_format
     new_size = shrink((width, height), opts.max_side) if opts.max_side else (width, height)
