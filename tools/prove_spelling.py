@@ -13,6 +13,10 @@ chance; with --json one JSON object. A rerun with the same --out continues the t
 checkpoint. Reading a finished run's saved images again, with no training or sampling:
 
     python tools/prove_spelling.py --rescore runs/spell --engine ppocr --json
+
+Which EMA spells best, after a run that kept EDM2's power-function snapshots (docs/ema.md):
+
+    python tools/prove_spelling.py --ema-sweep runs/spell --json
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import sys
 
 from textdiff.config import ConfigError
+from textdiff.experiments.ema_sweep import SIGMA_RELS, ema_sweep
 from textdiff.experiments.spelling import RESULT_KEYS, Design, ExperimentError, rescore, run_experiment
 from textdiff.ocr import OcrError, OcrMissingError
 
@@ -50,7 +55,15 @@ def main(argv=None) -> int:
                    help="no training or sampling: read the images the finished run in RUN_OUT saved again with the "
                         "recipe's current eval settings and the --engine(s), each with its ceiling on fresh "
                         "renders; updates RUN_OUT/result.json")
+    p.add_argument("--ema-sweep", metavar="RUN_OUT",
+                   help="no training: score every average the finished run in RUN_OUT kept and EMAs of --sigma-rels "
+                        "rebuilt from its snapshots (it must have trained with ema.power_sigma_rels and "
+                        "ema.snapshot_every); writes RUN_OUT/ema_sweep.json and .png")
+    p.add_argument("--sigma-rels", default=",".join(f"{s:g}" for s in SIGMA_RELS),
+                   help="--ema-sweep: comma list of EMA widths to rebuild")
     args = p.parse_args(argv)
+    if args.ema_sweep:
+        return sweep(args)
     per_string = args.eval_per_string or (d.eval_per_string if args.minutes >= 20 else 1)
     steps = args.steps or (d.steps if args.minutes >= 20 else 10)
     design = Design(renders=args.renders, seed=args.seed, guidance=args.guidance, sampler=args.sampler,
@@ -68,6 +81,26 @@ def main(argv=None) -> int:
         print(json.dumps({k: result[k] for k in RESULT_KEYS}))
     else:
         print(summary(result))
+    return 0
+
+
+def sweep(args) -> int:
+    """``--ema-sweep``: print the table (or one JSON object) of :func:`ema_sweep`."""
+    try:
+        sigma_rels = [float(s) for s in args.sigma_rels.split(",") if s]
+        result = ema_sweep(args.ema_sweep, sigma_rels, args.engines[0] if args.engines else None)
+    except (ConfigError, ExperimentError, OcrMissingError, OcrError, ValueError) as e:
+        print(f"prove_spelling: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for row in result["rows"]:
+        fit = f"  fit {row['fit']:.4f}" if "fit" in row else ""
+        print(f"{row['average']:22s} CER {row['cer']:.4f}  exact {row['exact']:.3f}{fit}")
+    best, kept = result["best_rebuilt"], result["best_kept"]
+    print(f"best rebuilt: {best['average']} CER {best['cer']:.4f}; best kept: {kept['average']} CER {kept['cer']:.4f} "
+          f"({result['engine']}, {result['n_eval']} images, step {result['step']})")
     return 0
 
 

@@ -29,7 +29,8 @@ _spec.loader.exec_module(prove)
 MINUTES = 2.2
 TINY = ("model.num_channels=32", "model.channel_mult=[1,2]", "model.txt_dim=32", "model.txt_depth=1",
         "model.channels_per_head=16", "model.cross_attn_channels_per_head=16", "model.num_heads=2",
-        "eval.every=4", "checkpoint.save_every=1000")
+        "eval.every=4", "checkpoint.save_every=1000", "ema.power_sigma_rels=[0.05,0.1]", "ema.snapshot_every=4",
+        'ema.tracked=["plain:0.999"]')
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +204,20 @@ def test_rescore_reads_the_saved_images_again_and_keeps_the_training_figures(exp
                                                                       before["curve"])
     assert after["before_rescore"]["cer_txt"] == before["cer_txt"] and after["n_eval"] == 110
     assert after["rescored_with"]["ocr_retry_psm"] == 8
+
+
+@pytest.mark.slow  # the whole experiment: data, training, evaluation
+def test_the_ema_sweep_scores_every_kept_average_and_rebuilt_widths_at_the_runs_last_step(experiment, capfd):
+    """Every average the run kept (the rate, the tracked start, both power EMAs, the raw weights) and each
+    rebuilt width is scored on the held-out strings; a rebuilt width that was snapshotted fits exactly."""
+    code, out = experiment
+    assert code == 0
+    assert prove.main(["--ema-sweep", str(out), "--sigma-rels", "0.05,0.08", "--engine", "tesseract", "--json"]) == 0
+    result = json.loads(capfd.readouterr().out.splitlines()[-1])
+    names = [r["average"] for r in result["rows"]]
+    assert names == ["0.999", "plain:0.999", "power:0.05", "power:0.1", "raw", "posthoc:0.05", "posthoc:0.08"]
+    assert all(0.0 <= r["cer"] and r["exact"] <= 1.0 for r in result["rows"])
+    rebuilt = {r["sigma_rel"]: r for r in result["rows"] if r["kind"] == "rebuilt"}
+    assert rebuilt[0.05]["fit"] < 1e-6 and rebuilt[0.08]["fit"] < 0.05
+    assert result["best_rebuilt"]["kind"] == "rebuilt" and result["n_eval"] == 110
+    assert (out / "ema_sweep.json").is_file() and Image.open(out / "ema_sweep.png").size == (560, 300)

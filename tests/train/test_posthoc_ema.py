@@ -115,7 +115,8 @@ def test_the_tool_writes_an_export_that_samples_load_and_prints_the_fit(tiny, tm
     from textdiff.train.loop import Trainer
 
     run = tmp_path / "run"
-    trainer = Trainer(tiny("train.max_steps=6", "ema.power_sigma_rels=[0.05, 0.1]", "ema.snapshot_every=2"), run)
+    # snapshots every 2 steps and at the run's end
+    trainer = Trainer(tiny("train.max_steps=5", "ema.power_sigma_rels=[0.05, 0.1]", "ema.snapshot_every=2"), run)
     trainer.run()
     trainer.close()
     repo = Path(__file__).resolve().parents[2]
@@ -123,12 +124,12 @@ def test_the_tool_writes_an_export_that_samples_load_and_prints_the_fit(tiny, tm
                            "0.075", "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.splitlines()[-1])  # DeepSpeed logs its accelerator to stdout first
-    assert summary["step"] == 6 and summary["snapshots"] == 3 and 0 <= summary["fit"] < 0.2
+    assert summary["step"] == 5 and summary["snapshots"] == 3 and 0 <= summary["fit"] < 0.2
     loaded = load_for_sampling(summary["out"])
     rec = reconstruct(run, 0.075)
     for name, value in loaded.model.state_dict().items():
         if name in rec.weights:
             assert torch.equal(value, rec.weights[name].reshape(value.shape)), name
     bad = subprocess.run([sys.executable, str(repo / "tools" / "reconstruct_ema.py"), str(run), "--sigma-rel",
-                          "0.075", "--step", "5"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "--step 5 is not a snapshot step; this run has snapshots at [2, 4, 6]" in bad.stderr
+                          "0.075", "--step", "3"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--step 3 is not a snapshot step; this run has snapshots at [2, 4, 5]" in bad.stderr

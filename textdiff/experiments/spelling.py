@@ -179,7 +179,7 @@ def train_model(out: Path, design: Design, manifest: Path, minutes: float,
     return subprocess.run(cmd, cwd=REPO, env=env)
 
 
-def _sample(loaded, strings: Sequence[Optional[str]], seeds: Sequence[int], design: Design, guidance: float,
+def sample_strings(loaded, strings: Sequence[Optional[str]], seeds: Sequence[int], design: Design, guidance: float,
             desc: str, batch: int = 64) -> list[np.ndarray]:
     """uint8 [S, S, 3] images of ``strings`` (None: the null transcription), one per seed."""
     settings = StageSettings(sampler=design.sampler, steps=default_grid(design.sampler, str(design.steps)),
@@ -191,6 +191,18 @@ def _sample(loaded, strings: Sequence[Optional[str]], seeds: Sequence[int], desi
                                   list(seeds[i:i + batch]), progress=False)
         out.extend(to_uint8(images))
     return out
+
+
+def heldout_strings(design: Design) -> list[str]:
+    """The held-out strings of ``design`` (never in a training shard)."""
+    return spelling_set.split_strings(spelling_set.all_strings(design.alphabet, design.lengths), design.heldout_frac,
+                                      design.seed)[1]
+
+
+def eval_targets(design: Design, heldout: Sequence[str]) -> tuple[list[str], list[int]]:
+    """The final evaluation's targets (each held-out string ``eval_per_string`` times) and their seeds."""
+    targets = [s for s in heldout for _ in range(design.eval_per_string)]
+    return targets, [design.seed * 100_000 + i for i in range(len(targets))]
 
 
 def cer_of(readings: Sequence[str], targets: Sequence[str], cfg: EvalConfig) -> tuple[float, float, list]:
@@ -246,10 +258,9 @@ def evaluate(out: Path, design: Design, heldout: Sequence[str], cfg: TextdiffCon
     control, same seeds) and score them with each of ``engines`` (:func:`score_images`); returns
     result.json's figures."""
     loaded = load_for_sampling(out / "run", "ema")
-    targets = [s for s in heldout for _ in range(design.eval_per_string)]
-    seeds = [design.seed * 100_000 + i for i in range(len(targets))]
-    with_txt = _sample(loaded, targets, seeds, design, design.guidance, "sample held-out")
-    null = _sample(loaded, [None] * len(targets), seeds, design, 1.0, "sample null control")
+    targets, seeds = eval_targets(design, heldout)
+    with_txt = sample_strings(loaded, targets, seeds, design, design.guidance, "sample held-out")
+    null = sample_strings(loaded, [None] * len(targets), seeds, design, 1.0, "sample null control")
     return {**score_images(out, design, targets, seeds, with_txt, null, cfg.eval, engines), "weights": loaded.weights}
 
 
@@ -373,8 +384,7 @@ def run_experiment(out: str | Path, minutes: float, design: Design = Design(), p
     if design.eval_per_string < 1 or design.renders < 1:
         raise ExperimentError("--eval-per-string and --renders must be at least 1")
     engines = experiment_engines(cfg.eval, design.engines)
-    n_heldout = len(spelling_set.split_strings(spelling_set.all_strings(design.alphabet, design.lengths),
-                                               design.heldout_frac, design.seed)[1])
+    n_heldout = len(heldout_strings(design))
     prepared = (out / "data" / "shards" / "manifest.json").exists()
     _check_budget(minutes, (0.0 if prepared else data_minutes(design)) + eval_minutes(design, n_heldout, engines))
     manifest, train_strings, heldout = prepare_data(out, design, progress)

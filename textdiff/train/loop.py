@@ -383,7 +383,8 @@ class Trainer:
                 last = self.step == cfg.max_steps
                 if self.monitor is not None and self.monitor.due(self.step, last, stopping):
                     self.look(last, stopping)
-                if self.cfg.ema.snapshot_every and self.step % self.cfg.ema.snapshot_every == 0:
+                every = self.cfg.ema.snapshot_every  # and at the run's end, so an EMA can be rebuilt there
+                if every and (self.step % every == 0 or last or stopping):
                     self.check_finite()  # no snapshot of weights a non-finite step reached
                     self.ema.snapshot(self.run_dir, self.step)
                 if self.step % self.cfg.checkpoint.save_every == 0 or self.step == cfg.max_steps or stopping:
