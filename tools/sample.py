@@ -20,7 +20,7 @@ from textdiff.formats.weights import LoadError
 from textdiff.sampling.prompts import Prompt, PromptFileError, read_prompts
 from textdiff.sampling.cascade import PRECISIONS, CascadeError, StageSettings
 from textdiff.sampling.job import StageSpec, check_job, expand_prompts, replay, run_job
-from textdiff.sampling.samplers import RECOMMENDED_SAMPLER, SAMPLERS, default_grid
+from textdiff.sampling.samplers import SAMPLERS, default_grid, default_sampler
 
 # per-upsampler flags: given once (all upsamplers) or once per --upsampler, in order
 UP_FLAGS = {"up_sampler": "sampler", "up_steps": "steps", "up_eta": "eta", "up_guidance_txt": "guidance_txt",
@@ -52,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--count", type=int, default=1, help="images per --txt prompt")
 
     st = p.add_argument_group("sampling (base model)")
-    st.add_argument("--sampler", default=RECOMMENDED_SAMPLER,
-                    help=f"one of {', '.join(SAMPLERS)} (default: the most accurate at every step count, docs/samplers.md)")
-    st.add_argument("--steps", default="50", help="step count (\"50\": the sampler's own grid, e.g. quad50), a named "
-                    "grid (\"quad50\", \"pow1.5_50\", \"trailing50\", \"karras50\", \"logsnr50\", \"leading50\") "
+    st.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)} (default: the one chosen for the step count, "
+                    "DEFAULT_SAMPLING in textdiff/sampling/samplers.py, docs/samplers.md)")
+    st.add_argument("--steps", default="50", help="step count (\"50\": the sampler's grid for it, e.g. pow1.5_50), "
+                    "a named grid (\"quad50\", \"pow1.5_50\", \"trailing50\", \"karras50\", \"logsnr50\", \"leading50\") "
                     "or a respacing spec (\"ddim50\", \"10,10,10\")")
     st.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     st.add_argument("--guidance-txt", type=float, default=1.0, help="guidance scale of the transcription (1: off)")
@@ -143,18 +143,28 @@ def _per_upsampler(args: argparse.Namespace, dest: str, default) -> list:
     return values
 
 
+def _default_sampler(flag: str, steps: str) -> str:
+    """The sampler chosen for the step count of ``steps`` (given as ``flag``) when none is named."""
+    try:
+        return default_sampler(steps)
+    except ValueError as e:
+        raise CascadeError(f"{flag}: {e}") from None
+
+
 def stage_specs(args: argparse.Namespace) -> tuple[list[StageSpec], list[str]]:
     """The cascade's stages from the flags, and the names that errors call them by."""
     if bool(args.run_dir) == bool(args.weights):
         raise CascadeError("give exactly one of --run-dir RUN_DIR and --weights FILE.safetensors")
-    base = StageSettings(sampler=args.sampler, steps=default_grid(args.sampler, args.steps), eta=args.eta, guidance_txt=args.guidance_txt,
-                         guidance_capt=args.guidance_capt, dynamic_threshold=args.dynamic_threshold,
-                         clip_denoised=args.clip_denoised, guidance_after_step=args.guidance_after_step)
+    sampler = args.sampler or _default_sampler("--steps", args.steps)
+    base = StageSettings(sampler=sampler, steps=default_grid(sampler, args.steps), eta=args.eta,
+                         guidance_txt=args.guidance_txt, guidance_capt=args.guidance_capt,
+                         dynamic_threshold=args.dynamic_threshold, clip_denoised=args.clip_denoised,
+                         guidance_after_step=args.guidance_after_step)
     weights = "raw" if args.raw else "ema"
     source = args.run_dir or args.weights
     specs = [StageSpec(source, base, weights, args.ema_rate)]
     names = [f"--{'run-dir' if args.run_dir else 'weights'} {source}"]
-    defaults = {"sampler": base.sampler, "steps": args.steps, "eta": base.eta, "guidance_txt": 1.0,
+    defaults = {"sampler": args.sampler, "steps": args.steps, "eta": base.eta, "guidance_txt": 1.0,
                 "guidance_capt": 1.0, "dynamic_threshold": None, "noise_cond_level": 0,
                 "guidance_after_step": None}
     stray = [dest for dest in UP_FLAGS if getattr(args, dest)]
@@ -164,6 +174,7 @@ def stage_specs(args: argparse.Namespace) -> tuple[list[StageSpec], list[str]]:
     columns = {field: _per_upsampler(args, dest, defaults[field]) for dest, field in UP_FLAGS.items()}
     for k, up in enumerate(args.upsampler):
         fields = {field: values[k] for field, values in columns.items()}
+        fields["sampler"] = fields["sampler"] or _default_sampler("--up-steps", fields["steps"])
         fields["steps"] = default_grid(fields["sampler"], fields["steps"])  # a plain count: that sampler's grid
         settings = StageSettings(**fields, clip_denoised=args.clip_denoised)
         specs.append(StageSpec(up, settings, weights, args.ema_rate))

@@ -43,7 +43,7 @@ def test_a_run_writes_one_png_per_sample_a_grid_and_a_record_each(cascade_out):
     assert _pixels(cascade_out / records[0]["image"]).shape == (32, 32, 3)
     assert _pixels(cascade_out / records[0]["stages"][0]["image"]).shape == (16, 16, 3)
     up = records[0]["stages"][1]
-    assert (up["sampler"], up["steps"], up["guidance_txt"], up["weights"]) == ("ipndm", "quad2", 2.0, "raw")
+    assert (up["sampler"], up["steps"], up["guidance_txt"], up["weights"]) == ("unipc", "pow1.75_2", 2.0, "raw")
     assert up["source"].endswith("up/checkpoints/step_00000003") and up["given"].endswith("up")
     grid = Image.open(cascade_out / "grid.png")
     assert grid.width >= 4 * 128

@@ -14,8 +14,8 @@ from textdiff.bench.mixture import CASES, pf_ode_reference, sliced_wasserstein
 from textdiff.config.respacing import space_timesteps
 from textdiff.diffusion.respace import respace
 from textdiff.diffusion.schedules import alphas_cumprod, cosine_betas
-from textdiff.sampling.samplers import (SAMPLERS, data_multistep_step, default_grid, eps_last_step, sample,
-                                        sampling_timesteps)
+from textdiff.sampling.samplers import (DEFAULT_GRIDS, DEFAULT_SAMPLING, SAMPLERS, data_multistep_step, default_grid,
+                                        default_sampler, eps_last_step, sample, sampling_timesteps)
 
 ABAR = alphas_cumprod(cosine_betas(1000))
 DETERMINISTIC = ("ddim", "prk", "plms", "ipndm", "dpmpp_2m", "dpmpp_3m", "unipc", "deis")
@@ -62,7 +62,7 @@ def test_prk_and_plms_converge_on_every_grid(name, grid, starts):
 
 @pytest.mark.parametrize("name,grid,factor", [("ipndm", "quad", 16), ("deis", "quad", 10),
                                               ("dpmpp_3m", "quad", 16), ("prk", "karras", 64)])
-def test_high_order_samplers_converge_at_their_order_on_their_default_grid(name, grid, factor, starts):
+def test_high_order_samplers_converge_at_their_order(name, grid, factor, starts):
     """From 20 to 80 steps the error falls at least ``factor``: about order 2 (16x) for the multistep methods,
     whose lower-order warm-up steps cap them at these counts (measured: ipndm 24x, deis 13x, dpmpp_3m 29x), and
     order 3 for PRK (measured 99x). 80 steps keep the errors (>= 2e-6) above the 300-step reference's own (1e-6)."""
@@ -106,12 +106,78 @@ def test_data_prediction_step_integrates_a_linear_x0_prediction_in_log_snr_exact
 def test_plain_step_counts_run_on_each_samplers_default_grid():
     assert default_grid("ddim", "20") == "pow1.5_20"
     assert default_grid("plms", "20") == "pow1.5_20"
-    assert default_grid("ipndm", "20") == "quad20"
-    assert default_grid("dpmpp_3m", " 20") == "quad20"
+    assert default_grid("ipndm", "20") == "pow1.25_20"  # the spelling evaluation's eval.sampler at 20 steps
+    assert default_grid("dpmpp_3m", " 20") == "pow1.25_20"
+    assert default_grid("deis", "20") == "karras20"
     assert default_grid("prk", "20") == "karras20"
     assert default_grid("ddpm", "20") == "20"
     assert default_grid("ipndm", "logsnr20") == "logsnr20"
     assert default_grid("plms", "ddim50") == "ddim50"
+
+
+def test_a_samplers_grid_follows_its_row_for_the_step_count():
+    """Rows (most steps, grid): 5, 10, 20, 50, and the last row above 50."""
+    assert [default_grid("ipndm", str(n)) for n in (4, 5, 8, 10, 15, 20, 30, 50, 200)] == [
+        "pow1.5_4", "pow1.5_5", "trailing8", "trailing10", "pow1.25_15", "pow1.25_20", "pow1.5_30", "pow1.5_50",
+        "pow1.5_200"]
+    assert [default_grid("unipc", str(n)) for n in (5, 10, 20, 50)] == [
+        "pow1.75_5", "pow1.25_10", "quad20", "pow1.5_50"]
+
+
+def test_the_default_sampler_follows_the_table_by_the_step_count_asked():
+    assert [default_sampler(n) for n in ("3", "5", "10", "20", "50", "100")] == [
+        "unipc", "unipc", "unipc", "ipndm", "ipndm", "ipndm"]
+    assert [default_sampler(n) for n in ("karras20", "pow1.5_8", "ddim10", "10,10,10")] == [
+        "ipndm", "unipc", "unipc", "ipndm"]
+    assert [default_grid(default_sampler(str(n)), str(n)) for n in (5, 10, 20, 50)] == [
+        "pow1.75_5", "pow1.25_10", "pow1.25_20", "pow1.5_50"]
+    with pytest.raises(ValueError, match="'karras' names no step count"):
+        default_sampler("karras")
+
+
+def test_each_default_pair_is_its_samplers_own_grid_at_that_budget():
+    for bound, sampler, grid in DEFAULT_SAMPLING:
+        assert default_grid(sampler, str(bound)) == f"{grid}{bound}"
+        assert dict(DEFAULT_GRIDS[sampler])[bound] == grid
+
+
+def test_stage_settings_default_to_the_tables_choice_for_50_steps():
+    from textdiff.sampling.cascade import StageSettings
+
+    assert (StageSettings().sampler, StageSettings().steps) == ("ipndm", "pow1.5_50")
+
+
+def _sample_tool():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "sample.py"
+    spec = importlib.util.spec_from_file_location("sample_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+@pytest.mark.parametrize("flags,base,up", [
+    ([], ("ipndm", "pow1.5_50"), ("ipndm", "pow1.5_50")),
+    (["--steps", "10", "--up-steps", "20"], ("unipc", "pow1.25_10"), ("ipndm", "pow1.25_20")),
+    (["--steps", "5", "--up-steps", "karras8"], ("unipc", "pow1.75_5"), ("unipc", "karras8")),
+    (["--sampler", "deis", "--steps", "10", "--up-steps", "20"], ("deis", "karras10"), ("deis", "karras20")),
+    (["--steps", "20", "--up-sampler", "ddim"], ("ipndm", "pow1.25_20"), ("ddim", "pow1.5_20")),
+])
+def test_sample_tool_defaults_each_stages_sampler_and_grid_by_its_step_count(flags, base, up):
+    tool = _sample_tool()
+    args = tool.build_parser().parse_args(["--weights", "base.safetensors", "--upsampler", "up.safetensors",
+                                           "--out", "out", *flags])
+    specs, _ = tool.stage_specs(args)
+    assert [(s.settings.sampler, s.settings.steps) for s in specs] == [base, up]
+
+
+def test_sample_tool_names_the_flag_of_a_step_spec_without_a_count():
+    tool = _sample_tool()
+    args = tool.build_parser().parse_args(["--weights", "base.safetensors", "--steps", "karras", "--out", "out"])
+    with pytest.raises(tool.CascadeError, match="--steps: step spec 'karras' names no step count"):
+        tool.stage_specs(args)
 
 
 @pytest.mark.parametrize("spec", ["pow1.5", "pow_20", "pow0_20", "pow1.5_0", "pow1.5_1001", "pow-1_20", "pow1.5_2x"])
@@ -290,6 +356,6 @@ def test_bench_peer_table_puts_diffusers_next_to_textdiff(capsys):
     assert rc == 0
     assert [(r["method"], r["steps"]) for r in rows] == [(m, s) for m in ("DDIM", "PLMS") for s in (10, 20, 50, 80, 200)]
     plms10 = rows[5]
-    assert (plms10["sampler"], plms10["grid"], plms10["nfe"], plms10["peer_nfe"]) == ("ipndm", "quad10", 10, 11)
+    assert (plms10["sampler"], plms10["grid"], plms10["nfe"], plms10["peer_nfe"]) == ("ipndm", "trailing10", 10, 11)
     assert rows[0]["peer_t_start"] == 900  # diffusers' DDIM default: leading spacing
     assert all(r["error"] > 0 and r["peer_error"] > 0 for r in rows)

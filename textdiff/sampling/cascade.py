@@ -23,7 +23,7 @@ from textdiff.config import ModelConfig
 from textdiff.diffusion.noise_cond import NOISE_COND_STEPS, sampling_low_res
 from textdiff.sampling.guidance import guidance_after_step, guidance_conds, guided_model
 from textdiff.sampling.loading import LoadedModel
-from textdiff.sampling.samplers import SAMPLERS, sample, sampling_timesteps
+from textdiff.sampling.samplers import SAMPLERS, default_grid, default_sampler, sample, sampling_timesteps
 from textdiff.sampling.thresholding import clipping, dynamic_thresholding
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -43,8 +43,8 @@ class StageSettings:
     1000-step noise-conditioning schedule; 0 = clean low-res image), and the step below which guidance applies
     (the research code's ``guidance_after_step``, a step of the model's training process; None: every step)."""
 
-    sampler: str = "ipndm"  # the most accurate sampler at every step count measured (docs/samplers.md)
-    steps: str = "quad50"
+    sampler: str = default_sampler("50")  # DEFAULT_SAMPLING's choice for 50 steps (docs/samplers.md)
+    steps: str = default_grid(default_sampler("50"), "50")
     eta: float = 0.0
     guidance_txt: float = 1.0
     guidance_capt: float = 1.0

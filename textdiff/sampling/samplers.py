@@ -21,6 +21,7 @@ after each step; noise comes from ``generator`` only, so a seeded generator make
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable, Optional
 
 import torch
@@ -35,26 +36,61 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Optional[Callable[[dict], None]]
 
 
-# Each sampler's grid for a plain step count, chosen on tools/bench_samplers.py --peer (docs/samplers.md): the
-# first-order ddim and the PRK-started plms do best on the flatter pow1.5 grid (its steps shrink less towards
-# clean data than quad's), the other multistep methods on quad.
-DEFAULT_GRIDS = {"ddpm": "", "ddim": "pow1.5_", "prk": "karras", "plms": "pow1.5_", "ipndm": "quad",
-                 "dpmpp_2m": "quad", "dpmpp_3m": "quad", "unipc": "quad", "deis": "quad"}
+# The default sampler and grid for a plain step count: rows (most steps, sampler, grid), the first row whose bound
+# the count meets, the last row above them all. Chosen by tools/bench_samplers.py --family (docs/samplers.md): at
+# each NFE budget, the one-call-per-step (sampler, grid) whose largest ratio of error to the best textdiff sampler
+# and grid, over 51 Gaussian mixtures (2-16 dimensions, stds 0.02-0.5, modes near and far apart), is smallest.
+# Worst ratios 2.0, 6.2, 16.7, 13.7: no candidate comes within the 1.5x aimed at, as iPNDM leads on the near
+# mixtures and UniPC on the far ones.
+DEFAULT_SAMPLING = ((5, "unipc", "pow1.75_"), (10, "unipc", "pow1.25_"), (20, "ipndm", "pow1.25_"),
+                    (50, "ipndm", "pow1.5_"))
+
+# Each sampler's grid for a plain step count, rows (most steps, grid) read as DEFAULT_SAMPLING's. The one-call
+# multistep samplers' rows are their own worst-case choices on the same run (so they agree with DEFAULT_SAMPLING);
+# ddim (within 3% of its best there at 5 and 10 NFE) and the PRK-started plms keep pow1.5_, prk karras, all three
+# chosen against diffusers on --peer; ddpm keeps integer respacing, the process it samples ancestrally.
+DEFAULT_GRIDS = {
+    "ddpm": ((50, ""),), "ddim": ((50, "pow1.5_"),), "prk": ((50, "karras"),), "plms": ((50, "pow1.5_"),),
+    "ipndm": ((5, "pow1.5_"), (10, "trailing"), (20, "pow1.25_"), (50, "pow1.5_")),
+    "dpmpp_2m": ((5, "pow1.5_"), (10, "trailing"), (20, "pow1.75_"), (50, "pow1.5_")),
+    "dpmpp_3m": ((5, "pow1.5_"), (10, "trailing"), (20, "pow1.25_"), (50, "pow1.25_")),
+    "unipc": ((5, "pow1.75_"), (10, "pow1.25_"), (20, "quad"), (50, "pow1.5_")),
+    "deis": ((5, "pow1.5_"), (10, "karras"), (20, "karras"), (50, "pow1.25_")),
+}
 
 
-# The sampler tools/sample.py and StageSettings default to: on tools/bench_samplers.py --peer it has the lowest
-# error of the one-call-per-step samplers in 14 of the 15 cells (3 mixtures x 10-200 steps; unipc wins blobs8
-# at 50 by 16%), and at 10 NFE 1.5-5x below the next (docs/samplers.md).
-RECOMMENDED_SAMPLER = "ipndm"
+def _row(table, count: int):
+    """The first row of ``table`` (rows ``(most steps, ...)``, bounds increasing) whose bound ``count`` meets;
+    the last row above them all."""
+    return next((row for row in table if count <= row[0]), table[-1])
+
+
+def step_count(steps: str) -> int:
+    """The steps a step spec asks for: ``"20"``, ``"karras20"``, ``"pow1.5_20"``, ``"ddim20"`` -> 20,
+    ``"10,10,10"`` -> 30."""
+    digits = re.findall(r"\d+", re.sub(r"^pow\d+(?:\.\d+)?_", "", str(steps).strip()))
+    if not digits:
+        raise ValueError(f"step spec {steps!r} names no step count; write e.g. 20, karras20 or ddim20")
+    return sum(int(d) for d in digits)
+
+
+def default_sampler(steps: str) -> str:
+    """The sampler a step spec ``steps`` runs when none is named: :data:`DEFAULT_SAMPLING`'s for its count."""
+    return _row(DEFAULT_SAMPLING, step_count(steps))[1]
 
 
 def default_grid(sampler: str, steps: str) -> str:
-    """The step spec ``sampler`` runs on for ``steps``: a plain count ``"20"`` becomes that sampler's grid
-    (:data:`DEFAULT_GRIDS`, e.g. ``"karras20"``); any other spec (``"logsnr20"``, ``"ddim50"``, ``"10,10"``)
-    is returned unchanged. ddpm keeps integer respacing, the process it samples ancestrally."""
+    """The step spec ``sampler`` runs on for ``steps``: a plain count ``"20"`` becomes a named grid with that
+    count, :data:`DEFAULT_SAMPLING`'s for the count where it names ``sampler``, else the sampler's own
+    (:data:`DEFAULT_GRIDS`); any other spec (``"logsnr20"``, ``"ddim50"``, ``"10,10"``) is returned unchanged.
+    ddpm keeps integer respacing, the process it samples ancestrally."""
     steps = str(steps).strip()
-    grid = DEFAULT_GRIDS.get(sampler, "")
-    return f"{grid}{steps}" if steps.isdigit() and grid else steps
+    if not steps.isdigit():
+        return steps
+    _, chosen, grid = _row(DEFAULT_SAMPLING, int(steps))
+    if chosen != sampler:
+        grid = _row(DEFAULT_GRIDS[sampler], int(steps))[1] if sampler in DEFAULT_GRIDS else ""
+    return f"{grid}{steps}"
 
 
 def _abars(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> list[float]:
