@@ -6,10 +6,11 @@
 
 SOURCE is a folder of images (any depth), WebDataset .tar shards (img2dataset's: KEY.jpg, KEY.txt = the
 caption), a .parquet file or folder, or a datasets save_to_disk folder. OUT_DIR gets transcriptions.json,
-safeboxes.json, captions.json (when the source has captions), ocr.jsonl and summary.json; then
+safeboxes.json, captions.json (when the source has captions), unreadable.json (with --unreadable mask),
+ocr.jsonl and summary.json; then
 
     python tools/make_shards.py SOURCE SHARDS_DIR --transcriptions OUT_DIR/transcriptions.json \\
-        --safeboxes OUT_DIR/safeboxes.json
+        --safeboxes OUT_DIR/safeboxes.json [--unreadable OUT_DIR/unreadable.json]
 
 (a folder source; for shards and data sets, shard the --write-txt DIR instead), or --shards SHARDS_DIR does
 both in one command. A killed run continues where it stopped; a rerun with other filters re-uses the OCR.
@@ -36,7 +37,8 @@ FILTER_FLAGS = {  # flag -> (type, help); defaults come from the preset (docs/an
     "min_confidence": (float, "a box read below this confidence is unreadable text"),
     "noise_confidence": (float, "a box read below this confidence is no text at all (noise)"),
     "single_char_confidence": (float, "a box of one character or of punctuation alone is text only from here"),
-    "unreadable": (UNREADABLE_CHOICES, "an image with unreadable text: drop it, or keep its lines as read"),
+    "unreadable": (UNREADABLE_CHOICES, "an image with unreadable text: drop it, keep its lines as read, or mask "
+                   "them (left out of the transcription, boxes in unreadable.json for data.mask_unreadable)"),
     "text_free": (TEXT_FREE_CHOICES, "an image without text: keep it (transcription \"\") or drop it"),
     "max_lines": (int, "skip images with more lines (0: any)"),
     "min_text_height_px": (float, "skip images with a line of ink shorter than this (px; 0: off)"),
@@ -93,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--write-txt", metavar="DIR", help="also write each annotated image into DIR with its .txt "
                      "beside it (the research code's layout; what make_shards reads)")
     out.add_argument("--shards", metavar="SHARDS_DIR", help="then write shards there (make_shards --transcriptions "
-                     "--safeboxes [--captions]); a source other than a folder needs --write-txt")
+                     "--safeboxes [--captions] [--unreadable]); a source other than a folder needs --write-txt")
     out.add_argument("--overwrite", action="store_true", help="start over: remove an earlier run's files from "
                      "OUT_DIR (and the shards of SHARDS_DIR)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -162,9 +164,10 @@ def report(summary: dict, out_dir: str, source: str, write_txt: Optional[str]) -
         lines.append(f"skipped {summary['skipped_count']} ({kinds}); reasons in {out_dir}/ocr.jsonl")
     images = write_txt if summary["source"]["kind"] != "folder" else source
     if images:
-        captions = f" --captions {out_dir}/captions.json" if "captions.json" in summary["outputs"] else ""
+        extra = "".join(f" --{name.split('.')[0]} {out_dir}/{name}" for name in ("captions.json", "unreadable.json")
+                        if name in summary["outputs"])
         lines.append(f"shard with: python tools/make_shards.py {images} SHARDS_DIR --transcriptions "
-                     f"{out_dir}/transcriptions.json --safeboxes {out_dir}/safeboxes.json{captions}")
+                     f"{out_dir}/transcriptions.json --safeboxes {out_dir}/safeboxes.json{extra}")
     return "\n".join(lines)
 
 

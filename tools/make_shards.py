@@ -3,6 +3,7 @@
 
     python tools/make_shards.py SRC_DIR OUT_DIR [--captions C.json] [--safeboxes S.json] [--px-scales P.json]
         [--transcriptions T.json]   # transcriptions from one file (tools/annotate.py's) instead of .txt files
+        [--unreadable U.json]   # boxes of text OCR could not read, for training with data.mask_unreadable
         [--seed S]   # the random sample order (default 0; --order sorted keeps path order)
     python tools/make_shards.py --synthetic 1000 OUT_DIR --seed 0
 

@@ -14,6 +14,13 @@ checkpoint. Reading a finished run's saved images again, with no training or sam
 
     python tools/prove_spelling.py --rescore runs/spell --engine ppocr --json
 
+Noisy OCR labels: 30% of the training images labelled with another training string and flagged unreadable,
+trained with the flagged text masked out of the loss, and without, at the same budget (docs/data.md,
+"Unreadable text"):
+
+    python tools/prove_spelling.py --wrong-labels 0.3 --set data.mask_unreadable=true --out runs/wrong_masked
+    python tools/prove_spelling.py --wrong-labels 0.3 --out runs/wrong_unmasked
+
 Which EMA spells best, after a run that kept EDM2's power-function snapshots (docs/ema.md):
 
     python tools/prove_spelling.py --ema-sweep runs/spell --json
@@ -38,6 +45,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/spell", help="work directory (data, run, eval, result.json)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the split, the renders and the samples")
     p.add_argument("--renders", type=int, default=d.renders, help="training images per training string")
+    p.add_argument("--wrong-labels", type=float, default=d.wrong_labels, metavar="SHARE",
+                   help="label this share of the training images with another training string (seeded by --seed; "
+                        "the image keeps its own ink) and list its string box as unreadable text, which "
+                        "--set data.mask_unreadable=true masks out of the loss (default 0: every label right)")
     p.add_argument("--guidance", type=float, default=d.guidance, help="transcription guidance of the headline CER")
     p.add_argument("--sampler", default=d.sampler, help="sampler of every evaluation")
     p.add_argument("--steps", type=int, default=None,
@@ -68,7 +79,7 @@ def main(argv=None) -> int:
     steps = args.steps or (d.steps if args.minutes >= 20 else 10)
     design = Design(renders=args.renders, seed=args.seed, guidance=args.guidance, sampler=args.sampler,
                     steps=steps, eval_per_string=per_string, recipe=args.recipe, overrides=tuple(args.overrides),
-                    engines=tuple(args.engines))
+                    engines=tuple(args.engines), wrong_labels=args.wrong_labels)
     try:
         result = rescore(args.rescore, args.engines) if args.rescore else run_experiment(args.out, args.minutes, design)
     except FileNotFoundError as e:
@@ -112,6 +123,10 @@ def summary(result: dict) -> str:
              for name, f in result["engines"].items()]
     lines.append(f"chance {result['cer_chance']:.3f}; {result['steps']} steps, {result['samples_seen']} samples, "
                  f"{result['minutes']:.1f} min, {result['n_eval']} images each; headline engine {result['engine']}")
+    wrong = result.get("wrong_labels")
+    if wrong:
+        lines.append(f"wrong labels: {wrong['images']} of {wrong['of']} training images ({wrong['share']:g}, seed "
+                     f"{wrong['seed']}), {'masked out of the loss' if wrong['masked'] else 'trained on as labelled'}")
     return "\n".join(lines)
 
 

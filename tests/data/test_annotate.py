@@ -439,3 +439,67 @@ def test_tesseract_annotates_clean_renders_line_by_line(tmp_path):
     summary = annotate(SourceSpec(str(tmp_path / "src")), tmp_path / "out", "tesseract", progress=False)
     assert read_json(tmp_path / "out" / "transcriptions.json") == {"blank": "", "sign": "OPEN DAILY\nsince 1984"}
     assert summary["engine_settings"] == {"photo": True, "psm": 11}
+
+
+# --- --unreadable mask: unreadable.json and the shards made of it ------------------------------------------------
+
+
+class SignEngine:
+    """Reads the image of :func:`sign_bytes`: "OPEN" at 0.95 over its top block, "Bakery" at 0.4 over its bottom
+    one (each polygon 2 px around the block)."""
+
+    name = "test-sign"
+
+    def version(self) -> str:
+        return "test-sign 1"
+
+    def read(self, images, workers=1, progress=True) -> list[Reading]:
+        def line(text, confidence, l, t, r, b):
+            return OcrLine(text, ((l - 2.0, t - 2.0), (r + 2.0, t - 2.0), (r + 2.0, b + 2.0), (l - 2.0, b + 2.0)),
+                           confidence)
+        return [reading_of_lines([line("OPEN", 0.95, 10, 8, 30, 18), line("Bakery", 0.4, 10, 28, 40, 38)])
+                for _ in images]
+
+
+register_engine("test-sign", lambda **settings: SignEngine())
+
+
+def sign_bytes() -> bytes:
+    """64 x 48, light, dark blocks [10, 8, 30, 18) ("OPEN") and [10, 28, 40, 38) ("Bakery")."""
+    image = Image.new("RGB", (64, 48), (230, 230, 230))
+    ImageDraw.Draw(image).rectangle([10, 8, 29, 17], fill=(10, 10, 10))
+    ImageDraw.Draw(image).rectangle([10, 28, 39, 37], fill=(10, 10, 10))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_unreadable_mask_writes_unreadable_json_and_the_shards_carry_its_boxes(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    write(src / "sign.png", sign_bytes())
+    code = tool.main([str(src), str(out), "--engine", "test-sign", "--workers", "0", "--no-progress",
+                      "--unreadable", "mask", "--shards", str(tmp_path / "train")])
+    assert code == 0
+    assert read_json(out / "transcriptions.json") == {"sign": "OPEN"}
+    assert read_json(out / "safeboxes.json") == {"sign": [10, 8, 40, 38]}  # both lines
+    assert read_json(out / "unreadable.json") == {"sign": [[10, 28, 40, 38]]}
+    summary = read_json(out / "summary.json")
+    assert (summary["unreadable_masked"], summary["masked_lines"], summary["with_text"]) == (1, 1, 1)
+    assert summary["outputs"] == ["transcriptions.json", "safeboxes.json", "unreadable.json", "ocr.jsonl",
+                                  "summary.json"]
+    assert f"--unreadable {out}/unreadable.json" in capsys.readouterr().out
+    with tarfile.open(tmp_path / "train" / "shard-000000.tar") as tar:
+        meta = json.loads(tar.extractfile("sign.json").read())
+        assert tar.extractfile("sign.txt").read() == b"OPEN"
+    assert meta["unreadable"] == [[10.0, 28.0, 40.0, 38.0]] and meta["safebox"] == [10.0, 8.0, 40.0, 38.0]
+    assert read_json(tmp_path / "train" / "manifest.json")["with_unreadable"] == 1
+
+
+def test_a_rerun_without_mask_removes_unreadable_json_so_no_stale_boxes_reach_the_shards(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    write(src / "sign.png", sign_bytes())
+    annotate(SourceSpec(str(src)), out, "test-sign", filters=make_filters(unreadable="mask"), progress=False)
+    assert (out / "unreadable.json").is_file()
+    again = annotate(SourceSpec(str(src)), out, "test-sign", progress=False)  # the default: drop
+    assert not (out / "unreadable.json").exists() and again["skipped_by_kind"] == {"unreadable_text": 1}
+    assert read_json(out / "transcriptions.json") == {} and "unreadable.json" not in again["outputs"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from textdiff.data.annotate_filters import PRESETS, AnnotationFilters, LineFacts, box_kind, image_skip, make_filters
-from textdiff.data.annotate_merge import outcome
+from textdiff.data.annotate_merge import Tally, ocr_line, outcome
 
 DEFAULT = AnnotationFilters()
 
@@ -135,7 +135,7 @@ def test_a_flag_beside_a_preset_overrides_its_value():
     ({"min_confidence": 1.5}, "--min-confidence 1.5 must lie in 0..1"),
     ({"max_lines": -1}, "--max-lines -1 must be >= 0"),
     ({"noise_confidence": 0.6}, "--noise-confidence 0.6 is above --min-confidence 0.5"),
-    ({"unreadable": "maybe"}, "--unreadable 'maybe': choose drop or keep"),
+    ({"unreadable": "maybe"}, "--unreadable 'maybe': choose drop, keep or mask"),
 ])
 def test_impossible_filter_values_are_refused_naming_the_flag(overrides, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(")):
@@ -145,3 +145,56 @@ def test_impossible_filter_values_are_refused_naming_the_flag(overrides, message
 def test_an_unknown_preset_names_the_choices():
     with pytest.raises(ValueError, match="--preset 'strict' is unknown; choose one of default, glyphdraw, permissive"):
         make_filters("strict")
+
+
+# --- --unreadable mask ---------------------------------------------------------------------------------------
+
+MASK = make_filters(unreadable="mask")
+
+
+def test_unreadable_mask_keeps_the_readable_lines_and_lists_the_unreadable_ones_ink_boxes():
+    result = outcome(record(("OPEN", 0.95, (10, 10, 60, 30)), ("Bakery", 0.4, (10, 40, 70, 60))), MASK)
+    assert (result.kind, result.transcription) == ("text", "OPEN")
+    assert result.unreadable == ([12, 42, 68, 58],)
+    assert result.safebox == [12, 12, 68, 58]  # both lines: a crop must not cut the masked text out either
+    assert not result.unreadable_kept and len(result.lines) == 2
+
+
+def test_a_line_with_one_unreadable_word_is_masked_whole():
+    result = outcome(record(("world", 0.4, (70, 20, 120, 40)), ("hello", 0.95, (10, 21, 60, 41)),
+                            ("again", 0.9, (10, 60, 60, 80))), MASK)
+    assert result.transcription == "again" and result.unreadable == ([12, 22, 118, 39],)
+
+
+def test_an_image_whose_every_line_is_unreadable_is_skipped_under_mask_as_under_drop():
+    result = outcome(record(("Bakery", 0.4, (10, 40, 70, 60)), ("OPEN", 0.45, (10, 10, 60, 30))), MASK)
+    assert result.kind == "unreadable_text" and not result.kept
+    assert result.reason == ("line 'Bakery' read at confidence 0.40, below --min-confidence 0.5 (no line is readable, "
+                             "and --unreadable mask keeps an image only with a transcription to train on)")
+
+
+def test_under_mask_the_line_filters_see_the_transcribed_lines_only():
+    # the unreadable line's ink is 4 px high, below --min-text-height-px 6: it would skip the image as read
+    small = record(("OPEN", 0.95, (10, 10, 60, 30)), ("tiny", 0.4, (10, 50, 40, 58)))
+    assert outcome(small, make_filters(unreadable="keep")).kind == "text_too_small"
+    masked = outcome(small, MASK)
+    assert (masked.kind, masked.transcription, masked.unreadable) == ("text", "OPEN", ([12, 52, 38, 56],))
+    assert outcome(small, make_filters(unreadable="mask", max_lines=1)).kind == "text"  # 1 line transcribed
+    # the safebox of both lines ([12, 12, 58, 56]: 46 x 44 px = 0.49 of 64 x 64; the readable line's alone
+    # would be 0.18) is what --max-text-area-frac measures
+    big = record(("OPEN", 0.95, (10, 10, 60, 30)), ("tiny", 0.4, (10, 50, 40, 58)), width=64, height=64)
+    assert outcome(big, make_filters(unreadable="mask", max_text_area_frac=0.4)).reason == \
+        "the text covers 0.49 of the image, above --max-text-area-frac 0.4"
+
+
+def test_masked_images_and_lines_are_counted_and_listed_in_ocr_jsonl():
+    tally = Tally()
+    rec = record(("OPEN", 0.95, (10, 10, 60, 30)), ("Bakery", 0.4, (10, 40, 70, 60)), ("Fresh", 0.3, (10, 70, 70, 90)))
+    result = outcome(rec, MASK)
+    tally.add(result)
+    tally.add(outcome(record(("OPEN", 0.95, (10, 10, 60, 30))), MASK))
+    counts = tally.to_json()
+    assert (counts["with_text"], counts["lines"], counts["unreadable_masked"], counts["masked_lines"]) == (2, 4, 1, 2)
+    assert counts["unreadable_kept"] == 0
+    row = ocr_line(rec, result, "test")
+    assert row["unreadable"] == [[12, 42, 68, 58], [12, 72, 68, 88]] and row["transcription"] == "OPEN"

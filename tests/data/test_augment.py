@@ -11,8 +11,8 @@ from PIL import Image
 
 from textdiff.config import AugmentConfig
 from textdiff.data.augment import (
-    augment_sample, choose_crop, clamp_box, crop_resize, downsample, draft_for_crop, draw_crop_box,
-    fit_box, largest_square, low_res_mode, min_crop_side, pad_to_hold, random_safebox, sample_rng,
+    augment_sample, choose_crop, clamp_box, covered_pixels, crop_resize, downsample, draft_for_crop, draw_crop_box,
+    fit_box, largest_square, low_res_mode, min_crop_side, pad_offset, pad_to_hold, random_safebox, sample_rng,
 )
 
 EPS = 1e-6
@@ -334,3 +334,115 @@ def test_no_safebox_pad_keeps_the_whole_text_image_on_a_padded_square():
     assert out[0, 15, 0].item() < -0.5  # the left-edge text survives
     centre = augment_sample(Image.fromarray(arr), "hi", None, (1, 1), AugmentConfig(), 30, 0, sample_rng(0, 0))
     assert centre["image"][0, :, 0].min().item() > 0.5  # the centre crop cut it
+
+
+# --- unreadable text boxes -> loss mask (data.mask_unreadable) ---------------------------------------------------
+
+
+def masked_set(out) -> set[tuple[int, int]]:
+    """(row, column) of every pixel the sample's loss_mask [1, S, S] leaves out (0)."""
+    assert out["loss_mask"].dtype == torch.float32 and set(out["loss_mask"].unique().tolist()) <= {0.0, 1.0}
+    return {(int(r), int(c)) for r, c in (out["loss_mask"][0] == 0).nonzero().tolist()}
+
+
+def pixels(rows, cols) -> set[tuple[int, int]]:
+    return {(r, c) for r in rows for c in cols}
+
+
+def ink_image(width, height, boxes, fmt=None):
+    """Light grey (230) with dark (10) ink filling each box [l, t, r, b) (whole pixels)."""
+    arr = np.full((height, width, 3), 230, np.uint8)
+    for l, t, r, b in boxes:
+        arr[t:b, l:r] = 10
+    return encoded(arr, fmt) if fmt else Image.fromarray(arr)
+
+
+def test_a_box_covers_every_output_pixel_whose_footprint_it_touches():
+    crop = (0.0, 0.0, 8.0, 8.0)  # to 4 px: each output pixel is 2 x 2 input pixels
+    assert {tuple(p) for p in np.argwhere(covered_pixels([(2, 2, 4, 6)], crop, 4))} == pixels((1, 2), (1,))
+    # [3, 5) straddles the pixels [2, 4) and [4, 6); [0, 1) touches the first row only
+    assert {tuple(p) for p in np.argwhere(covered_pixels([(3, 0, 5, 1)], crop, 4))} == {(0, 1), (0, 2)}
+    # a box that ends where a pixel starts does not touch it: [4, 6) is column 2 alone
+    assert {tuple(p) for p in np.argwhere(covered_pixels([(4, 4, 6, 6)], crop, 4))} == {(2, 2)}
+    # boxes outside the crop cover nothing; none at all: nothing
+    assert not covered_pixels([(8, 0, 9, 8), (0, -3, 8, 0)], crop, 4).any()
+    assert not covered_pixels([], crop, 4).any()
+
+
+def test_the_mask_is_in_the_crops_pixels_and_a_box_cut_by_the_crop_keeps_its_inside_part():
+    crop = (4.0, 4.0, 12.0, 12.0)  # 8 px to 4: 2 input px per output px, from (4, 4)
+    # (5, 5, 7, 9) is (1, 1, 3, 5) in the crop: columns [0.5, 1.5) -> 0, 1; rows [0.5, 2.5) -> 0, 1, 2
+    assert {tuple(p) for p in np.argwhere(covered_pixels([(5, 5, 7, 9)], crop, 4))} == pixels((0, 1, 2), (0, 1))
+    # (0, 0, 5, 5) reaches 1 px into the crop's top left pixel only
+    assert {tuple(p) for p in np.argwhere(covered_pixels([(0, 0, 5, 5)], crop, 4))} == {(0, 0)}
+
+
+def test_augment_resizes_the_boxes_with_the_image_and_the_mask_covers_the_ink():
+    image = ink_image(8, 8, [(2, 2, 4, 6)])
+    out = augment_sample(image, "ab", (2, 2, 4, 6), (1, 1), AugmentConfig(), 4, 0, sample_rng(0, 1),
+                         unreadable=[(2, 2, 4, 6)])
+    assert out["loss_mask"].shape == (1, 4, 4)
+    assert masked_set(out) == pixels((1, 2), (1,))  # 2 of 16 pixels
+    assert {tuple(p) for p in (out["image"][0] < 0).nonzero().tolist()} == masked_set(out)  # the ink is there
+
+
+def test_augment_carries_the_boxes_through_the_padding_of_a_wide_text_image():
+    # 16 x 4 with text across its width: padded to 16 x 16 (6 rows above), 16 -> 8 px
+    assert pad_offset(16, 4, (0, 0, 16, 4)) == (16, 16, 0, 6)
+    image = ink_image(16, 4, [(2, 1, 4, 3)])
+    out = augment_sample(image, "wide", (0, 0, 16, 4), (1, 1), AugmentConfig(), 8, 0, sample_rng(0, 2),
+                         unreadable=[(2, 1, 4, 3)])
+    # (2, 1, 4, 3) + 6 rows = (2, 7, 4, 9): columns [1, 2) -> 1; rows [3.5, 4.5) -> 3, 4
+    assert masked_set(out) == {(3, 1), (4, 1)}
+    assert {tuple(p) for p in (out["image"][0] < 0).nonzero().tolist()} <= masked_set(out)
+
+
+def test_augment_carries_the_boxes_through_a_random_crop():
+    # crop_prob 1 at scale 0.25 of 16 x 16 is an 8 px square, and holding the 8 px safebox (4, 4, 12, 12) it can
+    # only be (4, 4, 12, 12): resized to 4 px, two input pixels each
+    cfg = AugmentConfig(crop_prob=1.0, crop_min_scale=0.25, crop_max_scale=0.25)
+    image = ink_image(16, 16, [(5, 5, 7, 9)])
+    out = augment_sample(image, "t", (4, 4, 12, 12), (1, 1), cfg, 4, 0, sample_rng(0, 3),
+                         unreadable=[(5, 5, 7, 9), (0, 13, 3, 16)])
+    assert choose_crop(16, 16, True, (4, 4, 12, 12), (1, 1), 4, cfg, sample_rng(0, 3)) == (4.0, 4.0, 12.0, 12.0)
+    # (5, 5, 7, 9): rows 0-2, columns 0-1; (0, 13, 3, 16) lies outside the crop: nothing
+    assert masked_set(out) == pixels((0, 1, 2), (0, 1))
+    assert {tuple(p) for p in (out["image"][0] < 0).nonzero().tolist()} <= masked_set(out)
+
+
+def test_the_mask_flips_with_a_text_free_image():
+    image = ink_image(8, 8, [(0, 0, 2, 2)])
+    cfg = AugmentConfig(flip_lr_prob_es=1.0)
+    out = augment_sample(image, "", None, (1, 1), cfg, 4, 0, sample_rng(0, 4), unreadable=[(0, 0, 2, 2)])
+    assert masked_set(out) == {(0, 3)}  # top left before the flip, top right after
+    assert {tuple(p) for p in (out["image"][0] < 0).nonzero().tolist()} == {(0, 3)}
+    kept = augment_sample(image, "", None, (1, 1), AugmentConfig(), 4, 0, sample_rng(0, 4), unreadable=[(0, 0, 2, 2)])
+    assert masked_set(kept) == {(0, 0)}
+
+
+def test_the_jpeg_draft_scales_image_and_crop_alike_so_the_mask_stays_on_the_ink():
+    box = (100, 100, 200, 150)
+    image = ink_image(512, 384, [box], "JPEG")
+    out = augment_sample(image, "x", box, (1, 1), AugmentConfig(), 32, 0, sample_rng(0, 5), unreadable=[box])
+    assert image.size == (128, 96)  # decoded at 1/4 (the crop (64, 0, 448, 384) keeps 96 >= 2 x 32 px)
+    # 12 input px per output px from x = 64: columns [36 / 12, 136 / 12) -> 3..11, rows [100 / 12, 12.5) -> 8..12
+    assert masked_set(out) == pixels(range(8, 13), range(3, 12))
+    assert {tuple(p) for p in (out["image"][0] < 0).nonzero().tolist()} <= masked_set(out)
+
+
+def test_the_mask_draws_nothing_and_changes_no_pixel_of_the_image():
+    image = asymmetric_image()
+    cfg = AugmentConfig(crop_prob=0.5, flip_lr_prob_es=0.5, blur_prob=0.5)
+    for seed in range(20):
+        for txt in ("abc", ""):
+            plain = augment_sample(image, txt, (10, 10, 40, 30), (1, 1), cfg, 16, 8, sample_rng(0, seed))
+            masked = augment_sample(image, txt, (10, 10, 40, 30), (1, 1), cfg, 16, 8, sample_rng(0, seed),
+                                    unreadable=[(12, 12, 20, 20)])
+            assert "loss_mask" not in plain and set(masked) == {"image", "low_res", "loss_mask"}
+            assert torch.equal(plain["image"], masked["image"]) and torch.equal(plain["low_res"], masked["low_res"])
+
+
+def test_a_sample_without_boxes_gets_a_mask_of_ones():
+    out = augment_sample(asymmetric_image(), "abc", None, (1, 1), AugmentConfig(), 16, 0, sample_rng(0, 6),
+                         unreadable=[])
+    assert out["loss_mask"].shape == (1, 16, 16) and out["loss_mask"].min().item() == 1.0

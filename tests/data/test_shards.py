@@ -536,7 +536,7 @@ def test_the_old_schema_with_null_safeboxes_first_fails_in_huggingface_datasets(
 
 @pytest.mark.parametrize("flag", [["--image-format", "jpg"], ["--max-side", "32"], ["--min-side", "8"],
                                   ["--require-captions"], ["--strict"], ["--missing-txt", "keep"],
-                                  ["--max-pixels", "100"], ["--order", "sorted"]])
+                                  ["--max-pixels", "100"], ["--order", "sorted"], ["--unreadable", "u.json"]])
 def test_synthetic_mode_honours_or_refuses_each_folder_flag_with_status_2(tmp_path, flag, capsys):
     argv = ["--synthetic", "3", str(tmp_path / "out"), "--workers", "0", *flag]
     if flag[0] == "--image-format":  # honoured: every image stored as JPEG
@@ -611,3 +611,87 @@ def test_transcriptions_is_refused_with_synthetic(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run(["--synthetic", "2", str(tmp_path / "o"), "--transcriptions", "t.json"])
     assert e.value.code == 2 and "--transcriptions applies to a source folder" in capsys.readouterr().err
+
+
+# --- boxes of unreadable text from a side file (tools/annotate.py --unreadable mask) ------------------------------
+
+
+def meta_of(out: Path) -> dict[str, dict]:
+    return {key: json.loads(sample["json"]) for key, sample in read_shards(out).items()}
+
+
+def test_unreadable_boxes_travel_into_the_samples_json_and_back_out_of_the_stream(tmp_path, good_source):
+    from textdiff.data.stream import decode_sample
+
+    side = tmp_path / "unreadable.json"
+    # canonical, legacy and extension key syntax, as every side file takes them; one image with two boxes
+    side.write_text(json.dumps({"signs/street/0001": [[1, 2, 10, 8]], "signs_0002": [[0, 0, 4, 4], [5.5, 5, 40, 9]],
+                                "logo.png": []}))
+    m = run([str(good_source), str(tmp_path / "out"), "--unreadable", str(side), "--workers", "0"])
+    metas = meta_of(tmp_path / "out")
+    assert metas["signs/street/0001"]["unreadable"] == [[1.0, 2.0, 10.0, 8.0]]
+    # whole pixels, rounded outward as the safebox is: 5.5 -> 5
+    assert metas["signs/0002"]["unreadable"] == [[0.0, 0.0, 4.0, 4.0], [5.0, 5.0, 40.0, 9.0]]
+    assert "unreadable" not in metas["logo"] and "unreadable" not in metas["plain"]  # none listed, or []
+    assert (m["samples"], m["with_unreadable"], m["skipped_count"]) == (6, 2, 0)
+    raw = {"__key__": "signs/0002", **read_shards(tmp_path / "out")["signs/0002"]}
+    assert decode_sample(raw)["unreadable"] == [[0.0, 0.0, 4.0, 4.0], [5.0, 5.0, 40.0, 9.0]]
+    assert decode_sample({"__key__": "plain", **read_shards(tmp_path / "out")["plain"]})["unreadable"] == []
+
+
+def test_shards_without_an_unreadable_file_are_byte_identical_to_before(tmp_path, good_source):
+    run([str(good_source), str(tmp_path / "a"), "--workers", "0"])
+    (tmp_path / "empty.json").write_text("{}")
+    m = run([str(good_source), str(tmp_path / "b"), "--unreadable", str(tmp_path / "empty.json"), "--workers", "0"])
+    assert (tmp_path / "a" / "shard-000000.tar").read_bytes() == (tmp_path / "b" / "shard-000000.tar").read_bytes()
+    assert m["with_unreadable"] == 0 and all("unreadable" not in meta for meta in meta_of(tmp_path / "b").values())
+
+
+def test_unreadable_boxes_are_rescaled_with_an_image_that_max_side_shrinks(tmp_path):
+    src = tmp_path / "src"
+    add(src, "wide.png", "w", size=(40, 20))
+    (tmp_path / "s.json").write_text(json.dumps({"wide": [10, 5, 21, 11]}))
+    (tmp_path / "u.json").write_text(json.dumps({"wide": [[10, 5, 21, 11], [0, 0, 40, 20]]}))
+    run([str(src), str(tmp_path / "out"), "--safeboxes", str(tmp_path / "s.json"), "--unreadable",
+         str(tmp_path / "u.json"), "--max-side", "20", "--workers", "0"])
+    meta = meta_of(tmp_path / "out")["wide"]
+    # x 0.5, rounded outward to whole pixels: [5, 2.5, 10.5, 5.5] -> [5, 2, 11, 6], exactly as the safebox
+    assert (meta["width"], meta["height"]) == (20, 10)
+    assert meta["unreadable"] == [[5.0, 2.0, 11.0, 6.0], [0.0, 0.0, 20.0, 10.0]]
+    assert meta["safebox"] == [5.0, 2.0, 11.0, 6.0]
+
+
+def test_an_unreadable_box_outside_the_image_skips_it_naming_the_file_and_key(tmp_path):
+    src = tmp_path / "src"
+    add(src, "a.png", "a", size=(32, 24))
+    add(src, "b.png", "b", size=(32, 24))
+    side = tmp_path / "u.json"
+    side.write_text(json.dumps({"a": [[0, 0, 4, 4], [30, 20, 33, 24]], "b": [[1, 1, 2, 2]]}))
+    m = make_source_shards(src, tmp_path / "out", unreadable=side, workers=0, progress=False)
+    assert (m["samples"], m["skipped_by_kind"]) == (1, {"bad_unreadable": 1})
+    (skipped,) = m["skipped"]
+    assert skipped["source"] == "a.png" and skipped["key"] == "a"
+    assert skipped["reason"] == (f"unreadable box [30, 20, 33, 24] of key 'a' lies outside the 32x24 image; fix it "
+                                 f"in --unreadable {side}")
+    with pytest.raises(ShardingError, match=r"a.png: unreadable box \[30, 20, 33, 24\] of key 'a' lies outside"):
+        make_source_shards(src, tmp_path / "strict", unreadable=side, strict=True, workers=0, progress=False)
+
+
+@pytest.mark.parametrize("value, message", [
+    ([[4, 4, 2, 8]],
+     "unreadable box [4, 4, 2, 8] is inverted or empty (needs left < right and top < bottom) (key 'a')"),
+    ([[1, 2, 3]], "unreadable box [1, 2, 3] is not a list of 4 finite numbers (key 'a')"),
+    ([1, 2, 3, 4], "unreadable box 1 is not a list of 4 finite numbers (key 'a')"),
+    ("box", "unreadable value 'box' is not a list of boxes [[left, top, right, bottom], ...] (key 'a')"),
+])
+def test_a_malformed_unreadable_value_skips_its_image_naming_the_key(tmp_path, value, message):
+    src = tmp_path / "src"
+    add(src, "a.png", "a")
+    add(src, "b.png", "b")
+    side = tmp_path / "u.json"
+    side.write_text(json.dumps({"a": value, "nowhere": [[0, 0, 1, 1]]}))
+    m = make_source_shards(src, tmp_path / "out", unreadable=side, workers=0, progress=False)
+    assert m["samples"] == 1 and m["skipped_by_kind"] == {"bad_unreadable": 1, "unknown_key": 1}
+    reasons = {p["kind"]: (p["source"], p["reason"]) for p in m["skipped"]}
+    assert reasons["bad_unreadable"] == (str(side), message)
+    assert reasons["unknown_key"][0] == str(side) and "key 'nowhere' matches no image" in reasons["unknown_key"][1]

@@ -26,9 +26,11 @@ def png_bytes(rng, size=20):
     return buf.getvalue()
 
 
-def write_sample(writer, key, rng, txt="word", captions=("a red sign",), safebox=(2, 4, 14, 12)):
+def write_sample(writer, key, rng, txt="word", captions=("a red sign",), safebox=(2, 4, 14, 12), unreadable=None):
     meta = {"captions": list(captions), "safebox": list(safebox) if safebox else None, "px_scale": [1.0, 1.0],
             "width": 24, "height": 20, "source": f"{key}.png"}
+    if unreadable is not None:
+        meta["unreadable"] = [list(b) for b in unreadable]
     writer.write({"__key__": key, "png": png_bytes(rng), "txt": txt.encode("utf-8"),
                   "json": json.dumps(meta).encode("utf-8")})
 
@@ -520,3 +522,99 @@ def test_text_free_samples_borrow_from_their_blocks_safeboxes_only_when_asked(sh
     # blocks of 6 of the fixture's samples; two of each three hold text with safebox (2, 4, 14, 12)
     assert {len(p) for p in pools} == {4} and set(pools[0]) == {(2.0, 4.0, 14.0, 12.0)}
     assert all(pool == () for _, _, pool in group_samples(shards, [0, 1], 0, 0, 0, 0, 6, 0, counters))
+
+
+# --- loss masks of unreadable text (data.mask_unreadable) ---------------------------------------------------------
+
+UNREADABLE_BOX = (4, 6, 8, 10)
+
+
+def masked_shard_dir(out: Path, with_boxes: bool) -> Path:
+    """4 shards x 6 samples (24 x 20 px) as :func:`shard_dir`'s; samples 1 and 5 of each hold an unreadable box
+    :data:`UNREADABLE_BOX` in their .json when ``with_boxes`` (else the same shards without the field), and
+    text-free sample 3 one at its top left."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(5)
+    for s in range(4):
+        with wds.TarWriter(str(out / f"shard-{s:06d}.tar")) as writer:
+            for i in range(PER_SHARD):
+                boxes = [UNREADABLE_BOX] if i in (1, 5) else [(0, 0, 3, 3)] if i == 3 else None
+                write_sample(writer, f"s{s}_{i}", rng, txt="" if i % 3 == 0 else f"w{s}{i}",
+                             safebox=None if i % 3 == 0 else (2, 4, 14, 12), unreadable=boxes if with_boxes else None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def masked_shards(tmp_path_factory) -> tuple[Path, Path]:
+    """(shards with unreadable boxes, the same shards without them)."""
+    root = tmp_path_factory.mktemp("masked")
+    return masked_shard_dir(root / "with", True), masked_shard_dir(root / "without", False)
+
+
+def masked_stream(shards: Path, mask: bool, aug: AugmentConfig, image_size=16, low_res=8, state=None):
+    cfg = DataConfig(shards=str(shards / "shard-{000000..000003}.tar"), num_workers=0, shuffle_buffer=5,
+                     resampled=False, mask_unreadable=mask)
+    return build_train_stream(cfg, aug, image_size, low_res, 6, 0, 1, state=state)
+
+
+def test_batches_carry_a_loss_mask_only_with_mask_unreadable_and_are_otherwise_bit_identical(masked_shards):
+    with_boxes, without = masked_shards
+    aug = AugmentConfig(crop_prob=0.5, flip_lr_prob_es=0.5, blur_prob=0.5)
+    research = list(islice(masked_stream(without, False, aug), 4))
+    ignored = list(islice(masked_stream(with_boxes, False, aug), 4))
+    masked = list(islice(masked_stream(with_boxes, True, aug), 4))
+    for plain, off, on in zip(research, ignored, masked):
+        assert set(off) == {"image", "low_res", "txt", "capt", "key"}  # the boxes are read only with the option
+        assert_same_batches(off, plain)
+        assert on["loss_mask"].shape == (6, 1, 16, 16) and on["loss_mask"].dtype == torch.float32
+        assert_same_batches({k: v for k, v in on.items() if k != "loss_mask"}, plain)
+
+
+def test_the_loss_mask_leaves_out_exactly_the_pixels_of_each_samples_boxes(masked_shards):
+    # no crop: a text image's largest square holding its safebox is (2, 0, 22, 20), kept at 20 px; the box
+    # (4, 6, 8, 10) is then rows 6-9 and columns 2-5 of the output, 16 pixels
+    batches = list(islice(masked_stream(masked_shards[0], True, AugmentConfig(), image_size=20, low_res=0), 4))
+    text_box = torch.ones(1, 20, 20)
+    text_box[:, 6:10, 2:6] = 0
+    corner = torch.ones(1, 20, 20)  # text-free sample 3: its square is (2, 0, 22, 20) too, (0, 0, 3, 3) -> 1 x 3 px
+    corner[:, 0:3, 0:1] = 0
+    seen = 0
+    for batch in batches:
+        for key, mask in zip(batch["key"], batch["loss_mask"]):
+            i = int(key.split("_")[1])
+            want = text_box if i in (1, 5) else corner if i == 3 else torch.ones(1, 20, 20)
+            assert torch.equal(mask, want), key
+            seen += 1
+    assert seen == 24  # every sample of the epoch once: 8 with the text box, 4 with the corner, 12 all ones
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_with_loss_masks_continues_with_exactly_the_next_batches(masked_shards, num_workers):
+    cfg = DataConfig(shards=str(masked_shards[0] / "shard-{000000..000003}.tar"), num_workers=num_workers,
+                     shuffle_buffer=5, resampled=True, mask_unreadable=True)
+    aug = AugmentConfig(crop_prob=0.5, flip_lr_prob_es=0.5)
+    whole = list(islice(build_train_stream(cfg, aug, 16, 8, 5, 0, 1), 7))
+    first = build_train_stream(cfg, aug, 16, 8, 5, 0, 1)
+    head = list(islice(first, 3))
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = list(islice(build_train_stream(cfg, aug, 16, 8, 5, 0, 1, state=state), 4))
+    for got, want in zip(head + resumed, whole):
+        assert_same_batches(got, want)
+    assert any(b["loss_mask"].min().item() == 0.0 for b in whole)
+
+
+def test_a_malformed_unreadable_box_makes_a_corrupt_sample_naming_it(tmp_path, caplog):
+    rng = np.random.default_rng(3)
+    path = tmp_path / "shard-000000.tar"
+    with wds.TarWriter(str(path)) as writer:
+        write_sample(writer, "good", rng, unreadable=[(1, 1, 5, 5)])
+        write_sample(writer, "inverted", rng, unreadable=[(8, 1, 5, 5)])
+        write_sample(writer, "short", rng, unreadable=[(1, 1, 5)])
+    cfg = DataConfig(shards=str(path), num_workers=0, shuffle_buffer=0, resampled=False, mask_unreadable=True)
+    stream = build_train_stream(cfg, AugmentConfig(), 16, 0, 1, 0, 1)
+    with caplog.at_level(logging.WARNING, logger="textdiff.data.stream"):
+        batch = next(iter(stream))
+        next(iter(stream))
+    assert batch["key"] == ["good"] and stream.counters()["skipped_corrupt"] == 2
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert "unreadable box [8.0, 1.0, 5.0, 5.0]" in messages and "unreadable box [1.0, 1.0, 5.0]" in messages

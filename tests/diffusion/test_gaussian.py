@@ -7,7 +7,7 @@ import torch
 
 from textdiff.config import DiffusionConfig
 from textdiff.diffusion import build_diffusion
-from textdiff.diffusion.gaussian import GaussianDiffusion, gaussian_noise
+from textdiff.diffusion.gaussian import GaussianDiffusion, gaussian_noise, masked_mean_flat, mean_flat
 from textdiff.diffusion.schedules import cosine_betas, linear_betas
 
 
@@ -194,3 +194,73 @@ def test_one_generator_per_row_draws_what_a_batch_of_one_would():
         assert torch.equal(rows[i:i + 1], alone)
     with pytest.raises(ValueError, match="2 generators for a batch of 3"):
         gaussian_noise(like, [torch.Generator(), torch.Generator()])
+
+
+# --- the loss mask (data.mask_unreadable): means over the counted pixels only ----------------------------------
+
+
+def _mask(rows):
+    """A loss mask [N, 1, 2, 2] from one list of four 0/1 per sample (row-major)."""
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), 1, 2, 2)
+
+
+def test_the_masked_mean_is_the_plain_mean_over_the_counted_pixels_of_every_channel():
+    x = torch.arange(24, dtype=torch.float64).reshape(2, 3, 2, 2)  # sample 0: 0..11, sample 1: 12..23
+    mask = _mask([[1, 0, 0, 1], [0, 0, 1, 0]])
+    # sample 0 counts pixels (0, 0) and (1, 1) of its 3 channels: 0, 3, 4, 7, 8, 11 -> 33 / 6 = 5.5;
+    # sample 1 pixel (1, 0): 14, 18, 22 -> 18
+    assert masked_mean_flat(x, mask).tolist() == [5.5, 18.0]
+    assert masked_mean_flat(x, torch.ones(2, 1, 2, 2)).tolist() == mean_flat(x).tolist() == [5.5, 17.5]
+    assert torch.equal(masked_mean_flat(x, None), mean_flat(x))
+
+
+def test_a_sample_whose_every_pixel_is_masked_has_a_mean_of_zero_not_nan():
+    x = torch.full((2, 3, 2, 2), 7.0, dtype=torch.float64, requires_grad=True)
+    out = masked_mean_flat(x, _mask([[0, 0, 0, 0], [1, 1, 1, 1]]))
+    assert out.tolist() == [0.0, 7.0]
+    out.sum().backward()
+    assert x.grad[0].abs().max().item() == 0.0 and x.grad[1].flatten().tolist() == [1 / 12] * 12
+
+
+def _masked_terms(d, mask, seed=3):
+    """Training-loss terms of a prediction [2, 6, 2, 2] held as a parameter, at steps 0 (decoder NLL) and 60."""
+    net = _Constant(torch.randn(2, 6, 2, 2, generator=torch.Generator().manual_seed(seed)))
+    x0 = torch.rand(2, 3, 2, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    return net, x0, noise, d.training_losses(net, x0, torch.tensor([0, 60]), noise=noise, loss_mask=mask)
+
+
+def test_the_masked_loss_gives_exactly_zero_gradient_at_masked_pixels_of_the_prediction():
+    mask = _mask([[1, 0, 1, 1], [0, 1, 0, 0]])
+    net, _, _, terms = _masked_terms(_diffusion(), mask)  # learned sigma: MSE + VB, decoder NLL at t = 0
+    terms["loss"].sum().backward()
+    grad = net.out.grad  # [2, 6, 2, 2]: eps in channels 0-2, the variance in 3-5
+    masked = (mask == 0).expand(2, 6, 2, 2)
+    assert grad[masked].abs().max().item() == 0.0  # 5 masked pixels x 6 channels, both halves
+    assert (grad[~masked] != 0).all()  # the other 3 pixels x 6 channels all train
+
+
+def test_each_masked_term_is_the_unmasked_term_of_the_counted_pixels_alone():
+    """Sample 1 counts one pixel: its MSE and VB equal those of a 1 x 1 image holding that pixel alone."""
+    d = _diffusion()
+    mask = _mask([[1, 1, 1, 1], [0, 0, 0, 1]])
+    net, x0, noise, terms = _masked_terms(d, mask)
+    alone = _Constant(net.out.detach()[1:, :, 1:, 1:])
+    one = d.training_losses(alone, x0[1:, :, 1:, 1:], torch.tensor([60]), noise=noise[1:, :, 1:, 1:])
+    for name in ("mse", "vb", "loss"):
+        assert terms[name][1].item() == pytest.approx(one[name][0].item(), rel=1e-6), name
+    whole = d.training_losses(_Constant(net.out.detach()), x0, torch.tensor([0, 60]), noise=noise)
+    assert terms["loss"][0].item() == pytest.approx(whole["loss"][0].item(), rel=1e-6)  # all counted: unchanged
+
+
+def test_a_wholly_masked_sample_contributes_zero_loss_and_zero_gradient():
+    for d in (_diffusion(), _diffusion(use_kl=True), _diffusion(learn_sigma=False)):
+        channels = 6 if d.learn_sigma else 3
+        net = _Constant(torch.randn(2, channels, 2, 2, generator=torch.Generator().manual_seed(3)))
+        x0 = torch.rand(2, 3, 2, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        terms = d.training_losses(net, x0, torch.tensor([0, 60]), loss_mask=_mask([[0, 0, 0, 0], [1, 1, 1, 1]]),
+                                  generator=torch.Generator().manual_seed(0))
+        assert [terms[k][0].item() for k in ("loss", "mse", "vb")] == [0.0, 0.0, 0.0]
+        assert terms["loss"][1].item() > 0.0
+        terms["loss"].sum().backward()
+        assert net.out.grad[0].abs().max().item() == 0.0 and torch.isfinite(net.out.grad).all()

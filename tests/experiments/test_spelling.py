@@ -6,7 +6,6 @@ leaves, evaluated on all 110 held-out strings with 4 sampling steps. The rescori
 images with one OCR engine or several is specified on a small run written by hand (no training).
 """
 
-import importlib.util
 import json
 import tarfile
 from dataclasses import asdict
@@ -21,30 +20,9 @@ from textdiff.experiments.spelling import RESULT_KEYS, Design
 from textdiff.experiments.spelling_set import all_strings, render_rng, render_string, split_strings
 from textdiff.ocr import OcrLine, base, reading_of_lines, register_engine
 
+from .conftest import MINUTES, prove
+
 REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("prove_spelling", REPO / "tools" / "prove_spelling.py")
-prove = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(prove)
-
-MINUTES = 2.2
-TINY = ("model.num_channels=32", "model.channel_mult=[1,2]", "model.txt_dim=32", "model.txt_depth=1",
-        "model.channels_per_head=16", "model.cross_attn_channels_per_head=16", "model.num_heads=2",
-        "eval.every=4", "checkpoint.save_every=1000", "ema.power_sigma_rels=[0.05,0.1]", "ema.snapshot_every=4",
-        'ema.tracked=["plain:0.999"]')
-
-
-@pytest.fixture(scope="module")
-def experiment(tmp_path_factory):
-    """The whole experiment: data, training, evaluation (slow)."""
-    out = tmp_path_factory.mktemp("spell") / "run"
-    # one engine: the budget's evaluation reserve grows with each (docs/spelling.md)
-    argv = ["--minutes", str(MINUTES), "--out", str(out), "--renders", "1", "--steps", "4", "--engine", "tesseract",
-            "--json"]
-    for s in TINY:
-        argv += ["--set", s]
-    code = prove.main(argv)
-    return code, out
-
 
 @pytest.mark.slow  # the whole experiment: data, training, evaluation
 def test_the_experiment_ends_within_its_budget_and_prints_every_figure(experiment, capfd):
@@ -221,3 +199,130 @@ def test_the_ema_sweep_scores_every_kept_average_and_rebuilt_widths_at_the_runs_
     assert rebuilt[0.05]["fit"] < 1e-6 and rebuilt[0.08]["fit"] < 0.05
     assert result["best_rebuilt"]["kind"] == "rebuilt" and result["n_eval"] == 110
     assert (out / "ema_sweep.json").is_file() and Image.open(out / "ema_sweep.png").size == (560, 300)
+
+
+# --- noisy labels: --wrong-labels (the data step, its record and the mask; training and sampling faked) ----------
+
+WRONG_SHARE = 0.3
+
+
+@pytest.fixture(scope="module")
+def noisy_run(tmp_path_factory):
+    """``--wrong-labels 0.3 --set data.mask_unreadable=true`` at one render per string, through the real data step
+    (render, make_shards), with training, sampling and the checkpoint listing faked (about 10 s): (out, what
+    the training was given, the printed summary)."""
+    import contextlib
+    import io
+    import subprocess
+
+    from textdiff.experiments import spelling
+
+    out = tmp_path_factory.mktemp("noisy") / "run"
+    trained = {}
+
+    def train_model(out_dir, design, manifest, minutes, engine="tesseract"):
+        trained.update(design=design, manifest=manifest)
+        return subprocess.CompletedProcess([], 0)
+
+    def evaluate(out_dir, design, heldout, cfg, engines):
+        return {"engine": engines[0], "cer_txt": 0.5, "exact_txt": 0.5, "cer_null": 0.9, "exact_null": 0.0,
+                "cer_ceiling": 0.02, "exact_ceiling": 1.0, "cer_chance": 0.9, "n_eval": len(heldout), "engines": {},
+                "weights": "ema"}
+
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setattr(spelling, "train_model", train_model)
+        mp.setattr(spelling, "evaluate", evaluate)
+        mp.setattr(spelling, "complete_checkpoints", lambda path: [(7, path / "step_7")])
+        code = prove.main(["--minutes", "3", "--out", str(out), "--renders", "1", "--steps", "4", "--engine",
+                           "tesseract", "--wrong-labels", str(WRONG_SHARE), "--set", "data.mask_unreadable=true"])
+    assert code == 0
+    return out, trained, printed.getvalue()
+
+
+def shard_samples(shards: Path) -> dict[str, dict]:
+    """Every sample of the shards by key: its .txt and .json."""
+    samples = {}
+    for shard in sorted(shards.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return {key: {"txt": s["txt"].decode(), "meta": json.loads(s["json"])} for key, s in samples.items()}
+
+
+def test_wrong_labels_mislabel_a_seeded_share_with_other_training_strings_and_flag_their_boxes(noisy_run):
+    out, _, _ = noisy_run
+    train, heldout = split_strings(all_strings(), 0.1, 0)
+    samples = shard_samples(out / "data" / "shards").values()
+    wrong = [s for s in samples if "unreadable" in s["meta"]]
+    assert len(samples) == 990 and len(wrong) == 297  # round(0.3 x 990)
+    for s in samples:
+        truth = s["meta"]["source"].split("_")[0]  # images are <text>_<k>.png; the ink is always the truth
+        flagged = "unreadable" in s["meta"]
+        assert (s["txt"] != truth) == flagged and s["txt"] in train and s["txt"] not in heldout
+        if flagged:  # the box of the string: the render's safebox
+            assert s["meta"]["unreadable"] == [s["meta"]["safebox"]]
+    manifest = json.loads((out / "data" / "shards" / "manifest.json").read_text())
+    assert manifest["with_unreadable"] == 297 and manifest["skipped_count"] == 0
+
+
+def test_wrong_labels_are_recorded_in_result_json_and_the_mask_setting_reaches_training(noisy_run):
+    out, trained, printed = noisy_run
+    result = json.loads((out / "result.json").read_text())
+    assert result["design"]["wrong_labels"] == WRONG_SHARE and result["design"]["seed"] == 0
+    assert result["wrong_labels"] == {"share": 0.3, "seed": 0, "images": 297, "of": 990, "masked": True}
+    assert "data.mask_unreadable=true" in trained["design"].overrides
+    assert "wrong labels: 297 of 990 training images (0.3, seed 0), masked out of the loss" in printed
+    assert json.loads((out / "data" / "design.json").read_text())["wrong_labels"] == WRONG_SHARE
+
+
+def test_the_stream_masks_exactly_the_string_of_each_mislabelled_image(noisy_run):
+    from itertools import islice
+
+    import torch
+
+    from textdiff.config import load_config
+    from textdiff.data.stream import build_train_stream
+
+    out, trained, _ = noisy_run
+    cfg = load_config(REPO / "ds_configs" / "spell_cpu.json",
+                      [f"data.shards={trained['manifest']}", "data.num_workers=0", "data.mask_unreadable=true"])
+    stream = build_train_stream(cfg.data, cfg.augment, 32, 0, 32, 0, 1)
+    samples = shard_samples(out / "data" / "shards")
+    flagged = 0
+    for batch in islice(stream, 3):
+        for key, mask in zip(batch["key"], batch["loss_mask"]):
+            want = torch.ones(1, 32, 32)
+            if "unreadable" in samples[key]["meta"]:  # no crop in the recipe: the 32 px render is kept whole
+                l, t, r, b = (int(v) for v in samples[key]["meta"]["unreadable"][0])
+                want[:, t:b, l:r] = 0
+                flagged += 1
+            assert torch.equal(mask, want), key
+    assert 10 <= flagged <= 50  # 96 samples, 30% flagged: 29 expected
+
+
+def test_a_rerun_into_the_same_out_with_another_share_is_refused_naming_the_flag(noisy_run):
+    from textdiff.experiments.spelling import ExperimentError, prepare_data
+
+    with pytest.raises(ExperimentError, match="another data design.*--wrong-labels"):
+        prepare_data(noisy_run[0], Design(renders=1, wrong_labels=0.2), progress=False)
+
+
+def test_wrong_labels_are_a_seeded_share_of_the_renders_each_another_string():
+    from textdiff.experiments.spelling_set import wrong_labels
+
+    strings = ["12", "34", "567"]
+    jobs = [(s, k) for s in strings for k in range(10)]  # 30 renders
+    first = wrong_labels(jobs, strings, 0.3, seed=0)
+    assert len(first) == 9 and all(label != text and label in strings for (text, _), label in first.items())
+    assert wrong_labels(jobs, strings, 0.3, seed=0) == first and wrong_labels(jobs, strings, 0.3, seed=1) != first
+    assert wrong_labels(jobs, strings, 0.0, seed=0) == {} and len(wrong_labels(jobs, strings, 0.5, seed=0)) == 15
+    with pytest.raises(ValueError, match="the share of wrong labels is 1.0; give a fraction in \\[0, 1\\)"):
+        wrong_labels(jobs, strings, 1.0, seed=0)
+
+
+def test_a_wrong_label_share_outside_0_to_1_is_refused_before_any_work(tmp_path, capsys):
+    assert prove.main(["--minutes", "40", "--out", str(tmp_path / "x"), "--wrong-labels", "1.5"]) == 2
+    assert "--wrong-labels 1.5: give the share of training images to mislabel, in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -455,3 +455,43 @@ def test_ema_snapshots_are_written_every_snapshot_every_steps_and_a_resumed_run_
     for key in ("plain:0.9", "arithmetic:0.9"):
         for name, value in straight.ema_weights(key).items():
             assert torch.equal(value, resumed.ema_weights(key)[name]), (key, name)
+
+
+def test_a_step_with_mask_unreadable_trains_on_a_loss_masked_batch(tiny, tmp_path):
+    """Shards with unreadable boxes on every other image: the batch carries their loss mask, the step runs, and
+    the per-sample loss of a masked image differs from its unmasked loss while an unmasked image's does not."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from textdiff.data.shards import make_source_shards
+
+    src, rng = tmp_path / "src", np.random.default_rng(0)
+    src.mkdir()
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(src / f"{i}.png")
+        (src / f"{i}.txt").write_text(f"w{i}")
+    (tmp_path / "u.json").write_text(json.dumps({str(i): [[2, 2, 10, 6]] for i in range(0, 8, 2)}))
+    make_source_shards(src, tmp_path / "shards", unreadable=tmp_path / "u.json", workers=0, progress=False)
+    cfg = tiny(f"data.shards={tmp_path / 'shards' / 'manifest.json'}", "data.mask_unreadable=true",
+               "train.max_steps=2")
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.train_step()
+    trainer.train_step()
+    batch = trainer.first_batch
+    masked = [int(key) % 2 == 0 for key in batch["key"]]
+    # 16 px images kept whole: the box (2, 2, 10, 6) leaves out 8 x 4 = 32 of 256 pixels
+    assert batch["loss_mask"].shape == (4, 1, 16, 16)
+    assert [int((m == 0).sum()) for m in batch["loss_mask"]] == [32 if b else 0 for b in masked]
+    assert 0 < trainer.reduce_window()["train/loss"] < float("inf")
+
+    def terms(with_mask):
+        shown = batch if with_mask else {k: v for k, v in batch.items() if k != "loss_mask"}
+        with torch.no_grad():
+            return diffusion_loss(trainer.engine.module, trainer.engine_fn, trainer.diffusion, trainer.timesteps,
+                                  shown, cfg, torch.Generator().manual_seed(0), trainer.device)[2]["loss"]
+
+    on, off = terms(True), terms(False)
+    assert [a != pytest.approx(b, rel=1e-5) for a, b in zip(on.tolist(), off.tolist())] == masked
+    trainer.close()

@@ -68,6 +68,11 @@ class DataConfig:
     # any request's answer gives up after `timeout_s` seconds (a stalled read counts as a transient failure)
     retries: int = 5
     timeout_s: float = 60.0
+    # leave text that OCR could not read out of the diffusion loss: each sample's "unreadable" boxes (make_shards
+    # --unreadable, tools/annotate.py --unreadable mask) become a batch's loss_mask [N, 1, S, S], 0 at every pixel
+    # they touch after the crop, resize and flip; the loss is the mean over the other pixels. False: every
+    # pixel counts, as the research code (no loss_mask in batches)
+    mask_unreadable: bool = False
 
     def validate(self) -> None:
         """Raise ConfigError for impossible combinations, naming the key."""

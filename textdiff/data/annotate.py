@@ -9,7 +9,10 @@ only the images without a record are read. At the end the records are merged und
 (textdiff.data.annotate_merge, annotate_filters) into the output files, each written atomically:
 
 - ``transcriptions.json`` {key: text}: lines in reading order joined by "\\n"; "" for a text-free image;
-- ``safeboxes.json`` {key: [l, t, r, b]}: images with text only, right/bottom exclusive;
+- ``safeboxes.json`` {key: [l, t, r, b]}: images with text only, right/bottom exclusive (every line's ink,
+  masked lines too);
+- ``unreadable.json`` {key: [[l, t, r, b], ...]}: with ``--unreadable mask`` only, the ink boxes of the lines
+  read below the confidence, left out of the transcription (make_shards ``--unreadable``);
 - ``captions.json`` {key: [captions]}: when the source has captions (shards, data sets);
 - ``ocr.jsonl``: per image (skipped ones too), its outcome, lines (text, confidence, polygon, ink box and the
   engine's boxes) and the boxes dropped as noise;
@@ -44,7 +47,8 @@ from textdiff.files import atomic_write, atomic_write_bytes, atomic_write_json
 from textdiff.ocr.base import OcrEngine, OcrMissingError
 
 PROGRESS_NAME, SETTINGS_NAME = "progress.jsonl", "settings.json"
-OUTPUT_NAMES = ("transcriptions.json", "safeboxes.json", "captions.json", "ocr.jsonl", "summary.json")
+OUTPUT_NAMES = ("transcriptions.json", "safeboxes.json", "unreadable.json", "captions.json", "ocr.jsonl",
+                "summary.json")
 SUMMARY_FORMAT = "textdiff-annotate/1"
 FSYNC_EVERY_S = 2.0
 # Engine settings for photographs, under those the user gives: PP-OCR keeps every box it reads (the filters
@@ -235,7 +239,7 @@ def write_outputs(out: Path, plan: Plan, offsets: dict[str, int], filters: Annot
     images by their keys and transcriptions only."""
     tally = Tally()
     tally.add_skips(p.kind for p in plan.problems)
-    transcriptions, safeboxes, captions = {}, {}, {}
+    transcriptions, safeboxes, captions, unreadable = {}, {}, {}, {}
     items = sorted(plan.items, key=lambda i: i.key)
 
     def write_ocr_lines(target: BinaryIO) -> None:
@@ -251,6 +255,8 @@ def write_outputs(out: Path, plan: Plan, offsets: dict[str, int], filters: Annot
                 transcriptions[item.key] = result.transcription
                 if result.safebox is not None:
                     safeboxes[item.key] = result.safebox
+                if result.unreadable:
+                    unreadable[item.key] = list(result.unreadable)
                 if record.get("captions"):
                     captions[item.key] = record["captions"]
 
@@ -259,12 +265,18 @@ def write_outputs(out: Path, plan: Plan, offsets: dict[str, int], filters: Annot
     atomic_write_json(out / "safeboxes.json", safeboxes)
     if plan.has_captions:
         atomic_write_json(out / "captions.json", captions)
+    masking = filters.unreadable == "mask"
+    if masking:
+        atomic_write_json(out / "unreadable.json", unreadable)
+    else:  # a rerun under other filters must not leave an earlier run's boxes for make_shards to pick up
+        (out / "unreadable.json").unlink(missing_ok=True)
     planned = {item.key for item in plan.items}
     summary = {"format": SUMMARY_FORMAT, "inputs": plan.inputs, **tally.to_json(),
                "listing_problems": [p.to_json() for p in plan.problems],
                "records_not_in_source": sum(1 for key in offsets if key not in planned),
                **settings, "preset": preset, "filters": filters.to_json(), **run,
-               "outputs": [n for n in OUTPUT_NAMES if n != "captions.json" or plan.has_captions]}
+               "outputs": [n for n in OUTPUT_NAMES if (n != "captions.json" or plan.has_captions)
+                           and (n != "unreadable.json" or masking)]}
     atomic_write_json(out / "summary.json", summary)
     return summary
 
@@ -304,9 +316,11 @@ def _mirror_bytes(item: Item, plan: Plan, fmt: str, max_pixels: int) -> bytes:
 def make_annotated_shards(out_dir: str | Path, images: str | Path, shards_dir: str | Path, workers: int = 0,
                           overwrite: bool = False, progress: bool = True, command: str = "") -> dict:
     """Shard the annotated ``images`` folder (the source folder, or a --write-txt mirror) with the side
-    files of ``out_dir`` (make_shards --transcriptions --safeboxes [--captions]); returns the manifest."""
+    files of ``out_dir`` (make_shards --transcriptions --safeboxes [--captions] [--unreadable]); returns the
+    manifest."""
     out = Path(out_dir)
-    captions = out / "captions.json"
+    captions, unreadable = out / "captions.json", out / "unreadable.json"
     return make_source_shards(images, shards_dir, captions if captions.is_file() else None,
-                              out / "safeboxes.json", transcriptions=out / "transcriptions.json", workers=workers,
+                              out / "safeboxes.json", transcriptions=out / "transcriptions.json",
+                              unreadable=unreadable if unreadable.is_file() else None, workers=workers,
                               overwrite=overwrite, progress=progress, command=command)

@@ -9,8 +9,10 @@ Each box an engine returns is one of three things (:func:`box_kind`):
   3 longer strings, all below 0.28 (docs/annotate.md). Noise is dropped before anything else: an image of
   noise alone is text-free.
 - ``unreadable``: text that is there but read below ``min_confidence``. Its image cannot be called
-  text-free, and its transcription would be a guess: the image is skipped (``unreadable: "drop"``) or kept
-  with the text as read (``"keep"``), and counted either way.
+  text-free, and its transcription would be a guess: the image is skipped (``unreadable: "drop"``), kept
+  with the text as read (``"keep"``), or kept with its unreadable lines left out of the transcription and
+  their boxes listed for the training loss to mask (``"mask"``, as AnyText masks its invalid lines; an image
+  with no readable line is skipped, as under "drop"), and counted each way.
 - ``text``: read at ``min_confidence`` or above.
 
 The image-level filters then skip images whose text is too small, too many lines, too much of the image,
@@ -24,7 +26,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional, Sequence
 
-UNREADABLE_CHOICES = ("drop", "keep")
+UNREADABLE_CHOICES = ("drop", "keep", "mask")
 TEXT_FREE_CHOICES = ("keep", "drop")
 
 
@@ -36,7 +38,9 @@ class AnnotationFilters:
     min_confidence: float = 0.5  # a box read below this is unreadable text (PaddleOCR's drop_score)
     noise_confidence: float = 0.3  # a box read below this is no text at all
     single_char_confidence: float = 0.9  # a box of one character or of punctuation alone is text only from here
-    unreadable: str = "drop"  # an image with unreadable text: "drop" it, or "keep" its lines as read
+    # an image with unreadable text: "drop" it, "keep" its lines as read, or "mask" them: left out of the
+    # transcription, their boxes written to unreadable.json (make_shards --unreadable, data.mask_unreadable)
+    unreadable: str = "drop"
     text_free: str = "keep"  # an image without text: "keep" it (transcription ""), or "drop" it
     max_lines: int = 0  # skip images with more lines than this (0: any number)
     min_text_height_px: float = 6.0  # skip images where a line's ink is shorter than this many pixels
@@ -58,7 +62,8 @@ class AnnotationFilters:
             raise ValueError(f"--noise-confidence {self.noise_confidence} is above --min-confidence "
                              f"{self.min_confidence}: a box cannot be noise yet readable; lower it")
         if self.unreadable not in UNREADABLE_CHOICES:
-            raise ValueError(f"--unreadable {self.unreadable!r}: choose {' or '.join(UNREADABLE_CHOICES)}")
+            raise ValueError(f"--unreadable {self.unreadable!r}: choose {', '.join(UNREADABLE_CHOICES[:-1])} or "
+                             f"{UNREADABLE_CHOICES[-1]}")
         if self.text_free not in TEXT_FREE_CHOICES:
             raise ValueError(f"--text-free {self.text_free!r}: choose {' or '.join(TEXT_FREE_CHOICES)}")
 
@@ -124,7 +129,8 @@ class LineFacts:
 def image_skip(lines: Sequence[LineFacts], width: int, height: int, safebox: Optional[Sequence[float]],
                filters: AnnotationFilters) -> Optional[tuple[str, str]]:
     """``(kind, reason)`` when the image filters skip an image of ``width`` x ``height`` with ``lines``
-    (after noise is dropped) and ``safebox``; None when it is kept."""
+    (after noise is dropped; under ``unreadable: "mask"`` the readable ones, those the transcription holds)
+    and ``safebox``; None when it is kept."""
     if filters.min_image_side and min(width, height) < filters.min_image_side:
         return "too_small", f"shorter side {min(width, height)} px is below --min-image-side {filters.min_image_side}"
     if not lines:

@@ -27,7 +27,8 @@ class Outcome:
     """One image's annotation: ``kind`` "text", "text_free" or a skip kind; ``transcription`` (lines in
     reading order joined by newlines), ``safebox`` [l, t, r, b] (None without text), ``lines`` as written
     to ocr.jsonl, ``noise`` the boxes dropped as noise, ``unreadable_kept`` whether unreadable lines were
-    kept as read, and the skip ``reason``."""
+    kept as read, ``unreadable`` the ink boxes [l, t, r, b] of the unreadable lines left out of the
+    transcription for the loss to mask (``--unreadable mask``), and the skip ``reason``."""
 
     kind: str
     transcription: str = ""
@@ -36,6 +37,7 @@ class Outcome:
     noise: tuple[dict, ...] = ()
     unreadable_kept: bool = False
     reason: Optional[str] = None
+    unreadable: tuple[list[int], ...] = ()
 
     @property
     def kept(self) -> bool:
@@ -60,27 +62,34 @@ def outcome(record: dict, filters: AnnotationFilters) -> Outcome:
     kept = [(b, k) for b, k in zip(record["boxes"], kinds) if k != "noise"]
     boxes = [Box(b["text"], b["confidence"], np.asarray(b["polygon"], dtype=np.float64), i)
              for i, (b, _) in enumerate(kept)]
-    lines, facts, unreadable = [], [], False
+    lines, unreadable_lines = [], []
     for line in group_lines(boxes):
         members = [kept[b.index] for b in line.boxes]
         ink = union_box([_ink_box(raw, width, height) for raw, _ in members])
         ink = [max(0, ink[0]), max(0, ink[1]), min(width, ink[2]), min(height, ink[3])]
-        unreadable |= any(kind == "unreadable" for _, kind in members)
         lines.append({"text": line.text, "confidence": round(line.confidence, 4),
                       "polygon": [[round(float(x), 2), round(float(y), 2)] for x, y in line.polygon], "box": ink,
                       "boxes": [{**raw, "kind": kind} for raw, kind in members]})
-        facts.append(LineFacts(line.text, ink))
-    safebox = union_box([line["box"] for line in lines])
+        unreadable_lines.append(any(kind == "unreadable" for _, kind in members))
+    safebox = union_box([line["box"] for line in lines])  # every line, masked ones too: crops keep all text
     common = dict(lines=tuple(lines), noise=noise)
-    if unreadable and filters.unreadable == "drop":
+    unreadable = any(unreadable_lines)
+    masked = filters.unreadable == "mask"
+    if unreadable and (filters.unreadable == "drop" or (masked and all(unreadable_lines))):
         worst = min(lines, key=lambda line: line["confidence"])
+        why = ("--unreadable keep keeps it as read" if not masked else
+               "no line is readable, and --unreadable mask keeps an image only with a transcription to train on")
         return Outcome(UNREADABLE, reason=f"line {worst['text']!r} read at confidence {worst['confidence']:.2f}, below "
-                       f"--min-confidence {filters.min_confidence:g} (--unreadable keep keeps it as read)", **common)
+                       f"--min-confidence {filters.min_confidence:g} ({why})", **common)
+    written = [line for line, bad in zip(lines, unreadable_lines) if not (masked and bad)]
+    facts = [LineFacts(line["text"], line["box"]) for line in written]
     skip = image_skip(facts, width, height, safebox, filters)
     if skip is not None:
         return Outcome(skip[0], reason=skip[1], **common)
-    transcription = "\n".join(line["text"] for line in lines)
-    return Outcome("text" if lines else "text_free", transcription, safebox, unreadable_kept=unreadable, **common)
+    transcription = "\n".join(line["text"] for line in written)
+    boxes_masked = tuple(line["box"] for line, bad in zip(lines, unreadable_lines) if masked and bad)
+    return Outcome("text" if lines else "text_free", transcription, safebox, unreadable_kept=unreadable and not masked,
+                   unreadable=boxes_masked, **common)
 
 
 def ocr_line(record: dict, result: Outcome, engine: str) -> dict:
@@ -88,7 +97,7 @@ def ocr_line(record: dict, result: Outcome, engine: str) -> dict:
     return {"key": record["key"], "source": record["source"], "engine": engine, "outcome": result.kind,
             "reason": result.reason, "width": record.get("width"), "height": record.get("height"),
             "transcription": result.transcription if result.kept else None, "safebox": result.safebox,
-            "lines": list(result.lines), "noise": list(result.noise)}
+            "unreadable": list(result.unreadable), "lines": list(result.lines), "noise": list(result.noise)}
 
 
 @dataclass
@@ -100,6 +109,8 @@ class Tally:
     lines: int = 0
     noise_boxes: int = 0
     unreadable_kept: int = 0
+    unreadable_masked: int = 0  # images kept with unreadable lines masked (--unreadable mask)
+    masked_lines: int = 0
     skipped: Counter = field(default_factory=Counter)
 
     def add(self, result: Outcome) -> None:
@@ -109,6 +120,8 @@ class Tally:
             self.with_text += 1
             self.lines += len(result.lines)
             self.unreadable_kept += result.unreadable_kept
+            self.unreadable_masked += bool(result.unreadable)
+            self.masked_lines += len(result.unreadable)
         elif result.kind == "text_free":
             self.text_free += 1
         else:
@@ -123,4 +136,5 @@ class Tally:
         return {"annotated": kept, "with_text": self.with_text, "text_free": self.text_free,
                 "text_free_share": self.text_free / kept if kept else 0.0, "lines": self.lines,
                 "noise_boxes": self.noise_boxes, "unreadable_kept": self.unreadable_kept,
+                "unreadable_masked": self.unreadable_masked, "masked_lines": self.masked_lines,
                 "skipped_count": sum(self.skipped.values()), "skipped_by_kind": dict(sorted(self.skipped.items()))}

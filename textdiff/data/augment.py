@@ -16,6 +16,9 @@ borrowed from another training image (``es_safebox``), with the main ``crop_prob
 the research code; ``no_safebox`` centre-crops (or pads) an image with text but no safebox;
 ``flip_lr_prob_es`` flips text-free images only; ``antialias``, ``bicubic_down``, ``low_res_clamp``,
 ``blur_prob``, ``blur_sigma_min``, ``blur_sigma_max`` shape the low-resolution conditioning image of upsamplers.
+
+Boxes of text that OCR could not read (a shard's ``unreadable``, ``data.mask_unreadable``) follow the image
+through the padding, the crop, the resize and the flip into a loss mask of the output pixels they touch.
 """
 
 from __future__ import annotations
@@ -118,6 +121,17 @@ def random_safebox(width: int, height: int, rng: np.random.Generator) -> Box:
     return left, top, left + box_w, top + box_h
 
 
+def pad_offset(width: int, height: int, safebox: Box) -> tuple[int, int, int, int]:
+    """``(new_width, new_height, dx, dy)`` of :func:`pad_to_hold`: the padded size and where the image's top left
+    corner lands in it (``(width, height, 0, 0)`` when a square of the image already holds ``safebox``)."""
+    need = max(safebox[2] - safebox[0], safebox[3] - safebox[1])
+    if need <= min(width, height):
+        return width, height, 0, 0
+    side = math.ceil(need)
+    new_w, new_h = (width, max(height, side)) if width >= height else (max(width, side), height)
+    return new_w, new_h, (new_w - width) // 2, (new_h - height) // 2
+
+
 def pad_to_hold(image: Image.Image, safebox: Box) -> tuple[Image.Image, Box]:
     """Pad the shorter dimension (border-median colour, centred) until a square can hold ``safebox``.
 
@@ -125,19 +139,39 @@ def pad_to_hold(image: Image.Image, safebox: Box) -> tuple[Image.Image, Box]:
     of cutting it. Returns the image and the safebox in the padded image's pixels (unchanged if it fits).
     """
     width, height = image.size
-    need = max(safebox[2] - safebox[0], safebox[3] - safebox[1])
-    if need <= min(width, height):
+    new_w, new_h, dx, dy = pad_offset(width, height, safebox)
+    if (new_w, new_h) == (width, height):
         return image, safebox
     image = _rgb(image)
-    side = math.ceil(need)
-    new_w, new_h = (width, max(height, side)) if width >= height else (max(width, side), height)
     arr = np.asarray(image)
     border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
     fill = tuple(int(c) for c in np.median(border, axis=0))
     canvas = Image.new("RGB", (new_w, new_h), fill)
-    dx, dy = (new_w - width) // 2, (new_h - height) // 2
     canvas.paste(image, (dx, dy))
     return canvas, (safebox[0] + dx, safebox[1] + dy, safebox[2] + dx, safebox[3] + dy)
+
+
+def _pixel_span(low: float, high: float, start: float, length: float, size: int) -> tuple[int, int]:
+    """The output pixels ``[first, last)`` of a crop ``[start, start + length)`` resized to ``size`` px whose
+    footprints overlap the span ``[low, high)`` (empty: first >= last)."""
+    scale = size / length
+    first = math.floor((low - start) * scale)
+    last = math.ceil((high - start) * scale)
+    return max(0, first), min(size, last)
+
+
+def covered_pixels(boxes: Sequence[Sequence[float]], crop: Box, size: int) -> np.ndarray:
+    """bool ``[size, size]``: True at every pixel of :func:`crop_resize` (``crop`` -> ``size`` x ``size``) whose
+    footprint a box of ``boxes`` touches. Boxes and crop are in the same pixels, right/bottom exclusive; output
+    pixel (i, j) covers ``[left + j w / size, left + (j + 1) w / size)`` across (w: the crop's width), and
+    likewise down; a box touches it where the two overlap by more than an edge."""
+    covered = np.zeros((size, size), dtype=bool)
+    for box in boxes:
+        x0, x1 = _pixel_span(box[0], box[2], crop[0], crop[2] - crop[0], size)
+        y0, y1 = _pixel_span(box[1], box[3], crop[1], crop[3] - crop[1], size)
+        if x0 < x1 and y0 < y1:
+            covered[y0:y1, x0:x1] = True
+    return covered
 
 
 def _rgb(image: Image.Image) -> Image.Image:
@@ -277,35 +311,46 @@ def choose_crop(width: int, height: int, has_text: bool, safebox: Optional[Box],
 
 def augment_sample(image: Image.Image, txt: Optional[str], safebox: Optional[Sequence[float]],
                    px_scale: Sequence[float], cfg: AugmentConfig, image_size: int, low_res_size: int,
-                   rng: np.random.Generator, borrowed_safeboxes: Sequence[Sequence[float]] = ()
-                   ) -> dict[str, torch.Tensor]:
+                   rng: np.random.Generator, borrowed_safeboxes: Sequence[Sequence[float]] = (),
+                   unreadable: Optional[Sequence[Sequence[float]]] = None) -> dict[str, torch.Tensor]:
     """Crop, flip, resize one decoded sample.
 
     image: RGB, any size; txt: its transcription ("" = no text, None = unknown, treated as text);
     safebox: box around the text or None (an image with text but no safebox is centre-cropped, as the
     research code, or with ``augment.no_safebox="pad"`` protected whole); px_scale: ``[sx, sy]``;
-    borrowed_safeboxes: real safeboxes of other training images, for a text-free image to borrow one.
-    Returns ``image [3, image_size, image_size]`` in [-1, 1], and ``low_res [3, s, s]`` in [-1, 1] when
-    ``low_res_size`` (s) > 0.
+    borrowed_safeboxes: real safeboxes of other training images, for a text-free image to borrow one;
+    unreadable: boxes of text OCR could not read ([l, t, r, b] in the image's pixels), or None.
+    Returns ``image [3, image_size, image_size]`` in [-1, 1], ``low_res [3, s, s]`` in [-1, 1] when
+    ``low_res_size`` (s) > 0, and with ``unreadable`` given (even empty) ``loss_mask [1, image_size,
+    image_size]`` float: 0 at every output pixel a box touches (:func:`covered_pixels`, the boxes carried
+    through the padding, the crop and the flip the image went through), 1 elsewhere. The mask draws nothing
+    from ``rng``: the image and low_res are the same with or without it.
     """
     width, height = image.size
     has_text = txt != ""
-    box = None
+    box, dx, dy = None, 0, 0
     if has_text and safebox is None and cfg.no_safebox == "centre_crop":
         crop = largest_square(width, height)
     else:
         if has_text:
             box = clamp_box(safebox if safebox is not None else (0, 0, width, height), width, height)
+            _, _, dx, dy = pad_offset(width, height, box)
             image, box = pad_to_hold(image, box)
             width, height = image.size
         crop = choose_crop(width, height, has_text, box, px_scale, image_size, cfg, rng,
                            [tuple(b) for b in borrowed_safeboxes])
+    masked = None
+    if unreadable is not None:  # in the padded image's pixels, before the draft scales image and crop alike
+        masked = covered_pixels([(b[0] + dx, b[1] + dy, b[2] + dx, b[3] + dy) for b in unreadable], crop, image_size)
     image, crop = draft_for_crop(image, crop, image_size)
     arr = crop_resize(image, crop, image_size)
     flip_roll = rng.random()  # drawn for every image so text and text-free samples consume the rng alike
     if not has_text and flip_roll < cfg.flip_lr_prob_es:
         arr = arr[:, ::-1]
+        masked = masked[:, ::-1] if masked is not None else None
     out = {"image": to_tensor(arr)}
     if low_res_size > 0:
         out["low_res"] = low_res_condition(out["image"], low_res_size, cfg, rng)
+    if masked is not None:
+        out["loss_mask"] = torch.from_numpy((~masked)[None].astype(np.float32))
     return out

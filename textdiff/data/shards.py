@@ -2,7 +2,8 @@
 
 Each sample is ``KEY.jpg|png|webp`` (the image bytes, RGB), ``KEY.txt`` (the transcription, UTF-8; "" = no
 text; absent = unknown, only with ``--missing-txt keep``) and ``KEY.json`` (``captions``, ``safebox``,
-``px_scale``, ``width``, ``height``, ``source``; the same keys and types in every sample). Samples are
+``px_scale``, ``width``, ``height``, ``source``; the same keys and types in every sample, and ``unreadable``
+where ``--unreadable`` lists boxes of text OCR could not read). Samples are
 written in a random order over the whole input (``--seed``), so every shard is a random sample of the set.
 Shards are ``OUT_DIR/shard-000000.tar ...``; each is written as ``shard-NNNNNN.tar.partial`` and renamed
 when complete, so a killed run leaves no half shard under a shard name. ``manifest.json`` (written last,
@@ -12,7 +13,8 @@ training, the sample order and seed, the command, and every skipped input.
 Usage (see docs/data.md)::
 
     python tools/make_shards.py SRC_DIR OUT_DIR [--captions C.json] [--safeboxes S.json] [--px-scales P.json]
-        [--transcriptions T.json] [--seed S]   # the random sample order (default 0; --order sorted keeps path order)
+        [--transcriptions T.json] [--unreadable U.json]
+        [--seed S]   # the random sample order (default 0; --order sorted keeps path order)
     python tools/make_shards.py --synthetic 1000 OUT_DIR --seed 0
 """
 
@@ -136,6 +138,7 @@ def build_manifest(out_dir: Path, shards: list[ShardInfo], written: Counter, pro
         "with_text": written["with_text"],
         "text_free": written["text_free"],
         "unknown_text": written["unknown_text"],
+        "with_unreadable": written["with_unreadable"],
         "text_free_share": written["text_free"] / samples if samples else 0.0,
         "skipped_count": len(problems),
         "skipped_by_kind": dict(sorted(Counter(p.kind for p in problems).items())),
@@ -148,6 +151,11 @@ def build_manifest(out_dir: Path, shards: list[ShardInfo], written: Counter, pro
 
 def _count_kind(sample: ShardSample) -> str:
     return "unknown_text" if sample.txt is None else "text_free" if sample.txt == "" else "with_text"
+
+
+def _count(written: Counter, sample: ShardSample) -> None:
+    written[_count_kind(sample)] += 1
+    written["with_unreadable"] += "unreadable" in sample.meta
 
 
 def _render_synthetic(args: tuple[int, int, int, str]) -> ShardSample:
@@ -174,7 +182,7 @@ def make_synthetic_shards(n: int, out_dir: str | Path, seed: int = 0, size: int 
 
     def counted(stream: Iterable[ShardSample]) -> Iterator[ShardSample]:
         for sample in stream:
-            written[_count_kind(sample)] += 1
+            _count(written, sample)
             yield sample
 
     if image_format not in ("png", "jpg", "webp"):
@@ -204,10 +212,11 @@ def sample_keys(rel_paths: Sequence[str]) -> list[str]:
 
 
 def plan_source_jobs(src_dir: Path, captions: Optional[Path] = None, safeboxes: Optional[Path] = None,
-                     px_scales: Optional[Path] = None, transcriptions: Optional[Path] = None
-                     ) -> tuple[list[ImageJob], list[Problem], int]:
+                     px_scales: Optional[Path] = None, transcriptions: Optional[Path] = None,
+                     unreadable: Optional[Path] = None) -> tuple[list[ImageJob], list[Problem], int]:
     """Scan ``src_dir`` and map the side files onto its images: (jobs, problems, images found). With
-    ``transcriptions``, each image's transcription is its value there (not its .txt)."""
+    ``transcriptions``, each image's transcription is its value there (not its .txt); with ``unreadable``,
+    each listed image carries its boxes of text OCR could not read."""
     rel_paths = sources.scan_images(src_dir)
     if not rel_paths:
         raise SourceError(f"source folder {src_dir} holds no images ({', '.join(sources.IMAGE_SUFFIXES)})")
@@ -218,7 +227,8 @@ def plan_source_jobs(src_dir: Path, captions: Optional[Path] = None, safeboxes: 
     for name, path, parse, bad_kind in (("captions", captions, sources.parse_captions, "bad_value"),
                                         ("safebox", safeboxes, sources.parse_safebox, "bad_safebox"),
                                         ("px_scale", px_scales, sources.parse_px_scale, "bad_value"),
-                                        ("transcription", transcriptions, sources.parse_transcription, "bad_value")):
+                                        ("transcription", transcriptions, sources.parse_transcription, "bad_value"),
+                                        ("unreadable", unreadable, sources.parse_unreadable, "bad_unreadable")):
         if path is None:
             values[name] = {}
             continue
@@ -226,9 +236,11 @@ def plan_source_jobs(src_dir: Path, captions: Optional[Path] = None, safeboxes: 
         problems += found
         skip |= skipped
     listed = str(transcriptions) if transcriptions is not None else None
+    boxes_file = str(unreadable) if unreadable is not None else None
     jobs = [ImageJob(str(src_dir), rel, key, tuple(values["captions"].get(rel, ())),
                      _tuple_or_none(values["safebox"].get(rel)), tuple(values["px_scale"].get(rel, (1.0, 1.0))),
-                     listed, values["transcription"].get(rel))
+                     listed, values["transcription"].get(rel), boxes_file,
+                     tuple(tuple(b) for b in values["unreadable"].get(rel, ())))
             for rel, key in zip(rel_paths, sample_keys(rel_paths)) if rel not in skip]
     return jobs, problems, len(rel_paths)
 
@@ -260,9 +272,10 @@ def make_source_shards(src_dir: str | Path, out_dir: str | Path, captions: Optio
                        options: SourceOptions = SourceOptions(), strict: bool = False, maxcount: int = 10000,
                        maxsize: float = 1e9, workers: int = 0, overwrite: bool = False, progress: bool = True,
                        command: str = "", seed: int = 0, order: str = ORDER_RANDOM,
-                       transcriptions: Optional[str | Path] = None) -> dict:
+                       transcriptions: Optional[str | Path] = None, unreadable: Optional[str | Path] = None) -> dict:
     """Write the images of ``src_dir`` (with their .txt, or the ``transcriptions`` side file, and the other
-    side files) as shards; returns the manifest.
+    side files; ``unreadable``: boxes of text OCR could not read, stored in the samples' .json) as shards;
+    returns the manifest.
 
     ``order`` "random" writes the images in the permutation ``seed`` draws over all of them (each shard a
     random sample of the set); "sorted" in path order. Bad input is skipped and listed in the manifest, or
@@ -273,8 +286,8 @@ def make_source_shards(src_dir: str | Path, out_dir: str | Path, captions: Optio
         raise ShardingError(f"output folder {out_dir} lies inside the source folder {src_dir}; choose another")
     if order not in (ORDER_RANDOM, ORDER_SORTED):
         raise ShardingError(f"--order {order}: choose {ORDER_RANDOM} or {ORDER_SORTED}")
-    jobs, problems, inputs = plan_source_jobs(src_dir, *(Path(p) if p else None
-                                                         for p in (captions, safeboxes, px_scales, transcriptions)))
+    jobs, problems, inputs = plan_source_jobs(src_dir, *(Path(p) if p else None for p in
+                                                         (captions, safeboxes, px_scales, transcriptions, unreadable)))
     if order == ORDER_RANDOM:
         jobs = shuffled(jobs, seed)
     _fatal_if_strict(problems, strict, "before writing anything")
@@ -288,7 +301,7 @@ def make_source_shards(src_dir: str | Path, out_dir: str | Path, captions: Optio
                                  "rerun with --overwrite once fixed")
                 problems.append(result)
                 continue
-            written[_count_kind(result)] += 1
+            _count(written, result)
             yield result
 
     shards = write_shards(accepted(pool_map(_Prepare(options), jobs, workers, "shards", progress)),
@@ -325,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transcriptions", help="JSON {key: text} (\"\" = no text; tools/annotate.py writes it): "
                    "the transcriptions, read instead of the .txt beside each image; images it does not list have "
                    "unknown text (see --missing-txt)")
+    p.add_argument("--unreadable", help="JSON {key: [[left, top, right, bottom], ...]} in stored-image pixels: "
+                   "boxes of text OCR could not read (tools/annotate.py --unreadable mask writes it), stored in each "
+                   "sample's .json for data.mask_unreadable; the safebox should cover them too")
     p.add_argument("--missing-txt", choices=("skip", "keep"), default=None,
                    help="images without a .txt (unknown text): skip them (default) or keep them without KEY.txt")
     p.add_argument("--strip-txt", action="store_true",
@@ -350,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Flags that act on a source folder's images only (default None or False, so a given one is seen).
-FOLDER_ONLY_FLAGS = ("captions", "safeboxes", "px_scales", "transcriptions", "missing_txt", "min_side", "max_side",
-                     "max_pixels", "require_captions", "strict", "order", "strip_txt")
+FOLDER_ONLY_FLAGS = ("captions", "safeboxes", "px_scales", "transcriptions", "unreadable", "missing_txt", "min_side",
+                     "max_side", "max_pixels", "require_captions", "strict", "order", "strip_txt")
 SYNTHETIC_SIZE = 64
 
 
@@ -398,14 +414,16 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                             strip_txt=args.strip_txt)
     return make_source_shards(args.paths[0], args.paths[1], args.captions, args.safeboxes, args.px_scales,
                               options=options, strict=args.strict, seed=args.seed, order=args.order or ORDER_RANDOM,
-                              transcriptions=args.transcriptions, **common)
+                              transcriptions=args.transcriptions, unreadable=args.unreadable, **common)
 
 
 def summary(manifest: dict) -> str:
     """A few lines for the terminal: what was written, what was skipped, what to pass to training."""
+    unreadable = manifest.get("with_unreadable")
     lines = [f"wrote {len(manifest['shards'])} shards, {manifest['samples']} samples "
-             f"({manifest['text_free_share']:.1%} text-free, {manifest['unknown_text']} unknown text), "
-             f"{manifest['bytes'] / 1e6:.1f} MB"]
+             f"({manifest['text_free_share']:.1%} text-free, {manifest['unknown_text']} unknown text"
+             + (f", {unreadable} with unreadable text boxes" if unreadable else "")
+             + f"), {manifest['bytes'] / 1e6:.1f} MB"]
     if manifest["skipped_count"]:
         kinds = ", ".join(f"{k}: {v}" for k, v in manifest["skipped_by_kind"].items())
         lines.append(f"skipped {manifest['skipped_count']} inputs ({kinds}); reasons in manifest.json 'skipped'")

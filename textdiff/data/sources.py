@@ -1,4 +1,5 @@
-"""Reading a source folder for the sharder: image keys, side files (captions, safeboxes, px scales), checks.
+"""Reading a source folder for the sharder: image keys, side files (captions, safeboxes, px scales, unreadable
+text boxes), checks.
 
 A source folder holds images (nested sub-folders allowed), each with its transcription in a ``.txt`` file
 of the same name beside it, or all transcriptions in one side file (``--transcriptions``, what
@@ -34,7 +35,7 @@ from PIL import Image, ImageOps
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 
 # Problem kinds that are bad input (fatal under --strict); the others are the user's filters.
-BAD_INPUT_KINDS = frozenset({"bad_image", "bad_txt", "bad_safebox", "bad_value", "bad_json_line",
+BAD_INPUT_KINDS = frozenset({"bad_image", "bad_txt", "bad_safebox", "bad_unreadable", "bad_value", "bad_json_line",
                              "unknown_key", "ambiguous_key", "listed_twice", "too_many_pixels"})
 
 
@@ -126,7 +127,7 @@ def read_key_values(path: Path) -> tuple[list[tuple[str, Any, str]], list[Proble
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SourceError(f"side file {path} does not exist; check the path given to "
-                          "--captions/--safeboxes/--px-scales/--transcriptions") from None
+                          "--captions/--safeboxes/--px-scales/--transcriptions/--unreadable") from None
     except UnicodeDecodeError as e:
         raise SourceError(f"side file {path} is not UTF-8 (byte {e.start}); re-save it as UTF-8") from None
     if _looks_like_lines(text):
@@ -216,6 +217,18 @@ def parse_safebox(value: Any) -> Optional[list[float]]:
     return box
 
 
+def parse_unreadable(value: Any) -> list[list[float]]:
+    """The boxes of text OCR could not read, ``[[l, t, r, b], ...]`` (``[]``: none); raises ValueError when the
+    value is not a list or a box is malformed, inverted or empty."""
+    if not isinstance(value, list):
+        raise ValueError(f"unreadable value {value!r} is not a list of boxes [[left, top, right, bottom], ...]")
+    boxes = [_numbers(box, 4, "unreadable box") for box in value]
+    for box in boxes:
+        if not (box[0] < box[2] and box[1] < box[3]):
+            raise ValueError(f"unreadable box {box} is inverted or empty (needs left < right and top < bottom)")
+    return boxes
+
+
 def parse_px_scale(value: Any) -> list[float]:
     """``[sx, sy]`` with both positive; raises ValueError otherwise."""
     scale = _numbers(value, 2, "px_scale")
@@ -290,6 +303,9 @@ class ImageJob:
     # .txt beside the image is not read
     transcriptions_file: Optional[str] = None
     transcription: Optional[str] = None
+    # boxes of text OCR could not read, from the --unreadable side file (its path), in stored-image pixels
+    unreadable_file: Optional[str] = None
+    unreadable: tuple[tuple[float, ...], ...] = ()
 
 
 @dataclass
@@ -312,18 +328,23 @@ class ShardSample:
 
 
 def sample_meta(captions: Sequence[str], safebox: Optional[Sequence[float]], px_scale: Sequence[float],
-                width: int, height: int, source: str) -> dict:
+                width: int, height: int, source: str, unreadable: Sequence[Sequence[float]] = ()) -> dict:
     """The per-sample ``.json``: the same keys with the same JSON types in every sample.
 
     Readers that infer a schema from the first samples (HuggingFace ``datasets`` looks at five) type a
     ``null`` or an empty list as "null" and then refuse every later value, so nothing here is ever null or
     empty: an image without a safebox gets the whole image ``[0, 0, width, height]`` (what the stream
     protects for a missing one anyway) and one without captions gets ``[""]`` (the stream's "no caption").
+    The one optional key, ``unreadable`` (boxes of text OCR could not read), is written only where there are
+    boxes, for the same reason: an empty list would type it "null"; absent, such readers leave it out.
     """
     box = list(safebox) if safebox is not None else [0, 0, width, height]
-    return {"captions": [str(c) for c in captions] or [""], "safebox": [float(v) for v in box],
+    meta = {"captions": [str(c) for c in captions] or [""], "safebox": [float(v) for v in box],
             "px_scale": [float(v) for v in px_scale], "width": int(width), "height": int(height),
             "source": str(source)}
+    if unreadable:
+        meta["unreadable"] = [[float(v) for v in b] for b in unreadable]
+    return meta
 
 
 def read_transcription(image_path: Path, strip: bool = False) -> Optional[str]:
@@ -483,9 +504,14 @@ def _prepare(job: ImageJob, opts: SourceOptions) -> ShardSample:
     image, rotated = upright(image)
     width, height = image.size
     box = list(job.safebox) if job.safebox is not None else None
-    if box is not None and not (0 <= box[0] and 0 <= box[1] and box[2] <= width and box[3] <= height):
+    if box is not None and not _inside(box, width, height):
         raise SkipInput(Problem(where, "bad_safebox", f"safebox {box} lies outside the {width}x{height} image; "
                             "fix it in the --safeboxes file", job.key))
+    outside = next((list(b) for b in job.unreadable if not _inside(b, width, height)), None)
+    if outside is not None:
+        raise SkipInput(Problem(where, "bad_unreadable", f"unreadable box {outside} of key {job.key!r} lies outside "
+                                f"the {width}x{height} image; fix it in --unreadable {job.unreadable_file}", job.key))
+    unreadable = [list(b) for b in job.unreadable]
     sx, sy = job.px_scale
     if opts.min_side and min(width / sx, height / sy) < opts.min_side:
         raise SkipInput(Problem(where, "too_small", f"shorter side {min(width / sx, height / sy):.0f} px (stored size "
@@ -496,11 +522,17 @@ def _prepare(job: ImageJob, opts: SourceOptions) -> ShardSample:
         fx, fy = new_size[0] / width, new_size[1] / height
         image = to_rgb(image).resize(new_size, Image.LANCZOS)
         box = rescale_safebox(box, fx, fy, *new_size) if box is not None else None
+        unreadable = [rescale_safebox(b, fx, fy, *new_size) for b in unreadable]
         sx, sy = sx * fx, sy * fy
         data = encode_image(image, ext)
     else:
         box = rescale_safebox(box, 1.0, 1.0, width, height) if box is not None else None
+        unreadable = [rescale_safebox(b, 1.0, 1.0, width, height) for b in unreadable]
         if rotated or image.mode != "RGB" or _KEEP_FORMATS.get(fmt) != ext:
             data = encode_image(to_rgb(image), ext)
-    meta = sample_meta(job.captions, box, (sx, sy), new_size[0], new_size[1], job.rel_path)
+    meta = sample_meta(job.captions, box, (sx, sy), new_size[0], new_size[1], job.rel_path, unreadable)
     return ShardSample(job.key, ext, data, txt, meta)
+
+
+def _inside(box: Sequence[float], width: int, height: int) -> bool:
+    return 0 <= box[0] and 0 <= box[1] and box[2] <= width and box[3] <= height

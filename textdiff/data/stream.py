@@ -202,13 +202,15 @@ def group_samples(shards: ShardList, group: Sequence[int], seed: int, epoch: int
 
 def decode_sample(raw: dict, max_pixels: int = DataConfig.max_pixels) -> dict:
     """A raw WebDataset sample -> ``{"image": PIL (opened, not decoded), "txt", "captions", "safebox",
-    "px_scale", "key"}``.
+    "px_scale", "unreadable", "key"}``.
 
     ``txt`` is "" for a text-free image and None when the shard has no ``.txt`` (transcription unknown,
     ``make_shards.py --missing-txt keep``): None is the model's null condition, so such images teach the
     unconditional case and never the "no text here" one. A caption "" (make_shards writes ``[""]`` for
-    none, keeping one JSON schema) is no caption. Raises :class:`CorruptSample` naming the part that is
-    missing or broken, or an image above ``max_pixels`` (data.max_pixels, the decompression-bomb cap).
+    none, keeping one JSON schema) is no caption. ``unreadable`` is the list of boxes [l, t, r, b] of text
+    OCR could not read (``make_shards.py --unreadable``; [] when the .json has none). Raises
+    :class:`CorruptSample` naming the part that is missing or broken, or an image above ``max_pixels``
+    (data.max_pixels, the decompression-bomb cap).
     """
     ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
     for part, present in (("image (.jpg/.png/.webp)", ext), (".json", "json" in raw)):
@@ -225,11 +227,16 @@ def decode_sample(raw: dict, max_pixels: int = DataConfig.max_pixels) -> dict:
         safebox = meta.get("safebox")
         if safebox is not None:
             safebox = [float(v) for v in safebox]
+        unreadable = [[float(v) for v in box] for box in meta.get("unreadable") or []]
     except (ValueError, TypeError, AttributeError) as e:
         raise CorruptSample(f".json is malformed: {e}") from None
     if len(px_scale) != 2 or min(px_scale) <= 0 or (safebox is not None and len(safebox) != 4):
         raise CorruptSample(f".json has px_scale {px_scale} / safebox {safebox}; expected [sx, sy] > 0 and "
                             "[l, t, r, b]")
+    bad = next((box for box in unreadable if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3])), None)
+    if bad is not None:
+        raise CorruptSample(f".json has unreadable box {bad}; expected [l, t, r, b] with l < r and t < b "
+                            "(tools/make_shards.py --unreadable)")
     member = f"{raw.get('__key__')}.{ext}"
     try:
         image = Image.open(io.BytesIO(raw[ext]))  # header only: augment decodes, JPEGs at reduced scale
@@ -240,14 +247,16 @@ def decode_sample(raw: dict, max_pixels: int = DataConfig.max_pixels) -> dict:
         raise CorruptSample(f".{ext} is {width}x{height} = {width * height} pixels, above data.max_pixels "
                             f"{max_pixels} (decompression-bomb cap); raise it if the image is real")
     return {"image": image, "txt": txt, "captions": captions, "safebox": safebox, "px_scale": px_scale,
-            "key": raw["__key__"]}
+            "unreadable": unreadable, "key": raw["__key__"]}
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack per-sample dicts into the batch layout of docs/architecture.md."""
+    """Stack per-sample dicts into the batch layout of docs/architecture.md (``loss_mask`` [N, 1, S, S] where
+    the samples carry one: ``data.mask_unreadable``)."""
     batch = {"image": torch.stack([s["image"] for s in samples])}
-    if "low_res" in samples[0]:
-        batch["low_res"] = torch.stack([s["low_res"] for s in samples])
+    for name in ("low_res", "loss_mask"):
+        if name in samples[0]:
+            batch[name] = torch.stack([s[name] for s in samples])
     for name in ("txt", "capt", "key"):
         batch[name] = [s[name] for s in samples]
     return batch
@@ -278,7 +287,8 @@ def _process(spec: StreamSpec, raw: dict, epoch: int, slot: int, group: int, ind
     caption = sample["captions"][int(rng.integers(len(sample["captions"])))] if sample["captions"] else ""
     try:
         out = augment_sample(sample["image"], sample["txt"], sample["safebox"], sample["px_scale"], spec.augment,
-                             spec.image_size, spec.low_res_size, rng, borrowed_safeboxes=pool)
+                             spec.image_size, spec.low_res_size, rng, borrowed_safeboxes=pool,
+                             unreadable=sample["unreadable"] if spec.data.mask_unreadable else None)
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # pixel data broken past the header
         raise CorruptSample(f"image does not decode: {describe_error(e, sample['key'])}") from None
     except ValueError as e:  # a safebox outside the image

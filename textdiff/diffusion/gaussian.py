@@ -62,6 +62,21 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
+def masked_mean_flat(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of ``x`` ``[N, C, H, W]`` over the pixels ``mask`` counts: ``[N]``.
+
+    ``mask``: ``[N, 1, H, W]`` (or anything broadcastable to ``x``), 1 = counted, 0 = masked out (the
+    stream's ``loss_mask``); None is :func:`mean_flat`. Each sample's value is the plain mean of its counted
+    elements, so the gradient at a masked element is exactly 0, and a sample whose every pixel is masked gives
+    0 (its sum of weights is held at 1, never divided by 0).
+    """
+    if mask is None:
+        return mean_flat(x)
+    weights = mask.to(x.device, non_blocking=True).expand_as(x)
+    dims = tuple(range(1, x.ndim))
+    return (x * weights).sum(dim=dims) / weights.sum(dim=dims).clamp(min=1.0)
+
+
 def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
     """Elementwise KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats (broadcasting)."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
@@ -262,23 +277,26 @@ class GaussianDiffusion:
         return {"mean": mean, "log_variance": log_variance, "pred_xstart": pred_xstart, "eps": eps}
 
     def vb_terms(self, model_output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor,
-                 t: torch.Tensor) -> torch.Tensor:
+                 t: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per-sample VLB term in bits per dimension, ``[N]``.
 
         KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0, and the discretised decoder's negative
-        log-likelihood of ``x_start`` for t = 0 (normal CDF by ``decoder_nll_cdf``).
+        log-likelihood of ``x_start`` for t = 0 (normal CDF by ``decoder_nll_cdf``), each averaged over the
+        pixels ``loss_mask`` ``[N, 1, H, W]`` counts (:func:`masked_mean_flat`; None: every pixel).
         """
         true_mean, true_log_var = self.q_posterior(x_start, x_t, t)
         out = self.p_mean_variance(model_output, x_t, t)
-        kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
+        kl = masked_mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"]),
+                              loss_mask) / math.log(2.0)
         log_scale = (0.5 * out["log_variance"]).expand_as(x_start)
-        nll = -mean_flat(discretized_gaussian_log_likelihood(x_start, out["mean"], log_scale,
-                                                                self.decoder_nll_cdf)) / math.log(2.0)
+        nll = -masked_mean_flat(discretized_gaussian_log_likelihood(x_start, out["mean"], log_scale,
+                                                                    self.decoder_nll_cdf), loss_mask) / math.log(2.0)
         return torch.where(t.to(kl.device, non_blocking=True) == 0, nll, kl)
 
     def training_losses(self, model: ModelFn, x_start: torch.Tensor, t: torch.Tensor,
                         model_kwargs: Optional[dict] = None, noise: Optional[torch.Tensor] = None,
-                        generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
+                        generator: Optional[torch.Generator] = None,
+                        loss_mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Per-sample loss terms for a batch: ``{"loss", "mse", "vb"}``, each ``[N]``.
 
         ``model(x_t, model_time(t), **model_kwargs)`` is called once. ``mse`` is the simple loss (the MSE of
@@ -286,7 +304,9 @@ class GaussianDiffusion:
         its gradient only trains the variance (Nichol & Dhariwal's hybrid loss), times :func:`vb_scale` (K / 1000
         with ``rescale_learned_sigmas``), reported on that scale as the research code does. ``loss`` is
         ``mse + vb`` with learned sigmas, ``vb * K`` (``vb`` unscaled) with ``use_kl``, and ``mse`` otherwise
-        (then ``vb`` is only logged).
+        (then ``vb`` is only logged). ``loss_mask`` ``[N, 1, H, W]`` (1 = counted, 0 = masked: text that OCR
+        could not read, ``data.mask_unreadable``) turns every per-pixel mean into the mean over the counted
+        pixels (:func:`masked_mean_flat`); None counts every pixel.
         """
         if noise is None:
             noise = gaussian_noise(x_start, generator)
@@ -297,13 +317,13 @@ class GaussianDiffusion:
         abar = per_sample(self.alphas_cumprod, t, x_start)
         target = {"x0": x_start, "eps": noise, "v": abar.sqrt() * noise - (1 - abar).sqrt() * x_start}[self.target]
         weight = per_sample(self.loss_weights, t, pred).reshape(-1)  # [N]
-        mse = mean_flat((target - pred) ** 2) * weight
+        mse = masked_mean_flat((target - pred) ** 2, loss_mask) * weight
         if self.use_kl:
-            vb = self.vb_terms(output, x_start, x_t, t)
+            vb = self.vb_terms(output, x_start, x_t, t, loss_mask)
             return {"loss": vb * self.num_timesteps, "mse": mse.detach(), "vb": vb}
         frozen = torch.cat([pred.detach(), output[:, channels:]], dim=1)
-        vb = self.vb_terms(frozen, x_start, x_t, t) * vb_scale(self.num_timesteps, self.rescale_learned_sigmas,
-                                                               self.loss_weighting, self.vb_loss_ratio)
+        scale = vb_scale(self.num_timesteps, self.rescale_learned_sigmas, self.loss_weighting, self.vb_loss_ratio)
+        vb = self.vb_terms(frozen, x_start, x_t, t, loss_mask) * scale
         if not self.learn_sigma:
             return {"loss": mse, "mse": mse, "vb": vb.detach()}
         return {"loss": mse + vb, "mse": mse, "vb": vb}

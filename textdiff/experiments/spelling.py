@@ -4,7 +4,10 @@ One call of :func:`run_experiment` does it end to end inside a wall-clock budget
 
 1. data: every string of the task (:mod:`textdiff.experiments.spelling_set`) is split into training and
    held-out strings; the training strings are rendered into a folder and packed by ``tools/make_shards.py``,
-   so the held-out strings are never in a shard;
+   so the held-out strings are never in a shard. With ``wrong_labels`` (``--wrong-labels``) that share of the
+   training images is labelled with another training string and its string box listed as unreadable text
+   (:func:`textdiff.experiments.spelling_set.wrong_labels`): ``--set data.mask_unreadable=true`` masks those
+   boxes out of the loss, without it the model trains on the wrong labels;
 2. training: ``deepspeed --num_gpus 1 launch.sh`` with the recipe (``ds_configs/spell_cpu.json``) and
    ``train.max_minutes`` set to what the budget leaves after the reserve for evaluation; the training-time
    spelling evaluation (``eval.every``) draws the curve into ``RUN/eval.jsonl`` and TensorBoard. A rerun
@@ -76,13 +79,16 @@ class Design:
     size: int = 32
     seed: int = 0
     guidance: float = 3.0  # transcription guidance of the headline figure
-    sampler: str = "ipndm"  # the most accurate at few steps (docs/samplers.md), on its own grid
+    sampler: str = "ipndm"  # the default at 20 steps (docs/samplers.md), on its default grid for the count
     steps: int = 20
     eval_per_string: int = 2  # samples per held-out string in the final evaluation
     curve_prompts: int = 40  # held-out strings of the training-time evaluation
     recipe: str = "ds_configs/spell_cpu.json"
     overrides: tuple[str, ...] = field(default_factory=tuple)
     engines: tuple[str, ...] = ()  # OCR engines of the final evaluation; (): every one installed, eval.ocr_engine first
+    # share of the training images labelled with another training string (seeded by ``seed``), their string
+    # box listed as unreadable (make_shards --unreadable): noisy OCR labels, for data.mask_unreadable to mask
+    wrong_labels: float = 0.0
 
 
 # seconds per 32 px image of OCR with 2 workers on the 2-core machine, models loaded (220 renders: Tesseract
@@ -134,20 +140,25 @@ def prepare_data(out: Path, design: Design, progress: bool = True) -> tuple[Path
     stamp = {k: v for k, v in asdict(design).items()
              if k in ("alphabet", "lengths", "heldout_frac", "renders", "size", "seed")}
     stamp["lengths"] = list(design.lengths)
+    if design.wrong_labels:  # only then, so data written before wrong labels existed still matches
+        stamp["wrong_labels"] = design.wrong_labels
     manifest = data / "shards" / "manifest.json"
     stamp_file = data / "design.json"
     if stamp_file.exists():
         saved = json.loads(stamp_file.read_text())
         if saved != stamp:
             raise ExperimentError(f"{out} holds an experiment with another data design ({saved}); pass a new --out "
-                                  "or the same --renders/--seed")
+                                  "or the same --renders/--seed/--wrong-labels")
     if not (stamp_file.exists() and manifest.exists()):
         images = data / "images"
         if images.exists():
             shutil.rmtree(images)
-        spelling_set.write_folder(images, train, design.renders, design.seed, design.size, progress=progress)
+        spelling_set.write_folder(images, train, design.renders, design.seed, design.size, progress=progress,
+                                  wrong_share=design.wrong_labels)
         cmd = [sys.executable, str(REPO / "tools" / "make_shards.py"), str(images), str(data / "shards"),
                "--safeboxes", str(images / "safeboxes.json"), "--overwrite", "--seed", str(design.seed)]
+        if design.wrong_labels:
+            cmd += ["--unreadable", str(images / "unreadable.json")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise ExperimentError(f"make_shards failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -375,6 +386,14 @@ def curve(out: Path, started_unix: Optional[float]) -> list[dict]:
     return points
 
 
+def wrong_label_record(design: Design, n_train_strings: int, cfg: TextdiffConfig) -> dict:
+    """result.json's record of the noisy labels: share, seed, how many training images were mislabelled, and
+    whether the run masked them out of the loss (``data.mask_unreadable``)."""
+    images = n_train_strings * design.renders
+    return {"share": design.wrong_labels, "seed": design.seed, "images": round(design.wrong_labels * images),
+            "of": images, "masked": cfg.data.mask_unreadable}
+
+
 def run_experiment(out: str | Path, minutes: float, design: Design = Design(), progress: bool = True) -> dict:
     """The whole experiment within ``minutes`` of wall time from this call (see the module docstring);
     returns result.json's object (also written to ``out/result.json``)."""
@@ -383,6 +402,9 @@ def run_experiment(out: str | Path, minutes: float, design: Design = Design(), p
     cfg = load_config(REPO / design.recipe, list(design.overrides))
     if design.eval_per_string < 1 or design.renders < 1:
         raise ExperimentError("--eval-per-string and --renders must be at least 1")
+    if not 0.0 <= design.wrong_labels < 1.0:
+        raise ExperimentError(f"--wrong-labels {design.wrong_labels:g}: give the share of training images to "
+                              "mislabel, in [0, 1) (e.g. 0.3)")
     engines = experiment_engines(cfg.eval, design.engines)
     n_heldout = len(heldout_strings(design))
     prepared = (out / "data" / "shards" / "manifest.json").exists()
@@ -405,6 +427,7 @@ def run_experiment(out: str | Path, minutes: float, design: Design = Design(), p
               "minutes": round((time.monotonic() - started) / 60, 2),
               "heldout_strings": len(heldout), "train_strings": len(train_strings),
               "curve": curve(out, run_started),
+              **({"wrong_labels": wrong_label_record(design, len(train_strings), cfg)} if design.wrong_labels else {}),
               "design": {**asdict(design), "lengths": list(design.lengths), "engines": list(design.engines)},
               "machine": {"cpus": os.cpu_count(), "torch": torch.__version__}}
     atomic_write_bytes(out / "result.json", (json.dumps(result, indent=1) + "\n").encode())

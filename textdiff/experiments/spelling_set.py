@@ -7,6 +7,11 @@ render (:func:`render_string`) puts the string on one line in a random colour on
 contrasting luminance, at a random position, with glyphs stretched to a random 56-68% of the image height
 and the line to at most 90% of its width: at 32 px, 18-22 px tall digits, which Tesseract reads back with
 CER 0.015 (docs/spelling.md). Everything random comes from a ``random.Random``, so a seed fixes the set.
+
+Noisy labels (:func:`wrong_labels`): a seeded share of the training images can be given the transcription of
+another training string while they keep the ink of their own, as OCR mislabels photographs, with their
+string's box listed as unreadable text (make_shards ``--unreadable``), so ``data.mask_unreadable`` can leave
+it out of the loss.
 """
 
 from __future__ import annotations
@@ -94,23 +99,51 @@ def render_rng(seed: int, text: str, index: int) -> random.Random:
     return random.Random(f"textdiff-spelling-render:{seed}:{text}:{index}")
 
 
+def wrong_labels(jobs: Sequence[tuple[str, int]], strings: Sequence[str], share: float, seed: int
+                 ) -> dict[tuple[str, int], str]:
+    """The renders ``(text, k)`` of ``jobs`` that get a wrong transcription, each with it: ``round(share *
+    len(jobs))`` renders drawn without replacement by ``seed``, each labelled with a string drawn uniformly
+    from ``strings`` (the training strings, so never a held-out one) other than its own text."""
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"the share of wrong labels is {share}; give a fraction in [0, 1), e.g. 0.3")
+    if share and len(set(strings)) < 2:
+        raise ValueError("wrong labels need at least two training strings to draw a wrong one from")
+    rng = random.Random(f"textdiff-spelling-wrong:{seed}")
+    chosen = sorted(rng.sample(range(len(jobs)), round(share * len(jobs))))
+    wrong = {}
+    for i in chosen:
+        text = jobs[i][0]
+        label = text
+        while label == text:
+            label = strings[rng.randrange(len(strings))]
+        wrong[jobs[i]] = label
+    return wrong
+
+
 def write_folder(out_dir: str | Path, strings: Sequence[str], renders: int, seed: int, size: int = 32,
-                 progress: bool = True) -> int:
+                 progress: bool = True, wrong_share: float = 0.0) -> int:
     """Write ``renders`` images of each string as the folder layout tools/make_shards.py reads:
     ``OUT/<text>_<k>.png`` with ``<text>_<k>.txt`` beside it and ``OUT/safeboxes.json`` (key -> box).
-    Returns the number of images. The folder is scratch for the sharder (plain writes, no fsync: 16k images in
-    seconds); whoever calls this re-renders it when the shards were not finished."""
+    With ``wrong_share`` > 0, that share of the images (:func:`wrong_labels` of ``seed``) has another
+    training string in its .txt and its box in ``OUT/unreadable.json`` (key -> [box]). Returns the number
+    of images. The folder is scratch for the sharder (plain writes, no fsync: 16k images in seconds); whoever
+    calls this re-renders it when the shards were not finished."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    safeboxes = {}
+    safeboxes, unreadable = {}, {}
     jobs = [(s, k) for s in strings for k in range(renders)]
+    wrong = wrong_labels(jobs, strings, wrong_share, seed)
     for text, k in tqdm(jobs, desc="render", unit="img", disable=not progress):
         image, box = render_string(text, render_rng(seed, text, k), size)
         key = f"{text}_{k:03d}"
         (out / f"{key}.png").write_bytes(png_bytes(image))
-        (out / f"{key}.txt").write_text(text, encoding="utf-8")
+        (out / f"{key}.txt").write_text(wrong.get((text, k), text), encoding="utf-8")
         safeboxes[key] = box
+        if (text, k) in wrong:
+            unreadable[key] = [box]
     (out / "safeboxes.json").write_text(json.dumps(safeboxes), encoding="utf-8")
+    if wrong_share:
+        (out / "unreadable.json").write_text(json.dumps(unreadable), encoding="utf-8")
     return len(jobs)
 
 

@@ -15,8 +15,9 @@ def diffusion_loss(model: torch.nn.Module, model_fn, diffusion, timesteps, batch
     """One micro-batch -> (importance-weighted mean loss, t [N] on CPU, per-sample terms {"loss", "mse", "vb"}
     [N] float32, detached, on ``device``: reading them is left to the caller, so the step need not wait).
 
-    batch: a stream batch (``image`` [N, C, S, S], ``txt``, ``capt``, ``low_res`` for upsamplers); conditioning
-    dropout, noise-conditioning steps, timesteps and noise all come from ``generator`` (exact resume).
+    batch: a stream batch (``image`` [N, C, S, S], ``txt``, ``capt``, ``low_res`` for upsamplers, ``loss_mask``
+    [N, 1, S, S] with ``data.mask_unreadable``: the pixels the loss counts); conditioning dropout,
+    noise-conditioning steps, timesteps and noise all come from ``generator`` (exact resume).
     model: supplies ``prepare_cond``; model_fn(x_t, t, **cond) runs the network (through the engine).
     """
     x0 = batch["image"].to(device, non_blocking=True)
@@ -31,7 +32,8 @@ def diffusion_loss(model: torch.nn.Module, model_fn, diffusion, timesteps, batch
     t, weights = timesteps.sample(n, generator=generator)
     noise = torch.randn(x0.shape, generator=generator).to(device, non_blocking=True)
     # t stays on the host: the schedule lookups happen there and only their N values travel
-    terms = diffusion.training_losses(model_fn, x0, t, model_kwargs=cond, noise=noise)
+    masked = {"loss_mask": batch["loss_mask"].to(device, non_blocking=True)} if "loss_mask" in batch else {}
+    terms = diffusion.training_losses(model_fn, x0, t, model_kwargs=cond, noise=noise, **masked)
     loss = (terms["loss"] * weights.to(device, non_blocking=True)).mean()
     return loss, t, {k: v.detach().float() for k, v in terms.items()}
 
