@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from textdiff.data.sources import (KeyIndex, SourceError, canonical_key, legacy_key, parse_captions,
-                                   parse_px_scale, parse_safebox, read_key_values, resolve_side_file, scan_images,
-                                   stem_key)
+from textdiff.data.side_files import parse_captions, parse_px_scale, parse_safebox, read_key_values, resolve_side_file
+from textdiff.data.sources import KeyIndex, SourceError, canonical_key, legacy_key, scan_images, stem_key
 
 IMAGES = ["signs/street/0001.jpg", "signs/street/0002.png", "top.webp", "a/b.png", "a_b.png", "x.jpg", "x.png"]
 

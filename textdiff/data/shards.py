@@ -32,7 +32,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from textdiff.data import sources
+from textdiff.data import side_files, sources
 from textdiff.data.pool import pool_map
 from textdiff.data.sources import (BAD_INPUT_KINDS, DEFAULT_MAX_PIXELS, ImageJob, KeyIndex, Problem, ShardSample,
                                    SourceError, SourceOptions, sample_meta)
@@ -224,15 +224,15 @@ def plan_source_jobs(src_dir: Path, captions: Optional[Path] = None, safeboxes: 
     problems: list[Problem] = []
     skip: set[str] = set()
     values = {}
-    for name, path, parse, bad_kind in (("captions", captions, sources.parse_captions, "bad_value"),
-                                        ("safebox", safeboxes, sources.parse_safebox, "bad_safebox"),
-                                        ("px_scale", px_scales, sources.parse_px_scale, "bad_value"),
+    for name, path, parse, bad_kind in (("captions", captions, side_files.parse_captions, "bad_value"),
+                                        ("safebox", safeboxes, side_files.parse_safebox, "bad_safebox"),
+                                        ("px_scale", px_scales, side_files.parse_px_scale, "bad_value"),
                                         ("transcription", transcriptions, sources.parse_transcription, "bad_value"),
-                                        ("unreadable", unreadable, sources.parse_unreadable, "bad_unreadable")):
+                                        ("unreadable", unreadable, side_files.parse_unreadable, "bad_unreadable")):
         if path is None:
             values[name] = {}
             continue
-        values[name], found, skipped = sources.resolve_side_file(Path(path), index, parse, bad_kind)
+        values[name], found, skipped = side_files.resolve_side_file(Path(path), index, parse, bad_kind)
         problems += found
         skip |= skipped
     listed = str(transcriptions) if transcriptions is not None else None
