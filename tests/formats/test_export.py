@@ -11,6 +11,8 @@ from textdiff.formats.weights import export_checkpoint, fit_shapes
 from textdiff.sampling.loading import load_for_sampling
 from textdiff.train.loop import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_fit_shapes_restores_zero_dim_gains_and_leaves_the_rest():
     state = {"gain": torch.tensor([0.5]), "w": torch.ones(2, 3), "other": torch.ones(4)}
