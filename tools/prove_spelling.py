@@ -24,6 +24,7 @@ trained with the flagged text masked out of the loss, and without, at the same b
 Which EMA spells best, after a run that kept EDM2's power-function snapshots (docs/ema.md):
 
     python tools/prove_spelling.py --ema-sweep runs/spell --json
+    python tools/prove_spelling.py --ema-curve runs/spell --json    # every kept checkpoint's averages
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import json
 import sys
 
 from textdiff.config import ConfigError
-from textdiff.experiments.ema_sweep import SIGMA_RELS, ema_sweep
+from textdiff.experiments.ema_sweep import SIGMA_RELS, ema_curve, ema_sweep
 from textdiff.experiments.spelling import RESULT_KEYS, Design, ExperimentError, rescore, run_experiment
 from textdiff.ocr import OcrError, OcrMissingError
 
@@ -70,11 +71,17 @@ def main(argv=None) -> int:
                    help="no training: score every average the finished run in RUN_OUT kept and EMAs of --sigma-rels "
                         "rebuilt from its snapshots (it must have trained with ema.power_sigma_rels and "
                         "ema.snapshot_every); writes RUN_OUT/ema_sweep.json and .png")
+    p.add_argument("--ema-curve", metavar="RUN_OUT",
+                   help="no training: score every average (and the raw weights) of every checkpoint the finished run "
+                        "in RUN_OUT kept (train with checkpoint.keep_every) on the held-out strings, one image each; "
+                        "writes RUN_OUT/ema_curve.json")
     p.add_argument("--sigma-rels", default=",".join(f"{s:g}" for s in SIGMA_RELS),
                    help="--ema-sweep: comma list of EMA widths to rebuild")
     args = p.parse_args(argv)
     if args.ema_sweep:
         return sweep(args)
+    if args.ema_curve:
+        return curve_of_averages(args)
     per_string = args.eval_per_string or (d.eval_per_string if args.minutes >= 20 else 1)
     steps = args.steps or (d.steps if args.minutes >= 20 else 10)
     design = Design(renders=args.renders, seed=args.seed, guidance=args.guidance, sampler=args.sampler,
@@ -112,6 +119,22 @@ def sweep(args) -> int:
     best, kept = result["best_rebuilt"], result["best_kept"]
     print(f"best rebuilt: {best['average']} CER {best['cer']:.4f}; best kept: {kept['average']} CER {kept['cer']:.4f} "
           f"({result['engine']}, {result['n_eval']} images, step {result['step']})")
+    return 0
+
+
+def curve_of_averages(args) -> int:
+    """``--ema-curve``: print CER by step per average (or one JSON object) of :func:`ema_curve`."""
+    try:
+        result = ema_curve(args.ema_curve, args.engines[0] if args.engines else None)
+    except (ConfigError, ExperimentError, OcrMissingError, OcrError, ValueError) as e:
+        print(f"prove_spelling: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for row in result["rows"]:
+        print(f"step {row['step']:6d} ({row['samples_seen']:7d} samples)  {row['average']:18s} CER {row['cer']:.4f}  "
+              f"exact {row['exact']:.3f}")
     return 0
 
 

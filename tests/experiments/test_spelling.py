@@ -326,3 +326,17 @@ def test_a_wrong_label_share_outside_0_to_1_is_refused_before_any_work(tmp_path,
     assert prove.main(["--minutes", "40", "--out", str(tmp_path / "x"), "--wrong-labels", "1.5"]) == 2
     assert "--wrong-labels 1.5: give the share of training images to mislabel, in [0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow  # the whole experiment: data, training, evaluation
+def test_the_ema_curve_scores_every_average_of_every_kept_checkpoint(experiment, capfd):
+    code, out = experiment
+    assert code == 0
+    assert prove.main(["--ema-curve", str(out), "--engine", "tesseract", "--json"]) == 0
+    result = json.loads(capfd.readouterr().out.splitlines()[-1])
+    steps = sorted({r["step"] for r in result["rows"]})
+    assert steps and all(r["samples_seen"] == r["step"] * 32 for r in result["rows"])
+    for step in steps:
+        assert [r["average"] for r in result["rows"] if r["step"] == step] == \
+            ["0.999", "plain:0.999", "power:0.05", "power:0.1", "raw"]
+    assert result["n_eval"] == 110 and (out / "ema_curve.json").is_file()

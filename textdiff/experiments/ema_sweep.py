@@ -11,6 +11,7 @@ averages as levels).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +25,7 @@ from textdiff.eval.spelling import ocr_engine
 from textdiff.experiments.spelling import (REPO, Design, ExperimentError, cer_of, eval_targets, experiment_engines,
                                            heldout_strings, sample_strings)
 from textdiff.files import atomic_write_bytes, atomic_write_json
-from textdiff.formats.checkpoint import TEXTDIFF_STATE, latest_checkpoint, load_untrusted
+from textdiff.formats.checkpoint import TEXTDIFF_STATE, complete_checkpoints, latest_checkpoint, load_untrusted
 from textdiff.formats.weights import ema_state_dict, load_weights, raw_state_dict
 from textdiff.sampling.loading import load_for_sampling
 from textdiff.train.posthoc_ema import reconstruct
@@ -42,18 +43,14 @@ def saved_design(out: Path) -> Design:
                      "engines": tuple(saved.get("engines", ()))})
 
 
-def ema_sweep(out: str | Path, sigma_rels: Sequence[float] = SIGMA_RELS, engine: str | None = None) -> dict:
-    """Score every average kept in ``out``'s last checkpoint (and the raw weights) and the power-function EMA
-    of each of ``sigma_rels`` rebuilt at that step, with the experiment's first OCR engine (or ``engine``);
-    returns and writes the table, the best rebuilt width and the best kept average."""
-    out = Path(out)
+def _scorer(out: Path, engine: str | None, eval_per_string: int | None = None):
+    """(design, config, engine name, score(weights, label) -> {"cer", "exact"}) for ``out``'s experiment: the
+    weights sample its held-out strings with its seeds, guidance and sampler, and the engine reads them."""
     design = saved_design(out)
+    if eval_per_string is not None:
+        design = replace(design, eval_per_string=eval_per_string)
     cfg = load_config(REPO / design.recipe, list(design.overrides))
     name = experiment_engines(cfg.eval, [engine] if engine else design.engines[:1])[0]
-    ckpt = latest_checkpoint(out / "run" / "checkpoints")
-    if ckpt is None:
-        raise ExperimentError(f"{out / 'run' / 'checkpoints'} holds no complete checkpoint")
-    step = int(ckpt.name.removeprefix("step_"))
     targets, seeds = eval_targets(design, heldout_strings(design))
     loaded = load_for_sampling(out / "run", "ema")
     reader = ocr_engine(cfg.eval, name)
@@ -63,11 +60,46 @@ def ema_sweep(out: str | Path, sigma_rels: Sequence[float] = SIGMA_RELS, engine:
         images = sample_strings(loaded, targets, seeds, design, design.guidance, f"sample {label}")
         cer, exact, _ = cer_of([r.text for r in reader.read(images, workers=2, progress=False)], targets, cfg.eval)
         return {"cer": cer, "exact": exact}
+    return design, cfg, name, score
 
+
+def _kept_rows(ckpt: Path, cfg, score) -> list[dict]:
+    """Every average checkpoint ``ckpt`` keeps, and its raw weights, scored."""
     kept = list(load_untrusted(ckpt / TEXTDIFF_STATE)["ema"]["averages"])
-    rows = [{"average": key, "kind": "kept", **score(ema_state_dict(ckpt, key)[0], key)} for key in kept]
-    rows.append({"average": "raw", "kind": "kept",
-                 **score(raw_state_dict(ckpt, zero_stage(cfg.deepspeed)), "raw")})
+    rows = [{"average": key, **score(ema_state_dict(ckpt, key)[0], key)} for key in kept]
+    return rows + [{"average": "raw", **score(raw_state_dict(ckpt, zero_stage(cfg.deepspeed)), "raw")}]
+
+
+def ema_curve(out: str | Path, engine: str | None = None, eval_per_string: int = 1) -> dict:
+    """Every average (and the raw weights) of every complete checkpoint ``out``'s run kept, scored on the
+    held-out strings (``eval_per_string`` images each; the experiment's seeds, guidance and engine): CER
+    against samples seen per average (train with ``checkpoint.keep_every`` to keep the checkpoints). Writes
+    ``out/ema_curve.json``."""
+    out = Path(out)
+    design, cfg, name, score = _scorer(out, engine, eval_per_string)
+    per_step = cfg.deepspeed["train_micro_batch_size_per_gpu"] * cfg.deepspeed.get("gradient_accumulation_steps", 1)
+    found = complete_checkpoints(out / "run" / "checkpoints")
+    if not found:
+        raise ExperimentError(f"{out / 'run' / 'checkpoints'} holds no complete checkpoint")
+    rows = [{"step": step, "samples_seen": step * per_step, **row} for step, ckpt in found
+            for row in _kept_rows(ckpt, cfg, score)]
+    result = {"engine": name, "n_eval": len(heldout_strings(design)) * eval_per_string, "rows": rows}
+    atomic_write_json(out / "ema_curve.json", result, indent=1)
+    return result
+
+
+def ema_sweep(out: str | Path, sigma_rels: Sequence[float] = SIGMA_RELS, engine: str | None = None) -> dict:
+    """Score every average kept in ``out``'s last checkpoint (and the raw weights) and the power-function EMA
+    of each of ``sigma_rels`` rebuilt at that step, with the experiment's first OCR engine (or ``engine``);
+    returns and writes the table, the best rebuilt width and the best kept average."""
+    out = Path(out)
+    design, cfg, name, score = _scorer(out, engine)
+    ckpt = latest_checkpoint(out / "run" / "checkpoints")
+    if ckpt is None:
+        raise ExperimentError(f"{out / 'run' / 'checkpoints'} holds no complete checkpoint")
+    step = int(ckpt.name.removeprefix("step_"))
+    targets, _ = eval_targets(design, heldout_strings(design))
+    rows = [{**row, "kind": "kept"} for row in _kept_rows(ckpt, cfg, score)]
     for sigma_rel in sigma_rels:
         rec = reconstruct(out / "run", sigma_rel, step)
         rows.append({"average": f"posthoc:{sigma_rel:g}", "kind": "rebuilt", "sigma_rel": sigma_rel,
