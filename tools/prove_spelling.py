@@ -20,6 +20,7 @@ trained with the flagged text masked out of the loss, and without, at the same b
 
     python tools/prove_spelling.py --wrong-labels 0.3 --set data.mask_unreadable=true --out runs/wrong_masked
     python tools/prove_spelling.py --wrong-labels 0.3 --out runs/wrong_unmasked
+    python tools/prove_spelling.py --compare runs/wrong_unmasked runs/wrong_masked   # B - A, paired bootstrap
 
 Which EMA spells best, after a run that kept EDM2's power-function snapshots (docs/ema.md):
 
@@ -35,7 +36,8 @@ import sys
 
 from textdiff.config import ConfigError
 from textdiff.experiments.ema_sweep import SIGMA_RELS, ema_curve, ema_sweep
-from textdiff.experiments.spelling import RESULT_KEYS, Design, ExperimentError, rescore, run_experiment
+from textdiff.experiments.spelling import (RESULT_KEYS, Design, ExperimentError, compare_runs, rescore,
+                                           run_experiment)
 from textdiff.ocr import OcrError, OcrMissingError
 
 
@@ -75,6 +77,15 @@ def main(argv=None) -> int:
                    help="no training: score every average (and the raw weights) of every checkpoint the finished run "
                         "in RUN_OUT kept (train with checkpoint.keep_every) on the held-out strings, one image each; "
                         "writes RUN_OUT/ema_curve.json")
+    p.add_argument("--curve-every", type=int, default=0, metavar="STEPS",
+                   help="--ema-curve: only the checkpoints at a multiple of STEPS, and the last (default: every one)")
+    p.add_argument("--averages", default="", metavar="NAMES",
+                   help="--ema-curve: comma list of the averages to score (\"raw\": the raw weights; default all)")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                   help="no training: B's held-out CER minus A's on the same strings and seeds, with a paired "
+                        "bootstrap 95%% interval over the held-out strings (--engine: whose readings; default A's "
+                        "first)")
+    p.add_argument("--rounds", type=int, default=10000, help="--compare: bootstrap rounds")
     p.add_argument("--sigma-rels", default=",".join(f"{s:g}" for s in SIGMA_RELS),
                    help="--ema-sweep: comma list of EMA widths to rebuild")
     args = p.parse_args(argv)
@@ -82,6 +93,8 @@ def main(argv=None) -> int:
         return sweep(args)
     if args.ema_curve:
         return curve_of_averages(args)
+    if args.compare:
+        return compare(args)
     per_string = args.eval_per_string or (d.eval_per_string if args.minutes >= 20 else 1)
     steps = args.steps or (d.steps if args.minutes >= 20 else 10)
     design = Design(renders=args.renders, seed=args.seed, guidance=args.guidance, sampler=args.sampler,
@@ -125,7 +138,8 @@ def sweep(args) -> int:
 def curve_of_averages(args) -> int:
     """``--ema-curve``: print CER by step per average (or one JSON object) of :func:`ema_curve`."""
     try:
-        result = ema_curve(args.ema_curve, args.engines[0] if args.engines else None)
+        result = ema_curve(args.ema_curve, args.engines[0] if args.engines else None, every=args.curve_every,
+                           averages=[a for a in args.averages.split(",") if a])
     except (ConfigError, ExperimentError, OcrMissingError, OcrError, ValueError) as e:
         print(f"prove_spelling: {e}", file=sys.stderr)
         return 2
@@ -135,6 +149,24 @@ def curve_of_averages(args) -> int:
     for row in result["rows"]:
         print(f"step {row['step']:6d} ({row['samples_seen']:7d} samples)  {row['average']:18s} CER {row['cer']:.4f}  "
               f"exact {row['exact']:.3f}")
+    return 0
+
+
+def compare(args) -> int:
+    """``--compare``: print B - A with its interval (or one JSON object) of :func:`compare_runs`."""
+    try:
+        result = compare_runs(*args.compare, args.engines[0] if args.engines else None, args.rounds)
+    except (ConfigError, ExperimentError, ValueError) as e:
+        print(f"prove_spelling: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    low, high = result["ci95"]
+    print(f"A {result['a']}: CER {result['cer_a']:.4f}\nB {result['b']}: CER {result['cer_b']:.4f}\n"
+          f"B - A {result['difference']:+.4f} (95% interval {low:+.4f} to {high:+.4f} over {result['strings']} "
+          f"held-out strings, {result['samples']} samples; B better in {result['b_better']:.1%} of "
+          f"{result['rounds']} rounds; {result['engine']})")
     return 0
 
 

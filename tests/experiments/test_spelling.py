@@ -340,3 +340,49 @@ def test_the_ema_curve_scores_every_average_of_every_kept_checkpoint(experiment,
         assert [r["average"] for r in result["rows"] if r["step"] == step] == \
             ["0.999", "plain:0.999", "power:0.05", "power:0.1", "raw"]
     assert result["n_eval"] == 110 and (out / "ema_curve.json").is_file()
+    # only the last checkpoint (no other is at a multiple of 10**6 steps), only the named averages
+    assert prove.main(["--ema-curve", str(out), "--engine", "tesseract", "--curve-every", str(10 ** 6),
+                       "--averages", "plain:0.999,raw", "--json"]) == 0
+    rows = json.loads(capfd.readouterr().out.splitlines()[-1])["rows"]
+    assert [(r["step"], r["average"]) for r in rows] == [(steps[-1], "plain:0.999"), (steps[-1], "raw")]
+    assert prove.main(["--ema-curve", str(out), "--averages", "arithmetic:0.5"]) == 2
+    assert "keeps no average arithmetic:0.5" in capfd.readouterr().err
+
+
+def compared_run(path, readings, seeds=(0, 1)):
+    """A finished run whose held-out samples of TARGETS were read (by "tesseract") as ``readings``."""
+    design = Design(eval_per_string=1)
+    records = [{"image": f"txt/{i:04d}.png", "condition": "txt", "txt": t, "target": t, "seed": seed,
+                "engine": "tesseract", "reading": got, "cer": 0.0, "by_engine": {"tesseract": {"reading": got, "cer": 0.0}}}
+               for i, (t, got, seed) in enumerate(zip(TARGETS, readings, seeds))]
+    (path / "eval").mkdir(parents=True)
+    (path / "eval" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (path / "result.json").write_text(json.dumps({"design": {**asdict(design), "lengths": list(design.lengths),
+                                                             "overrides": []}}))
+    return path
+
+
+def test_compare_rescores_both_runs_readings_and_reports_b_minus_a(tmp_path, capsys):
+    a = compared_run(tmp_path / "a", ["12", "3"])      # 2 errors in 5 characters
+    b = compared_run(tmp_path / "b", ["12", "345"])    # none
+    assert prove.main(["--compare", str(a), str(b), "--rounds", "200", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["cer_a"] == pytest.approx(0.4) and r["cer_b"] == 0.0 and r["difference"] == pytest.approx(-0.4)
+    assert (r["engine"], r["strings"], r["samples"], r["rounds"]) == ("tesseract", 2, 2, 200)
+    # rounds draw "12" twice (difference 0), "345" twice (-2/3) or each once (-0.4)
+    assert r["ci95"][0] == pytest.approx(-2 / 3) and r["ci95"][1] == 0.0
+
+
+def test_compare_refuses_runs_sampled_with_other_seeds_naming_both_files(tmp_path, capsys):
+    a = compared_run(tmp_path / "a", ["12", "3"])
+    b = compared_run(tmp_path / "b", ["12", "345"], seeds=(0, 5))
+    assert prove.main(["--compare", str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert str(a / "eval" / "samples.jsonl") in err and str(b / "eval" / "samples.jsonl") in err and "--seed" in err
+
+
+def test_compare_asks_for_a_rescore_when_a_run_lacks_the_engines_readings(tmp_path, capsys):
+    a = compared_run(tmp_path / "a", ["12", "3"])
+    b = compared_run(tmp_path / "b", ["12", "345"])
+    assert prove.main(["--compare", str(a), str(b), "--engine", "ppocr"]) == 2
+    assert f"--rescore {a} --engine ppocr" in capsys.readouterr().err

@@ -63,26 +63,37 @@ def _scorer(out: Path, engine: str | None, eval_per_string: int | None = None):
     return design, cfg, name, score
 
 
-def _kept_rows(ckpt: Path, cfg, score) -> list[dict]:
-    """Every average checkpoint ``ckpt`` keeps, and its raw weights, scored."""
+def _kept_rows(ckpt: Path, cfg, score, averages: Sequence[str] = ()) -> list[dict]:
+    """Every average checkpoint ``ckpt`` keeps, and its raw weights, scored (only those named in ``averages``,
+    "raw" for the raw weights, when given; ExperimentError naming the checkpoint for a name it lacks)."""
     kept = list(load_untrusted(ckpt / TEXTDIFF_STATE)["ema"]["averages"])
-    rows = [{"average": key, **score(ema_state_dict(ckpt, key)[0], key)} for key in kept]
+    missing = [a for a in averages if a not in kept and a != "raw"]
+    if missing:
+        raise ExperimentError(f"{ckpt} keeps no average {', '.join(missing)}; it keeps {', '.join(kept)} and raw")
+    rows = [{"average": key, **score(ema_state_dict(ckpt, key)[0], key)} for key in kept
+            if not averages or key in averages]
+    if averages and "raw" not in averages:
+        return rows
     return rows + [{"average": "raw", **score(raw_state_dict(ckpt, zero_stage(cfg.deepspeed)), "raw")}]
 
 
-def ema_curve(out: str | Path, engine: str | None = None, eval_per_string: int = 1) -> dict:
-    """Every average (and the raw weights) of every complete checkpoint ``out``'s run kept, scored on the
-    held-out strings (``eval_per_string`` images each; the experiment's seeds, guidance and engine): CER
-    against samples seen per average (train with ``checkpoint.keep_every`` to keep the checkpoints). Writes
-    ``out/ema_curve.json``."""
+def ema_curve(out: str | Path, engine: str | None = None, eval_per_string: int = 1, every: int = 0,
+              averages: Sequence[str] = ()) -> dict:
+    """Every average (and the raw weights) of every complete checkpoint ``out``'s run kept (with ``every``,
+    only those at a multiple of ``every`` steps and the last), scored on the held-out strings
+    (``eval_per_string`` images each; the experiment's seeds, guidance and engine): CER against samples seen
+    per average (train with ``checkpoint.keep_every`` to keep the checkpoints); with ``averages``, only the
+    averages of those names ("raw": the raw weights). Writes ``out/ema_curve.json``."""
     out = Path(out)
     design, cfg, name, score = _scorer(out, engine, eval_per_string)
     per_step = cfg.deepspeed["train_micro_batch_size_per_gpu"] * cfg.deepspeed.get("gradient_accumulation_steps", 1)
     found = complete_checkpoints(out / "run" / "checkpoints")
     if not found:
         raise ExperimentError(f"{out / 'run' / 'checkpoints'} holds no complete checkpoint")
+    if every:
+        found = [(step, ckpt) for step, ckpt in found if step % every == 0 or step == found[-1][0]]
     rows = [{"step": step, "samples_seen": step * per_step, **row} for step, ckpt in found
-            for row in _kept_rows(ckpt, cfg, score)]
+            for row in _kept_rows(ckpt, cfg, score, averages)]
     result = {"engine": name, "n_eval": len(heldout_strings(design)) * eval_per_string, "rows": rows}
     atomic_write_json(out / "ema_curve.json", result, indent=1)
     return result

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from textdiff.config import EvalConfig, TextdiffConfig, load_config
 from textdiff.data.preview import png_bytes, to_uint8
 from textdiff.eval.metrics import aggregate, score
+from textdiff.eval.paired import paired_cer_difference
 from textdiff.eval.spelling import check_ocr_engine, installed_engines, ocr_engine
 from textdiff.experiments import spelling_set
 from textdiff.files import atomic_write_bytes
@@ -367,6 +368,38 @@ def rescore(out: str | Path, engines: Sequence[str] = ()) -> dict:
     result["rescored_with"] = asdict(cfg.eval)
     atomic_write_bytes(out / "result.json", (json.dumps(result, indent=1) + "\n").encode())
     return result
+
+
+def compare_runs(out_a: str | Path, out_b: str | Path, engine: Optional[str] = None, rounds: int = 10000) -> dict:
+    """Run B's held-out CER against run A's on the same strings and seeds (two finished experiments' --out):
+    :func:`textdiff.eval.paired.paired_cer_difference` on the readings of ``engine`` (default: A's first
+    engine), each scored again with A's recipe's ``eval`` settings. Raises ExperimentError, naming the file,
+    when the runs did not sample the same targets with the same seeds or lack the engine's readings."""
+    out_a, out_b = Path(out_a), Path(out_b)
+    records = {}
+    for out in (out_a, out_b):
+        path = out / "eval" / "samples.jsonl"
+        if not path.exists():
+            raise ExperimentError(f"{path}: no evaluation saved; give a finished prove_spelling.py --out")
+        records[out] = [r for r in map(json.loads, path.read_text().splitlines()) if r["condition"] == "txt"]
+    rec_a, rec_b = records[out_a], records[out_b]
+    if [(r["target"], r["seed"]) for r in rec_a] != [(r["target"], r["seed"]) for r in rec_b]:
+        raise ExperimentError(f"{out_a / 'eval/samples.jsonl'} and {out_b / 'eval/samples.jsonl'} sampled "
+                              "different strings or seeds: compare runs made with the same --seed and "
+                              "--eval-per-string")
+    engine = engine or rec_a[0]["engine"]
+    for out, recs in records.items():
+        if any(engine not in r["by_engine"] for r in recs):
+            raise ExperimentError(f"{out / 'eval/samples.jsonl'} has no {engine} readings; add them with "
+                                  f"prove_spelling.py --rescore {out} --engine {engine}")
+    design = json.loads((out_a / "result.json").read_text())["design"]
+    cfg = load_config(REPO / design["recipe"], list(design["overrides"])).eval
+    scored = {out: [score(r["by_engine"][engine]["reading"], r["target"], cfg.normalize,
+                          drop_spaces=cfg.drop_spaces) for r in recs] for out, recs in records.items()}
+    figures = paired_cer_difference([s.char_errors for s in scored[out_a]], [s.char_errors for s in scored[out_b]],
+                                    [s.target_chars for s in scored[out_a]], [r["target"] for r in rec_a],
+                                    rounds=rounds)
+    return {"a": str(out_a), "b": str(out_b), "engine": engine, **figures}
 
 
 def curve(out: Path, started_unix: Optional[float]) -> list[dict]:
