@@ -126,14 +126,14 @@ def ema_sweep(out: str | Path, sigma_rels: Sequence[float] = SIGMA_RELS, engine:
 
 def sweep_chart(rows: Sequence[dict], step: int, engine: str, width: int = 560, height: int = 300) -> np.ndarray:
     """CER against sigma_rel for the rebuilt EMAs (points joined), each kept average as a labelled level:
-    uint8 [height, width, 3]."""
+    uint8 [height, width, 3]. The scale reaches 1.5x the worst rebuilt CER (at least 0.05); kept averages
+    above it are named, with their CER, under the chart instead."""
     image = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=11)
-    left, right, top, bottom = 50, width - 150, 24, height - 34
+    left, right, top, bottom = 50, width - 150, 24, height - 48
     rebuilt = sorted((r for r in rows if r["kind"] == "rebuilt"), key=lambda r: r["sigma_rel"])
-    cers = [r["cer"] for r in rows]
-    lo, hi = 0.0, max(0.05, max(cers) * 1.1)
+    lo, hi = 0.0, max(0.05, 1.5 * max(r["cer"] for r in rebuilt))
     s_lo, s_hi = rebuilt[0]["sigma_rel"], rebuilt[-1]["sigma_rel"]
 
     def xy(sigma: float, cer: float) -> tuple[float, float]:
@@ -152,10 +152,17 @@ def sweep_chart(rows: Sequence[dict], step: int, engine: str, width: int = 560, 
     for r in rebuilt:
         x, y = xy(r["sigma_rel"], r["cer"])
         draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=(200, 40, 40))
-    for i, r in enumerate(r for r in rows if r["kind"] == "kept"):
+    kept = [r for r in rows if r["kind"] == "kept"]
+    shown = sorted((r for r in kept if r["cer"] <= hi), key=lambda r: -r["cer"])  # top of the chart first
+    label_y = top - 12.0
+    for i, r in enumerate(shown):
         y = xy(s_lo, r["cer"])[1]
         colour = tuple(int(c) for c in (40 + 50 * i % 200, 90, 200 - 30 * i % 150))
         draw.line((left, y, right, y), fill=colour, width=1)
-        draw.text((right + 6, y - 6 + 12 * (i % 2)), f"{r['average']} {r['cer']:.3f}", fill=colour, font=font)
+        label_y = max(y - 6, label_y + 12)  # labels stacked 12 px apart where levels crowd
+        draw.text((right + 6, label_y), f"{r['average']} {r['cer']:.3f}", fill=colour, font=font)
+    off = [f"{r['average']} {r['cer']:.3f}" for r in kept if r["cer"] > hi]
+    if off:
+        draw.text((left, height - 28), "off scale: " + ", ".join(off), fill=(0, 0, 0), font=font)
     draw.text((left, height - 14), "sigma_rel", fill=(0, 0, 0), font=font)
     return np.asarray(image)
