@@ -120,3 +120,27 @@ def test_two_nodes_train_as_two_ranks_of_one_node_checkpoint_once_and_resume_exa
     resumed = two_nodes(hostfile, *launch, "--run-dir", str(tmp_path / "split"), "--resume", "auto")
     assert "resumed from" in resumed[0] and "step 2" in resumed[0]
     _assert_same(_state(tmp_path / "split", 4), _state(tmp_path / "nodes", 4))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_snapshots_of_a_sharded_power_ema_are_the_full_averages_the_checkpoint_holds(synthetic_shards, tmp_path,
+                                                                                     stage):
+    """Two ranks at ZeRO 1, 2 and 3, each averaging its own fp32 partition: the power-function snapshot rank 0
+    writes at step 2 is the whole gathered average, equal bit for bit to the one the step-2 checkpoint keeps
+    (the gather both share), for every parameter and both widths."""
+    from safetensors.torch import load_file
+
+    from textdiff.formats.ema_snapshots import list_snapshots
+
+    recipe = write_recipe(synthetic_shards, tmp_path / "tiny.json", "train.max_steps=2",
+                          f"deepspeed.zero_optimization.stage={stage}", "checkpoint.save_every=2",
+                          "ema.power_sigma_rels=[0.05, 0.1]", "ema.snapshot_every=2", "data.num_workers=1")
+    one_node_two_ranks("launch.sh", "--config", str(recipe), "--run-dir", str(tmp_path / "run"))
+    infos = list_snapshots(tmp_path / "run")
+    assert [(s.step, s.updates) for s in infos] == [(2, 2)]
+    snapshot = load_file(str(infos[0].path))
+    ema = load_untrusted(tmp_path / "run" / "checkpoints" / "step_00000002" / "textdiff.pt")["ema"]
+    for key in ("power:0.05", "power:0.1"):
+        assert len(ema["averages"][key]) == len(ema["names"]) > 0
+        for name, kept in zip(ema["names"], ema["averages"][key]):
+            assert torch.equal(snapshot[f"{key}/{name}"].reshape(kept.shape), kept), (key, name)
